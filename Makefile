@@ -1,0 +1,35 @@
+# The targets behind README's two commands. Each creates the environment in .venv when it is missing.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.towerlab-installed
+# torch 2.13.0 first, by itself: on CPU machines pip takes the CPU build from the local wheel cache; a range
+# resolved together with other packages could pull a multi-GB CUDA build instead.
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup demo test test-unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/towerlab data prepare digits --out data/digits
+	$(BIN)/towerlab train recipes/digits_clip.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not ray and not integration and not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf results data mlruns.db mlartifacts .pytest_cache

@@ -1,0 +1,162 @@
+"""Loading a recipe: schema defaults <- variant presets <- recipe YAML <- `a.b.c=value` overrides -> a typed Recipe.
+
+Variants are resolved before the merge: the section's `name`-like key (e.g. `loss.name`, `model.arch`) is read from
+the recipe and overrides first, and the schema of that variant (a dataclass from a registry entry, or preset values
+from an architecture file) is put in place; only then does OmegaConf merge and type-check everything. Every failure
+becomes a ConfigError naming the key path, what was expected and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from towerlab.config.errors import ConfigError
+from towerlab.registry import Registry, RegistryError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How to resolve one section: `key` names the variant inside section `section`.
+
+    Either `registry` (entries carry a config dataclass, e.g. losses) or `preset` (a function returning a dict of
+    values for the section's fixed schema, e.g. architecture files) is given.
+    """
+
+    section: str
+    key: str
+    registry: Registry | None = None
+    preset: Callable[[str], Mapping[str, Any]] | None = None
+    names: Callable[[], Sequence[str]] | None = None
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key.path=value (e.g. train.steps=50)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e.msg}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file '{p}' not found (see `towerlab recipes ls` for the bundled ones)")
+    try:
+        cfg = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends: the message names line and column
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:3])}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{p}: a recipe is a YAML mapping of sections (name, data, model, loss, ...)")
+    return cfg
+
+
+def _select(cfgs: Sequence[DictConfig], dotted: str) -> Any:
+    """The last value given for `dotted` among raw configs (later ones win), or None."""
+    value = None
+    for c in cfgs:
+        v = OmegaConf.select(c, dotted, default=None, throw_on_missing=False)
+        if v is not None:
+            value = v
+    return value
+
+
+def _closest(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _keys_at(schema: DictConfig, path: str) -> list[str]:
+    node = OmegaConf.select(schema, path) if path else schema
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    full = str(getattr(e, "full_key", "") or "")
+    if isinstance(e, ConfigKeyError) or "Key '" in str(e) and "not in" in str(e):
+        parent, _, leaf = full.rpartition(".")
+        valid = _keys_at(schema, parent)
+        where = f"in '{parent}'" if parent else "at the top level"
+        return ConfigError(
+            f"{source}: unknown key '{full}'.{_closest(leaf, valid)} Valid keys {where}: {', '.join(valid)}"
+        )
+    if isinstance(e, ValidationError):
+        expected = getattr(e, "ref_type", None) or ""
+        msg = getattr(e, "msg", str(e)).splitlines()[0]
+        return ConfigError(f"{source}: wrong type for '{full}': {msg} {expected}".strip())
+    return ConfigError(f"{source}: {getattr(e, 'msg', str(e)).splitlines()[0]} (key '{full}')")
+
+
+def load_structured(
+    schema_cls: type,
+    path: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    variants: Sequence[Variant] = (),
+    base: Mapping[str, Any] | None = None,
+) -> Any:
+    """Merge schema <- variant presets <- base <- YAML file <- overrides; return the plain dataclass object."""
+    raw = [OmegaConf.create(dict(base or {}))]
+    if path is not None:
+        raw.append(read_yaml(path))
+    over = parse_overrides(overrides)
+    raw.append(over)
+    source = str(path) if path is not None else "overrides"
+
+    schema = OmegaConf.structured(schema_cls)
+    for v in variants:
+        name = _select(raw, f"{v.section}.{v.key}")
+        if name is None:
+            name = OmegaConf.select(schema, f"{v.section}.{v.key}", default=None)
+        if name is None:
+            raise ConfigError(f"{source}: '{v.section}.{v.key}' is required (one of: {', '.join(_names(v))})")
+        try:
+            if v.registry is not None:
+                cfg_cls = v.registry.entry(str(name)).config
+                node = OmegaConf.structured(cfg_cls)
+                OmegaConf.set_struct(node, True)
+                schema[v.section] = node
+            if v.preset is not None:
+                schema[v.section] = OmegaConf.merge(schema[v.section], v.preset(str(name)))
+        except RegistryError as e:
+            raise ConfigError(f"{source}: '{v.section}.{v.key}': {e}") from None
+    OmegaConf.set_struct(schema, True)
+    try:
+        merged = OmegaConf.merge(schema, *raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _translate(e, schema, source) from None
+
+
+def _names(v: Variant) -> list[str]:
+    if v.registry is not None:
+        return v.registry.names()
+    return list(v.names()) if v.names else []
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass tree as plain dict (for YAML artifacts and MLflow params)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

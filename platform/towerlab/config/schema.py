@@ -1,0 +1,114 @@
+"""Typed schema of a recipe: one dataclass per component, all fields with defaults.
+
+Variants are chosen by a name key: `loss.name` picks a loss family (its dataclass comes from the loss registry) and
+`model.arch` picks an architecture file in towerlab/models/archs/. The loader resolves those names first, then merges
+the variant's schema, because OmegaConf cannot hold a union of dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class AugmentConfig:
+    random_resized_crop: bool = True
+    crop_scale_min: float = 0.8  # lower bound of the crop's area fraction
+    flip: bool = False  # off by default: a flipped digit or word is a different thing
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | synthetic | parquet
+    path: Optional[str] = None  # directory of prepared shards; digits/synthetic are prepared there on demand
+    global_batch: int = 256  # samples per optimizer step, over all workers
+    micro_batch: Optional[int] = None  # per worker and forward pass; default global_batch / workers
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (reseeded every epoch)
+    preprocess_concurrency: int = 1  # Ray Data actors/tasks decoding and augmenting
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic_size: int = 2048  # rows of the synthetic source
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 16
+    patch_size: int = 4
+    channels: int = 3
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 512
+    context_length: int = 16
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "debug"  # an architecture file in towerlab/models/archs/ (see `towerlab recipes archs`)
+    embed_dim: int = 32
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    steps: int = 100  # optimizer steps in the whole run
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    storage_path: str = "results"  # Ray Train storage: <storage_path>/<name>/ holds checkpoints
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # steps between evaluations (and one at the end)
+    zeroshot: bool = True
+    retrieval: bool = True
+    batch_size: int = 512
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # else --tracking-uri, MLFLOW_TRACKING_URI, or sqlite:///<cwd>/mlruns.db
+    experiment: str = "towerlab"
+
+
+@dataclass
+class Recipe:
+    name: str = "run"  # the run name: launching the same name again resumes it
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: Any = None  # a losses.LossConfig subclass, chosen by loss.name
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -1,0 +1,44 @@
+"""Image encoding, decoding and augmentation (PIL + numpy), shared by shard writing, Ray Data and evaluation.
+
+Decoded images are float32 CHW in [-1, 1]. Augmentation is a random resized crop (area fraction in
+[crop_scale_min, 1], aspect ratio in [3/4, 4/3]) and an optional horizontal flip.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from towerlab.config.schema import AugmentConfig
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Encode a HxW (grey) or HxWx3 (RGB) uint8 array as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    area = w * h * rng.uniform(scale_min, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(w, math.sqrt(area * ratio))
+    ch = min(h, math.sqrt(area / ratio))
+    left = rng.uniform(0, w - cw)
+    top = rng.uniform(0, h - ch)
+    return (left, top, left + cw, top + ch)
+
+
+def decode(data: bytes, size: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    box = None
+    if augment is not None and augment.random_resized_crop:
+        box = _crop_box(img.width, img.height, augment.crop_scale_min, rng or np.random.default_rng())
+    img = img.resize((size, size), Image.BILINEAR, box=box)
+    arr = np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
+    if augment is not None and augment.flip and (rng or np.random.default_rng()).random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -1,0 +1,27 @@
+"""Built-in data sources by name: each returns its splits of records and its classes (names and prompts)."""
+
+from __future__ import annotations
+
+import os
+
+from towerlab.data import digits, synthetic
+from towerlab.data.shards import Manifest, write_dataset
+from towerlab.registry import Registry
+
+SOURCES: Registry = Registry("data source")
+
+
+@SOURCES.register("digits", help="scikit-learn's 1,797 handwritten digits as captioned images (20% held out)")
+def _digits(seed: int = 0, size: int | None = None) -> tuple[dict, dict]:
+    return digits.records(seed), digits.classes()
+
+
+@SOURCES.register("synthetic", help="coloured bars on noise, 8 classes, any size: for fast tests")
+def _synthetic(seed: int = 0, size: int | None = None) -> tuple[dict, dict]:
+    return synthetic.records(seed, size or 2048), synthetic.classes()
+
+
+def prepare(source: str, out: str | os.PathLike, shards: int = 4, seed: int = 0, size: int | None = None) -> Manifest:
+    """Write built-in source `source` as shards under `out` (replacing what is there, atomically)."""
+    splits, classes = SOURCES.get(source)(seed=seed, size=size)
+    return write_dataset(out, source, splits, classes, shards, extra={"seed": seed})

@@ -1,0 +1,53 @@
+"""The multi-tower contrastive model: towers, the learnable logit scale (log space) and optional logit bias.
+
+The scale is stored as t' = log t so that it stays positive; `clamp_logit_scale` keeps t <= max after every
+optimizer step (CLIP clamps at 100). Its initial value comes from the loss's temperature_init (t = 1/tau).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from towerlab.config.schema import ModelConfig
+from towerlab.models.towers import TextTower, VisionTower, normalize
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        temperature_init: float = 0.07,
+        bias_init: float | None = None,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+    ):
+        super().__init__()
+        if temperature_init <= 0:
+            raise ValueError(f"loss.temperature_init={temperature_init}: must be > 0")
+        self.towers = nn.ModuleDict({"image": VisionTower(cfg.vision, cfg.embed_dim), "text": TextTower(cfg.text, cfg.embed_dim)})
+        for tower in self.towers.values():
+            tower.transformer.grad_checkpointing = cfg.grad_checkpointing
+        # shape [1], not []: DeepSpeed's parameter broadcast views every parameter as bytes, which 0-d tensors refuse
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature_init)),
+                                        requires_grad=learn_temperature)
+        self.logit_bias = nn.Parameter(torch.full((1,), float(bias_init))) if bias_init is not None else None
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        return normalize(self.towers[modality](x))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Normalised features for every modality present in `inputs` (keys: image, text)."""
+        return {m: self.encode(m, x) for m, x in inputs.items()}
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases, embeddings of positions/classes and the logit scale/bias are not decayed (as in OpenCLIP)."""
+    return param.ndim < 2 or "logit_" in name or "embedding" in name and "token_embedding" not in name

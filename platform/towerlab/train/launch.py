@@ -1,0 +1,155 @@
+"""The driver side of `towerlab train`: check everything that can be checked before a process starts, prepare the
+data, open (or reopen) the MLflow run, start Ray, and run a TorchTrainer whose workers execute `loop.py`.
+
+A run is named: <train.storage_path>/<name>/ holds Ray Train's checkpoints and towerlab_run.json (the MLflow run id).
+Launching the same name again resumes from the latest checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from towerlab.config import ConfigError, Recipe, flatten, resolve_batch, to_dict, to_yaml
+from towerlab.data import Manifest, prepare, read_manifest
+from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri
+from towerlab.train.recipe import data_dir
+
+RUN_FILE = "towerlab_run.json"
+
+
+@dataclass
+class Summary:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    metrics: dict = field(default_factory=dict)
+    resumed: bool = False
+    status: str = "FINISHED"
+
+
+def ensure_data(recipe: Recipe) -> Manifest:
+    """The run's prepared shards; built-in sources are prepared on first use."""
+    path = data_dir(recipe)
+    if recipe.data.source != "parquet" and not (path / "manifest.json").exists():
+        prepare(recipe.data.source, path, seed=0,
+                size=recipe.data.synthetic_size if recipe.data.source == "synthetic" else None)
+    manifest = read_manifest(path, verify=True)
+    plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    per_worker = manifest.count("train") // plan.world_size
+    if per_worker < plan.per_worker:
+        raise ConfigError(f"data.global_batch={plan.global_batch} needs {plan.per_worker} training samples per "
+                          f"worker per step but {path} gives each of {plan.world_size} workers only {per_worker}: "
+                          "lower data.global_batch")
+    return manifest
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("towerlab", "ray", "torch", "deepspeed", "mlflow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def init_ray(recipe: Recipe) -> None:
+    """Connect to RAY_ADDRESS when set; else start a local Ray with its dashboard (State and Jobs APIs) on
+    127.0.0.1. Locally, one logical CPU more than the workers take is declared so Ray Data's preprocessing tasks
+    always have a slot (with every CPU held by training workers, the pipeline would wait forever)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = recipe.train.workers * recipe.train.cpus_per_worker + recipe.data.preprocess_concurrency
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | None = None,
+          on_start: Callable[[Summary], None] | None = None) -> Summary:
+    plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    uri = resolve_uri(recipe.tracking.uri, tracking_uri)
+    check_reachable(uri)
+    manifest = ensure_data(recipe)
+
+    storage = Path(recipe.train.storage_path).absolute()
+    run_dir = storage / recipe.name
+    run_file = run_dir / RUN_FILE
+    resumed = run_file.exists()
+    if resumed:
+        run = MlflowRun(uri, json.loads(run_file.read_text())["mlflow_run_id"])
+        run.reopen()
+    else:
+        params = flatten(to_dict(recipe))
+        params["batch.accumulation"] = plan.accumulation
+        params["batch.micro_batch"] = plan.micro_batch
+        tags = {"towerlab.git_commit": git_commit(), "towerlab.data_fingerprint": manifest.fingerprint,
+                "towerlab.data_source": recipe.data.source, "towerlab.run_name": recipe.name,
+                "towerlab.batch_plan": plan.describe()}
+        tags.update({f"towerlab.version.{k}": v for k, v in versions().items()})
+        run = MlflowRun.start(uri, recipe.tracking.experiment, recipe.name, params, tags, parent_run_id)
+        run.log_text(to_yaml(recipe), "recipe.yaml")
+        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
+        os.replace(tmp, run_file)
+    summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)
+    if on_start:
+        on_start(summary)
+
+    status = "FAILED"
+    try:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from towerlab.data.pipeline import train_dataset
+        from towerlab.train.loop import train_loop_per_worker
+
+        init_ray(recipe)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
+                               "data_dir": str(manifest.root)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
+                resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=recipe.name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints)),
+            datasets={"train": train_dataset(recipe, manifest)},
+        )
+        result = trainer.fit()
+        summary.metrics = dict(result.metrics or {})
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        run.end(status)
+        summary.status = status
+    return summary

@@ -1,0 +1,144 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+build model + loss -> deepspeed.initialize (ZeRO stage from the recipe, torch AdamW) -> restore the latest Ray Train
+checkpoint if any -> for each epoch, stream this worker's shard of the Ray Dataset; every optimizer step: contrastive
+step, clamp the logit scale; every N steps: log (rank 0, MLflow), evaluate, checkpoint inside ray.train.report.
+
+DeepSpeed is imported here, inside the worker, never on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+from towerlab import losses
+from towerlab.config import Recipe, resolve_batch
+from towerlab.data import read_manifest
+from towerlab.data.pipeline import epoch_batches, load_split, preprocessor
+from towerlab.models import ContrastiveModel
+from towerlab.tracking import NoopRun, open_run
+from towerlab.train.engine import deepspeed_config
+from towerlab.train.evaluate import Evaluator
+from towerlab.train.module import ContrastiveTrainModule
+from towerlab.train.optim import build_optimizer
+
+CKPT_TAG = "ds"
+
+
+def build_module(recipe: Recipe, rank: int, world_size: int) -> ContrastiveTrainModule:
+    torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+    lc = recipe.loss
+    model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
+                             learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale)
+    loss_fn = losses.build(**asdict(lc))
+    return ContrastiveTrainModule(model, loss_fn, rank, world_size)
+
+
+def clamp_logit_scale(engine, stage: int) -> None:
+    model: ContrastiveModel = engine.module.model
+    if stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([model.logit_scale], modifier_rank=0):
+            model.clamp_logit_scale()
+    else:
+        model.clamp_logit_scale()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    recipe: Recipe = config["recipe"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if recipe.train.use_gpu else "cpu")
+    import deepspeed
+
+    if not recipe.train.use_gpu:
+        torch.set_num_threads(recipe.train.cpus_per_worker)
+    plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
+    total = recipe.train.steps
+    module = build_module(recipe, rank, world)
+    optimizer, scheduler = build_optimizer(module, recipe.optim, total)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe, plan),
+        dist_init_required=False,
+    )
+
+    state = {"step": 0, "epoch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+        state.update({k: client[k] for k in state})
+
+    run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
+    manifest = read_manifest(config["data_dir"])
+    eval_pre = preprocessor(recipe, manifest, train=False)
+    heldout = load_split(manifest, "heldout", eval_pre)
+    import pyarrow.parquet as pq
+
+    captions = pq.ParquetDataset(manifest.files("heldout")).read(columns=["caption"])["caption"].to_pylist()
+    evaluate = Evaluator(recipe, heldout, captions, manifest.classes, eval_pre)
+
+    shard = ray.train.get_dataset_shard("train")
+    step, epoch = state["step"], state["epoch"]
+    window_start, window_samples = time.perf_counter(), 0
+    while step < total:
+        micro: list[dict] = []
+        for batch in epoch_batches(shard, recipe, plan.micro_batch, epoch):
+            micro.append(batch)
+            if len(micro) < plan.accumulation:
+                continue
+            terms = contrastive_step(engine, micro, step)
+            micro = []
+            clamp_logit_scale(engine, recipe.train.zero_stage)
+            step += 1
+            window_samples += plan.global_batch
+            if not all(torch.isfinite(v) for v in terms.values()):
+                raise FloatingPointError(f"non-finite loss at step {step}: "
+                                         f"{ {k: float(v) for k, v in terms.items()} }; lower optim.lr or check the data")
+            metrics: dict[str, float] = {}
+            last = step == total
+            if step % recipe.train.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                metrics.update({f"train/{k}": float(v) for k, v in terms.items()})
+                metrics["train/lr"] = scheduler.get_last_lr()[0]
+                metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                metrics["train/epoch"] = epoch
+            if step % recipe.eval.every == 0 or last:
+                metrics.update({f"eval/{k}": v for k, v in evaluate(engine.module.model).items()})
+            if metrics:
+                run.log_metrics(metrics, step)
+            if step % recipe.train.checkpoint_every == 0 or last:
+                tmp = tempfile.mkdtemp(prefix="towerlab-ckpt-")
+                # epoch+1 when the epoch's batches are done is set on the next pass; a mid-epoch resume
+                # restarts the current epoch
+                engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step, "epoch": epoch})
+                ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif metrics:
+                ray.train.report({"step": step, **metrics})
+            if metrics:
+                window_start, window_samples = time.perf_counter(), 0
+            if step >= total:
+                break
+        epoch += 1
+
+
+def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step over the micro-batches of this worker."""
+    if len(micro) == 1:
+        batch = micro[0]
+        out = engine({"image": batch["image"], "text": batch["text"]}, labels=batch["label"], step=step)
+        engine.backward(out["loss"])
+        engine.step()
+        return {k: v.detach() for k, v in out.items()}
+    raise NotImplementedError("accumulation > 1 needs the feature cache")

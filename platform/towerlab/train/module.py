@@ -1,0 +1,33 @@
+"""The module DeepSpeed wraps: the contrastive model plus the loss (which may own parameters, e.g. per-head
+temperatures). Its forward runs one contrastive step on a micro-batch: embed, all-gather with gradient, loss.
+
+Everything that touches parameters happens inside forward, so ZeRO-3's hooks have gathered them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from towerlab.losses.gather import all_gather_with_grad
+from towerlab.models import ContrastiveModel
+
+
+class ContrastiveTrainModule(nn.Module):
+    def __init__(self, model: ContrastiveModel, loss_fn: nn.Module, rank: int, world_size: int):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                step: int = 0) -> dict[str, torch.Tensor]:
+        feats = self.model(inputs)
+        gathered = {m: all_gather_with_grad(f) for m, f in feats.items()}
+        meta = {"step": step}
+        if labels is not None:
+            meta["labels"] = all_gather_with_grad(labels)
+        out = self.loss_fn(gathered, logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
+                           rank=self.rank, world_size=self.world_size, **meta)
+        out["logit_scale"] = self.model.logit_scale.detach().exp()
+        return out

@@ -1,0 +1,65 @@
+"""Loading a recipe with every variant resolved: `loss.name` through the loss registry, `model.arch` through the
+architecture files; then the checks that need more than one section (batch plan, sizes that must agree).
+
+This lives in train/ rather than config/ because it wires the registries of losses and models, which config/ may
+not import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from towerlab import losses
+from towerlab.config import ConfigError, Recipe, Variant, load_structured, resolve_batch
+from towerlab.data import SOURCES
+from towerlab.models import arch_preset, archs
+
+VARIANTS = (
+    Variant("loss", "name", registry=losses.LOSSES),
+    Variant("model", "arch", preset=arch_preset, names=lambda: archs().names()),
+)
+DEFAULTS = {"loss": {"name": "clip"}, "model": {"arch": "debug"}}
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Recipe:
+    recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=DEFAULTS)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Checks across sections; each failure names the keys and what to change."""
+    resolve_batch(r.data.global_batch, r.train.workers, r.data.micro_batch)
+    if r.data.source != "parquet" and r.data.source not in SOURCES:
+        raise ConfigError(f"data.source: {SOURCES.unknown_message(r.data.source)}, parquet")
+    if r.data.source == "parquet" and not r.data.path:
+        raise ConfigError("data.source=parquet needs data.path: a directory from `towerlab data prepare`")
+    v = r.model.vision
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size="
+                          f"{v.patch_size}: change one of them")
+    for tower, c in (("vision", v), ("text", r.model.text)):
+        if c.width % c.heads:
+            raise ConfigError(f"model.{tower}.width={c.width} is not divisible by model.{tower}.heads={c.heads}")
+    if r.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={r.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if r.train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision={r.train.precision!r}: use auto, fp32 or bf16")
+    if r.train.precision == "bf16" and not r.train.use_gpu:
+        raise ConfigError("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 there; use fp32 or auto")
+    if r.optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule={r.optim.schedule!r}: use cosine or constant")
+    for key in ("steps", "log_every", "checkpoint_every"):
+        if getattr(r.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(r.train, key)}: must be at least 1")
+    if r.eval.every < 1:
+        raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
+    if not r.name or "/" in r.name:
+        raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
+
+
+def data_dir(r: Recipe) -> Path:
+    """Where the run's shards live: data.path, or data/<source> for a built-in source."""
+    return Path(r.data.path or Path("data") / r.data.source).absolute()

@@ -1,0 +1,33 @@
+import torch
+import torch.nn.functional as F
+
+from towerlab.eval import class_embeddings, recall_at_k, topk_accuracy
+
+
+def test_zeroshot_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    prompts = F.normalize(torch.randn(5 * 3, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    cls = class_embeddings(prompts, 3)
+    got = topk_accuracy(img, cls, labels, ks=(1, 3))
+    top1 = top3 = 0
+    for i in range(40):
+        scores = []
+        for c in range(5):
+            mean = sum(prompts[c * 3 + j] for j in range(3)) / 3
+            scores.append(float(img[i] @ (mean / mean.norm())))
+        order = sorted(range(5), key=lambda c: -scores[c])
+        top1 += order[0] == labels[i]
+        top3 += labels[i] in order[:3]
+    assert abs(got["zeroshot_top1"] - top1 / 40) < 1e-9 and abs(got["zeroshot_top3"] - top3 / 40) < 1e-9
+
+
+def test_recall_hand_example():
+    img = torch.eye(3)
+    txt = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # 1 and 2 swapped
+    out = recall_at_k(img, txt, torch.arange(3), ks=(1, 2), chunk=2)
+    assert abs(out["recall@1_i2t"] - 1 / 3) < 1e-9 and abs(out["recall@1_t2i"] - 1 / 3) < 1e-9
+    # duplicate captions: if items 1 and 2 share a caption, retrieving either is a hit
+    out = recall_at_k(img, txt, torch.tensor([0, 1, 1]), ks=(1,))
+    assert out["recall@1_i2t"] == 1.0
