@@ -1,0 +1,127 @@
+"""What every loss family shares: the common config fields, the call convention, and the small pieces of math
+(local-row slicing, fp32 logits, positive masks, masked log-sum-exp) that several families need.
+
+Call convention (the training step calls every loss this way):
+
+    out = loss_fn(features, logit_scale=s, logit_bias=b, rank=r, world_size=W, **meta)
+
+`features` maps modality names to L2-normalised [N, d] tensors that are already all-gathered with gradient
+(N = W * b; rank r owns rows r*b:(r+1)*b). A rank computes only its local rows (and, for symmetric losses, its local
+columns) against all N and returns the mean over its local rows, so that the mean over ranks of the per-rank losses
+is the full-batch loss; with the autograd all-gather summing feature gradients back to their owners and the trainer
+averaging parameter gradients over ranks, the gradients are then exact. The result is a dict of scalar tensors:
+"loss" (what to minimise) and every named term. Logits and log-sum-exps are computed in fp32 (fp64 inputs stay fp64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class LossConfig:
+    """Fields every family has. The model's learnable logit scale and bias are initialised from them by the
+    trainer (scale = 1/temperature_init, bias = bias_init), not by the loss."""
+
+    name: str = "clip"
+    temperature_init: float = 0.07  # tau; the logit scale starts at 1/tau
+    bias_init: Optional[float] = None  # None: the model has no logit bias
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # the trainer clamps the scale to at most this after every step
+    tiled: bool = False  # memory-efficient kernels of towerlab.losses.tiled (families that support them)
+    tile_size: int = 1024
+    # The feature keys the loss reads, query/anchor modality first (three or more for symile and gram).
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class: holds the config, checks the call, slices the local rows; subclasses implement `compute`."""
+
+    supports_tiled: bool = False
+    min_modalities: int = 2
+    max_modalities: Optional[int] = 2
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.tiled and not self.supports_tiled:
+            raise ValueError(f"loss '{cfg.name}' has no tiled kernel: set loss.tiled=false")
+        if cfg.tile_size < 1:
+            raise ValueError(f"loss.tile_size={cfg.tile_size}: must be >= 1")
+        n, lo, hi = len(cfg.modalities), self.min_modalities, self.max_modalities
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} must name {want} modalities")
+        if len(set(cfg.modalities)) != n:
+            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} repeats a modality")
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        logit_scale: Tensor,
+        logit_bias: Optional[Tensor] = None,
+        rank: int = 0,
+        world_size: int = 1,
+        **meta: Any,
+    ) -> dict[str, Tensor]:
+        missing = [m for m in self.cfg.modalities if m not in features]
+        if missing:
+            raise KeyError(f"loss '{self.cfg.name}' needs features {missing}; got {sorted(features)}")
+        feats = [features[m] for m in self.cfg.modalities]
+        n = feats[0].shape[0]
+        if any(f.shape[0] != n for f in feats):
+            raise ValueError(f"loss '{self.cfg.name}': batch sizes differ across modalities {[f.shape[0] for f in feats]}")
+        return self.compute(feats, logit_scale, logit_bias, local_rows(n, rank, world_size), meta)
+
+    def compute(
+        self, feats: list[Tensor], scale: Tensor, bias: Optional[Tensor], rows: slice, meta: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def local_rows(n: int, rank: int, world_size: int) -> slice:
+    """The rows rank `rank` owns in a gathered batch of n (equal shards, rank-major order)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    if n % world_size:
+        raise ValueError(f"gathered batch {n} is not divisible by world size {world_size}")
+    b = n // world_size
+    return slice(rank * b, (rank + 1) * b)
+
+
+def acc(t: Tensor) -> Tensor:
+    """`t` in the accumulation dtype: fp32 for fp32/bf16/fp16 inputs (bf16 cannot resolve logits near 100),
+    fp64 kept as fp64 (finite-difference tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def logits(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """scale * q k^T (+ bias), in fp32 (or fp64)."""
+    out = acc(scale) * (acc(q) @ acc(k).T)
+    return out if bias is None else out + acc(bias)
+
+
+def positive_mask(n: int, meta: dict[str, Any], device: Optional[torch.device] = None) -> Tensor:
+    """[n, n] bool, True where (i, j) is a positive pair: from meta `pos_mask`, else `labels` (same class or
+    identity), else the diagonal alone. The diagonal is always positive."""
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    if meta.get("pos_mask") is not None:
+        m = meta["pos_mask"].to(device=device, dtype=torch.bool)
+        if m.shape != (n, n):
+            raise ValueError(f"pos_mask has shape {tuple(m.shape)}, expected ({n}, {n}) (the gathered batch)")
+        return m | eye
+    if meta.get("labels") is not None:
+        lab = meta["labels"].to(device)
+        if lab.shape != (n,):
+            raise ValueError(f"labels has shape {tuple(lab.shape)}, expected ({n},) (the gathered batch)")
+        return (lab[:, None] == lab[None, :]) | eye
+    return eye
+
+
+def masked_lse(x: Tensor, keep: Tensor, dim: int = -1) -> Tensor:
+    """log-sum-exp over the entries where `keep` is True (-inf where none is): masked with -inf, never 0 or -100."""
+    return torch.logsumexp(x.masked_fill(~keep, float("-inf")), dim=dim)

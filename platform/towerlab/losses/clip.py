@@ -1,0 +1,71 @@
+"""CLIP: symmetric InfoNCE with a learnable temperature (reference/losses.md §1).
+
+    L = 1/2 [ 1/N sum_i -log softmax_j(t s_ij + b)[i]  +  1/N sum_j -log softmax_i(t s_ij + b)[j] ]
+
+with s_ij = <x_i, y_j>, optional label smoothing eps (the target puts 1-eps on the positive and eps/N on every
+column, as torch's cross_entropy does) and an optional logit bias b (accepted for uniformity with SigLIP; a
+softmax is invariant to it, so its gradient is zero). A rank computes its local rows x_R against all y (image to
+text) and its local rows y_R against all x (text to image). With `tiled=True` both directions come from one pass
+of the tiled kernel (towerlab.losses.tiled), which never holds more than a tile of the logit matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from towerlab.losses import LOSSES
+from towerlab.losses.base import ContrastiveLoss, LossConfig, logits
+
+
+@dataclass
+class ClipConfig(LossConfig):
+    name: str = "clip"
+    temperature_init: float = 0.07
+    label_smoothing: float = 0.0
+
+
+def infonce_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, eps: float = 0.0) -> Tensor:
+    """Mean over local rows q[rows] of the InfoNCE loss against all rows of k (positive: the same index)."""
+    z = logits(q[rows], k, scale, bias)
+    target = torch.arange(rows.start, rows.stop, device=z.device)
+    return F.cross_entropy(z, target, label_smoothing=eps)
+
+
+def symmetric_infonce(
+    x: Tensor, y: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, eps: float = 0.0,
+    tiled: bool = False, tile_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """(x-to-y, y-to-x) InfoNCE losses, each the mean over this rank's local rows."""
+    if tiled:
+        from towerlab.losses.tiled import tiled_symmetric_infonce
+
+        return tiled_symmetric_infonce(x, y, scale, bias, rows, eps, tile_size)
+    return infonce_rows(x, y, scale, bias, rows, eps), infonce_rows(y, x, scale, bias, rows, eps)
+
+
+def direction_names(mods: list[str]) -> tuple[str, str]:
+    a, b = mods[0][0], mods[1][0]
+    return f"loss_{a}2{b}", f"loss_{b}2{a}"
+
+
+@LOSSES.register("clip", config=ClipConfig)
+class ClipLoss(ContrastiveLoss):
+    """Symmetric InfoNCE (CLIP), optional label smoothing and logit bias."""
+
+    supports_tiled = True
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__(cfg)
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
+
+    def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
+        x, y = feats
+        l_xy, l_yx = symmetric_infonce(x, y, scale, bias, rows, self.cfg.label_smoothing, self.cfg.tiled, self.cfg.tile_size)
+        n_xy, n_yx = direction_names(self.cfg.modalities)
+        return {"loss": 0.5 * (l_xy + l_yx), n_xy: l_xy, n_yx: l_yx}

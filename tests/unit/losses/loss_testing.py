@@ -1,0 +1,159 @@
+"""Shared pieces of the loss tests: feature makers, the family cases, and the rank-split parity check."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import towerlab.losses as L
+
+
+def make_feats(n: int, d: int, mods=("image", "text"), seed: int = 0, dtype=torch.float32, corr: float = 0.5):
+    """Leaf features, L2-normalised; modality k is correlated with modality 0 so positives are above chance."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    out = {}
+    for m in mods:
+        f = corr * base + torch.randn(n, d, generator=g, dtype=torch.float64)
+        out[m] = F.normalize(f, dim=-1).to(dtype).requires_grad_()
+    return out
+
+
+def make_labels(n: int, classes: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def scalar_leaf(v: float | None, dtype=torch.float32):
+    return None if v is None else torch.tensor(float(v), dtype=dtype, requires_grad=True)
+
+
+def leaves(loss_fn, feats, log_scale, bias):
+    ls = [*feats.values(), log_scale]
+    if bias is not None:
+        ls.append(bias)
+    return ls + [p for p in loss_fn.parameters() if p.requires_grad]
+
+
+def split_parity(loss_fn, feats, log_scale, bias, world: int, meta: dict[str, Any], atol=1e-6, rtol=1e-5):
+    """Mean over `world` simulated ranks (same gathered leaves) == one process on the whole batch, in the loss, in
+    every named term, and in the gradients w.r.t. every leaf."""
+    xs = leaves(loss_fn, feats, log_scale, bias)
+    full = loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=0, world_size=1, **meta)
+    g_full = torch.autograd.grad(full["loss"], xs, allow_unused=True)
+    parts = [loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=r, world_size=world, **meta)
+             for r in range(world)]
+    mean = {k: sum(p[k] for p in parts) / world for k in full}
+    g_split = torch.autograd.grad(mean["loss"], xs, allow_unused=True)
+    for k in full:
+        torch.testing.assert_close(mean[k], full[k], atol=atol, rtol=rtol, msg=lambda m: f"term {k}: {m}")
+    for i, (a, b) in enumerate(zip(g_split, g_full)):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() < atol) and (b is None or b.abs().max() < atol), f"leaf {i}"
+            continue
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"grad of leaf {i}: {m}")
+    return full, g_full
+
+
+def naive_infonce(q: torch.Tensor, k: torch.Tensor, t: float, eps: float = 0.0, bias: float = 0.0) -> float:
+    """Mean over rows of CE with label smoothing, by explicit loops in float64."""
+    n = q.shape[0]
+    qd, kd = q.double().tolist(), k.double().tolist()
+    total = 0.0
+    for i in range(n):
+        z = [t * sum(a * b for a, b in zip(qd[i], kd[j])) + bias for j in range(n)]
+        m = max(z)
+        lse = m + math.log(sum(math.exp(v - m) for v in z))
+        logp = [v - lse for v in z]
+        total += -(1 - eps) * logp[i] - eps / n * sum(logp)
+    return total / n
+
+
+def fd_grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Central finite differences of scalar f at x (float64)."""
+    x = x.detach().clone()
+    g = torch.zeros_like(x)
+    flat, gf = x.view(-1), g.view(-1)
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        with torch.no_grad():
+            flat[i] = old + h
+            fp = float(f(x))
+            flat[i] = old - h
+            fm = float(f(x))
+            flat[i] = old
+        gf[i] = (fp - fm) / (2 * h)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real multi-process parity: `gloo_worker` runs in every spawned process (it must live in an importable module).
+
+def _case_inputs(case: dict, n: int, d_in: int, d: int):
+    """Global inputs, identical encoders per modality, labels: the same on every rank (seeded)."""
+    torch.manual_seed(case.get("seed", 0))
+    mods = case["params"].get("modalities", ["image", "text"])
+    xs = {m: torch.randn(n, d_in) for m in mods}
+    encs = {m: torch.nn.Linear(d_in, d) for m in mods}
+    labels = torch.randint(0, 3, (n,))
+    return mods, xs, encs, labels
+
+
+def _case_grads(case, rank: int, world: int, n: int = 8, d_in: int = 6, d: int = 5):
+    """Loss and parameter gradients of one rank's step: local rows -> encoders -> gather with grad -> loss."""
+    from towerlab.losses.gather import all_gather_with_grad, gather_no_grad
+
+    mods, xs, encs, labels = _case_inputs(case, n, d_in, d)
+    fn = L.build(case["name"], **case["params"])
+    cfg = fn.cfg
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature_init)))
+    bias = torch.nn.Parameter(torch.tensor(cfg.bias_init)) if cfg.bias_init is not None else None
+    b = n // world
+    rows = slice(rank * b, (rank + 1) * b)
+    local = {m: F.normalize(encs[m](xs[m][rows]), dim=-1) for m in mods}
+    if world == 1:  # the single-process reference, run inside a 2-process group: no collective
+        all_gather_with_grad = gather_no_grad = lambda t: t  # noqa: E731
+    gathered = {m: all_gather_with_grad(f) for m, f in local.items()}
+    meta = dict(case.get("meta", {}))
+    if meta.pop("labels", False):
+        meta["labels"] = gather_no_grad(labels[rows])
+    out = fn(gathered, logit_scale=log_scale.exp(), logit_bias=bias, rank=rank, world_size=world, **meta)
+    out["loss"].backward()
+    params = [p for m in mods for p in encs[m].parameters()] + [log_scale] + ([bias] if bias is not None else [])
+    params += list(fn.parameters())
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    terms = {k: v.detach().clone() for k, v in out.items()}
+    return terms, grads
+
+
+def gloo_worker(rank: int, world: int, port: int, out_path: str, cases: list) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    try:
+        for case in cases:
+            terms, grads = _case_grads(case, rank, world)
+            for t in list(terms.values()) + grads:  # the trainer averages over ranks
+                dist.all_reduce(t)
+                t /= world
+            ref_terms, ref_grads = _case_grads(case, 0, 1) if rank == 0 else (terms, grads)
+            results[case["id"]] = {
+                "loss": [terms["loss"].item(), ref_terms["loss"].item()],
+                "term_diff": max(abs((terms[k] - ref_terms[k]).item()) for k in ref_terms),
+                "grad_diff": max((a - r).abs().max().item() for a, r in zip(grads, ref_grads)),
+                "grad_norm": sum(r.norm().item() for r in ref_grads),
+            }
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path + ".tmp", "w") as fh:
+            json.dump(results, fh)
+        os.replace(out_path + ".tmp", out_path)
