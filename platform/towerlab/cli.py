@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ImportError:  # pragma: no cover
             TrainingFailedError = RayError  # type: ignore[misc,assignment]
         if isinstance(e, (TrainingFailedError, RayError)):
-            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {_root_cause(e)}", highlight=False)
+            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {_root_cause(e)}", highlight=False,
+                      soft_wrap=True)
             return 1
         raise
     finally:
@@ -97,7 +98,7 @@ def print_summary(recipe, summary) -> None:
     t.add_row("status", summary.status)
     t.add_row("steps", str(m.get("step", "-")))
     for key in ("train/loss", "train/logit_scale", "train/samples_per_s", "eval/zeroshot_top1", "eval/zeroshot_top5",
-                "eval/recall@1_i2t", "eval/recall@1_t2i"):
+                "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
         if key in m:
             t.add_row(key, f"{m[key]:.4f}")
     console.print(t)

@@ -1,6 +1,7 @@
 """Image <-> text retrieval: recall@K in both directions, computed over chunks of queries so memory stays
 O(chunk x N). Several items may share a caption (digits repeat their templates), so a retrieved item counts as a hit
-when its caption equals the query's (`groups`: one id per distinct caption).
+when its caption equals the query's (`groups`: one id per distinct caption). Metric names spell recall@K as
+recall_at_K: MLflow refuses '@' in metric names.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, group
     """Row i of both feature matrices is a pair; groups[i] identifies its caption."""
     out = {}
     for k, v in _recall(image_features, text_features, groups, groups, ks, chunk).items():
-        out[f"recall@{k}_i2t"] = v
+        out[f"recall_at_{k}_i2t"] = v
     for k, v in _recall(text_features, image_features, groups, groups, ks, chunk).items():
-        out[f"recall@{k}_t2i"] = v
+        out[f"recall_at_{k}_t2i"] = v
     return out

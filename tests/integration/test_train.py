@@ -1,0 +1,74 @@
+"""`towerlab train` end to end: real Ray cluster (ray start), Ray Data, Ray Train with DeepSpeed on 2 workers, and a
+real MLflow tracking server; asserted through the MLflow client."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from .conftest import run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
+
+SMOKE = ["model.arch=debug", "data.global_batch=64", "train.log_every=5", "eval.every=5",
+         "train.checkpoint_every=5", "data.shuffle_buffer=256"]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_server):
+    recipe = str(repo_root / "recipes" / "digits_clip.yaml")
+    first = run_cli(["train", recipe, "name=itest", "train.steps=10", *SMOKE, "--no-progress",
+                     "--tracking-uri", mlflow_server], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "zero-shot top-1" in first.stdout
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("towerlab")
+    runs = client.search_runs([exp.experiment_id], "tags.`towerlab.run_name` = 'itest'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.name"] == "clip" and run.data.params["train.steps"] == "10"
+    assert run.data.params["model.vision.width"] == "32"  # the debug arch resolved into params
+    for key in ("train/loss", "train/logit_scale", "train/lr", "train/samples_per_s", "eval/zeroshot_top1",
+                "eval/zeroshot_top5", "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
+        assert key in run.data.metrics, key
+    assert _history(client, run.info.run_id, "train/loss") == [5, 10]
+    assert 0 < run.data.metrics["train/logit_scale"] <= 100
+    for tag in ("towerlab.git_commit", "towerlab.data_fingerprint", "towerlab.version.ray",
+                "towerlab.version.torch", "towerlab.version.deepspeed"):
+        assert run.data.tags.get(tag), tag
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "recipe.yaml" in artifacts
+    recipe_text = client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path))
+    assert "name: itest" in open(recipe_text).read()
+
+    # the same name again, with more steps: resumes from the step-10 checkpoint into the same MLflow run
+    second = run_cli(["train", recipe, "name=itest", "train.steps=20", *SMOKE, "--no-progress",
+                      "--tracking-uri", mlflow_server], cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout
+    runs = client.search_runs([exp.experiment_id], "tags.`towerlab.run_name` = 'itest'")
+    assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
+    assert runs[0].info.status == "FINISHED"
+    assert _history(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
+
+
+def test_unreachable_tracking_server_is_one_line(repo_root, tmp_path):
+    out = run_cli(["train", str(repo_root / "recipes" / "digits_clip.yaml"), "--tracking-uri",
+                   "http://127.0.0.1:9"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "unreachable" in lines[0] and "127.0.0.1:9" in lines[0], out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_recipe_typo_is_one_line(repo_root, tmp_path):
+    out = run_cli(["train", str(repo_root / "recipes" / "digits_clip.yaml"), "optim.lrr=0.1"], cwd=tmp_path,
+                  timeout=120)
+    assert out.returncode == 2
+    assert "unknown key 'optim.lrr'. Did you mean 'lr'?" in out.stderr.replace("\n", " ")
+    assert "Traceback" not in out.stderr
