@@ -10,8 +10,6 @@ from .conftest import run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 
-SMOKE = ["model.arch=debug", "data.global_batch=64", "train.log_every=5", "eval.every=5",
-         "train.checkpoint_every=5", "data.shuffle_buffer=256"]
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -19,8 +17,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_server):
-    recipe = str(repo_root / "recipes" / "digits_clip.yaml")
-    first = run_cli(["train", recipe, "name=itest", "train.steps=10", *SMOKE, "--no-progress",
+    recipe = str(repo_root / "recipes" / "debug.yaml")
+    first = run_cli(["train", recipe, "name=itest", "train.steps=10", "--no-progress",
                      "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "zero-shot top-1" in first.stdout
@@ -33,6 +31,7 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert run.info.status == "FINISHED"
     assert run.data.params["loss.name"] == "clip" and run.data.params["train.steps"] == "10"
     assert run.data.params["model.vision.width"] == "32"  # the debug arch resolved into params
+    assert run.data.params["data.source"] == "synthetic"
     for key in ("train/loss", "train/logit_scale", "train/lr", "train/samples_per_s", "eval/zeroshot_top1",
                 "eval/zeroshot_top5", "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
         assert key in run.data.metrics, key
@@ -47,7 +46,7 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert "name: itest" in open(recipe_text).read()
 
     # the same name again, with more steps: resumes from the step-10 checkpoint into the same MLflow run
-    second = run_cli(["train", recipe, "name=itest", "train.steps=20", *SMOKE, "--no-progress",
+    second = run_cli(["train", recipe, "name=itest", "train.steps=20", "--no-progress",
                       "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming" in second.stdout
@@ -55,6 +54,19 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
     assert _history(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
+
+
+def test_failing_run_is_marked_failed(repo_root, tmp_path, ray_cluster, mlflow_server):
+    """A NaN loss stops the run with one clear line, exit 1, and the MLflow run ends FAILED (never RUNNING)."""
+    out = run_cli(["train", str(repo_root / "recipes" / "debug.yaml"), "name=nan", "optim.lr=1e30",
+                   "optim.grad_clip=0", "optim.warmup_steps=1", "--no-progress", "--tracking-uri", mlflow_server],
+                  cwd=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "failed" in out.stderr and "non-finite loss" in out.stderr
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("towerlab")
+    runs = client.search_runs([exp.experiment_id], "tags.`towerlab.run_name` = 'nan'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 def test_unreachable_tracking_server_is_one_line(repo_root, tmp_path):

@@ -7,6 +7,7 @@ evaluation (without augmentation) on the worker, where the held-out split is sma
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -44,12 +45,20 @@ def preprocessor(recipe: Recipe, manifest: Manifest, train: bool) -> Preprocesso
                         seed=None if train else 0)
 
 
+# Below this many bytes of shards, the raw rows are read once and kept in Ray's object store: every epoch then
+# re-runs only decode + augment, not file listing and reading (which dominated small datasets' epochs).
+CACHE_RAW_BYTES = 256 << 20
+
+
 def train_dataset(recipe: Recipe, manifest: Manifest):
-    """The training split as a lazy Ray Dataset of model inputs."""
+    """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
     import ray.data
 
     pre = preprocessor(recipe, manifest, train=True)
-    ds = ray.data.read_parquet(manifest.files("train"), columns=["image", "caption", "label"])
+    files = manifest.files("train")
+    ds = ray.data.read_parquet(files, columns=["image", "caption", "label"])
+    if sum(os.path.getsize(f) for f in files if os.path.exists(f)) < CACHE_RAW_BYTES:
+        ds = ds.materialize()
     return ds.map_batches(pre, batch_size=256, concurrency=recipe.data.preprocess_concurrency)
 
 

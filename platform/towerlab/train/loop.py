@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == total
             if step % recipe.train.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
-                metrics.update({f"train/{k}": float(v) for k, v in terms.items()})
+                metrics.update({f"train/{k}": v for k, v in mean_over_ranks(terms).items()})
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 metrics["train/epoch"] = epoch
@@ -131,6 +131,18 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= total:
                 break
         epoch += 1
+
+
+def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each rank's loss covers its own rows; the logged loss is the global batch's, i.e. the mean over ranks."""
+    import torch.distributed as dist
+
+    keys = sorted(terms)
+    vec = torch.stack([terms[k].float().reshape(()) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+    return dict(zip(keys, vec.tolist()))
 
 
 def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from towerlab.losses.gather import all_gather_with_grad
+from towerlab.losses.gather import all_gather_with_grad, gather_no_grad
 from towerlab.models import ContrastiveModel
 
 
@@ -26,7 +26,7 @@ class ContrastiveTrainModule(nn.Module):
         gathered = {m: all_gather_with_grad(f) for m, f in feats.items()}
         meta = {"step": step}
         if labels is not None:
-            meta["labels"] = all_gather_with_grad(labels)
+            meta["labels"] = gather_no_grad(labels)
         out = self.loss_fn(gathered, logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
                            rank=self.rank, world_size=self.world_size, **meta)
         out["logit_scale"] = self.model.logit_scale.detach().exp()
