@@ -82,5 +82,16 @@ def from_config(cfg: Any) -> nn.Module:
 
 # Registration: every family module registers itself on import (nothing else happens at import time).
 from towerlab.losses import (  # noqa: E402,F401
+    align_uniform,
     clip,
+    cwcl,
+    dcl,
+    decoupled_softmax,
+    gram,
+    hard_negative_mixing,
+    mw_auc,
+    multihead,
+    sdm,
+    siglip,
+    symile,
 )

@@ -42,6 +42,7 @@ class ContrastiveLoss(nn.Module):
     """Base class: holds the config, checks the call, slices the local rows; subclasses implement `compute`."""
 
     supports_tiled: bool = False
+    uses_bias: bool = False  # a logit bias that cancels in the loss would be a parameter without gradient
     min_modalities: int = 2
     max_modalities: Optional[int] = 2
 
@@ -50,6 +51,8 @@ class ContrastiveLoss(nn.Module):
         self.cfg = cfg
         if cfg.tiled and not self.supports_tiled:
             raise ValueError(f"loss '{cfg.name}' has no tiled kernel: set loss.tiled=false")
+        if cfg.bias_init is not None and not self.uses_bias:
+            raise ValueError(f"loss '{cfg.name}' does not use a logit bias (it cancels): set loss.bias_init=null")
         if cfg.tile_size < 1:
             raise ValueError(f"loss.tile_size={cfg.tile_size}: must be >= 1")
         n, lo, hi = len(cfg.modalities), self.min_modalities, self.max_modalities
@@ -105,6 +108,34 @@ def logits(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -
     return out if bias is None else out + acc(bias)
 
 
+def diag_mask(rows: slice, n: int, device: Optional[torch.device] = None) -> Tensor:
+    """[len(rows), n] bool, True at each local row's own column (its positive): (k, rows.start + k)."""
+    k = torch.arange(rows.stop - rows.start, device=device)
+    m = torch.zeros(len(k), n, dtype=torch.bool, device=device)
+    m[k, k + rows.start] = True
+    return m
+
+
+def row_targets(rows: slice, device: Optional[torch.device] = None) -> Tensor:
+    """The column index of each local row's positive (for cross_entropy)."""
+    return torch.arange(rows.start, rows.stop, device=device)
+
+
+def both_directions(fn, x: Tensor, y: Tensor, rows: slice, pos: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(fn(x, y, rows, pos[rows]), fn(y, x, rows, pos^T[rows])): a loss term computed for this rank's rows of x
+    against all of y, and for its rows of y against all of x. With a positive mask, the y-to-x direction uses the
+    transposed mask, whose local rows are the local columns of `pos`."""
+    if pos is None:
+        return fn(x, y, rows, None), fn(y, x, rows, None)
+    return fn(x, y, rows, pos[rows]), fn(y, x, rows, pos[:, rows].T)
+
+
+def direction_names(mods: list[str]) -> tuple[str, str]:
+    """Term names of the two directions, e.g. ("loss_i2t", "loss_t2i") for image and text."""
+    a, b = mods[0][0], mods[1][0]
+    return f"loss_{a}2{b}", f"loss_{b}2{a}"
+
+
 def positive_mask(n: int, meta: dict[str, Any], device: Optional[torch.device] = None) -> Tensor:
     """[n, n] bool, True where (i, j) is a positive pair: from meta `pos_mask`, else `labels` (same class or
     identity), else the diagonal alone. The diagonal is always positive."""
@@ -122,6 +153,9 @@ def positive_mask(n: int, meta: dict[str, Any], device: Optional[torch.device] =
     return eye
 
 
-def masked_lse(x: Tensor, keep: Tensor, dim: int = -1) -> Tensor:
-    """log-sum-exp over the entries where `keep` is True (-inf where none is): masked with -inf, never 0 or -100."""
-    return torch.logsumexp(x.masked_fill(~keep, float("-inf")), dim=dim)
+def masked_lse(x: Tensor, keep: Tensor) -> Tensor:
+    """Row log-sum-exp (last dim) over the entries where `keep` is True, masked with -inf (never 0 or -100); -inf
+    for a row where nothing is kept, with a zero (not NaN) gradient there."""
+    has = keep.any(dim=-1, keepdim=True)
+    z = x.masked_fill(~keep, float("-inf")).masked_fill(~has, 0.0)
+    return torch.logsumexp(z, dim=-1).masked_fill(~has[..., 0], float("-inf"))

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from towerlab.losses import LOSSES
-from towerlab.losses.base import ContrastiveLoss, LossConfig, logits
+from towerlab.losses.base import ContrastiveLoss, LossConfig, direction_names, logits, row_targets
 
 
 @dataclass
@@ -32,8 +31,7 @@ class ClipConfig(LossConfig):
 def infonce_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, eps: float = 0.0) -> Tensor:
     """Mean over local rows q[rows] of the InfoNCE loss against all rows of k (positive: the same index)."""
     z = logits(q[rows], k, scale, bias)
-    target = torch.arange(rows.start, rows.stop, device=z.device)
-    return F.cross_entropy(z, target, label_smoothing=eps)
+    return F.cross_entropy(z, row_targets(rows, z.device), label_smoothing=eps)
 
 
 def symmetric_infonce(
@@ -48,16 +46,12 @@ def symmetric_infonce(
     return infonce_rows(x, y, scale, bias, rows, eps), infonce_rows(y, x, scale, bias, rows, eps)
 
 
-def direction_names(mods: list[str]) -> tuple[str, str]:
-    a, b = mods[0][0], mods[1][0]
-    return f"loss_{a}2{b}", f"loss_{b}2{a}"
-
-
 @LOSSES.register("clip", config=ClipConfig)
 class ClipLoss(ContrastiveLoss):
     """Symmetric InfoNCE (CLIP), optional label smoothing and logit bias."""
 
     supports_tiled = True
+    uses_bias = True
 
     def __init__(self, cfg: ClipConfig):
         super().__init__(cfg)

@@ -22,8 +22,55 @@ def make_feats(n: int, d: int, mods=("image", "text"), seed: int = 0, dtype=torc
     return out
 
 
+MODS3 = ["image", "text", "audio"]
+
+# Every family (and its variants) as built in the parity tests; "meta" flags: labels -> gathered class ids.
+# "fd" names the gradients that are, by design, not those of the reported value (finite differences skip them):
+# the DCL guard routes t's gradient through InfoNCE; DCLW's weights and MoCHi's synthetic points are detached.
+CASES = [
+    {"id": "clip", "name": "clip", "params": {}},
+    {"id": "clip_ls_bias", "name": "clip", "params": {"label_smoothing": 0.1, "bias_init": -1.0}},
+    {"id": "clip_tiled", "name": "clip", "params": {"tiled": True, "tile_size": 3, "label_smoothing": 0.1}},
+    {"id": "siglip", "name": "siglip", "params": {}},
+    {"id": "siglip_tiled", "name": "siglip", "params": {"tiled": True, "tile_size": 3}},
+    {"id": "dcl", "name": "dcl", "params": {}, "fd_skip": ["scale"]},
+    {"id": "dcl_unguarded", "name": "dcl", "params": {"temperature_guard": False}},
+    {"id": "dcl_tiled", "name": "dcl", "params": {"tiled": True, "tile_size": 3}, "fd_skip": ["scale"]},
+    {"id": "dclw", "name": "dclw", "params": {}, "fd_skip": ["scale", "features"]},
+    {"id": "dclw_unguarded", "name": "dclw", "params": {"temperature_guard": False}, "fd_skip": ["features"]},
+    {"id": "decoupled_softmax", "name": "decoupled_softmax", "params": {}, "meta": {"labels": True}},
+    {"id": "align_uniform", "name": "align_uniform", "params": {"cross_uniformity": True}},
+    {"id": "cwcl", "name": "cwcl", "params": {}},
+    {"id": "cwcl_sharp_asym", "name": "cwcl", "params": {"weight_temperature": 0.1, "symmetric": False}},
+    {"id": "multihead", "name": "multihead", "params": {"num_heads": 2}},
+    {"id": "multihead_tiled", "name": "multihead", "params": {"num_heads": 2, "tiled": True, "tile_size": 3}},
+    {"id": "hard_negative_mixing", "name": "hard_negative_mixing",
+     "params": {"num_hard": 3, "num_mix": 2, "num_query_mix": 2, "warmup_steps": 2},
+     "meta": {"labels": True, "step": 3}, "fd_skip": ["features"]},
+    {"id": "symile", "name": "symile", "params": {}, "meta": {"step": 1}},
+    {"id": "gram", "name": "gram", "params": {"modalities": ["text", "image", "audio"]}},
+    {"id": "mw_auc", "name": "mw_auc", "params": {}},
+    {"id": "mw_auc_labels", "name": "mw_auc", "params": {}, "meta": {"labels": True}},
+    {"id": "sdm", "name": "sdm", "params": {}, "meta": {"labels": True}},
+]
+
+
+def case_meta(case: dict, n: int) -> dict:
+    meta = dict(case.get("meta", {}))
+    if meta.pop("labels", False):
+        meta["labels"] = make_labels(n)
+    return meta
+
+
 def make_labels(n: int, classes: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def build_case(case: dict):
+    """The loss module, its leaf log scale and bias (initialised from the config as the trainer does)."""
+    fn = L.build(case["name"], **case["params"])
+    log_scale = scalar_leaf(math.log(1 / fn.cfg.temperature_init))
+    return fn, log_scale, scalar_leaf(fn.cfg.bias_init)
 
 
 def scalar_leaf(v: float | None, dtype=torch.float32):
@@ -94,14 +141,13 @@ def fd_grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: float
 def _case_inputs(case: dict, n: int, d_in: int, d: int):
     """Global inputs, identical encoders per modality, labels: the same on every rank (seeded)."""
     torch.manual_seed(case.get("seed", 0))
-    mods = case["params"].get("modalities", ["image", "text"])
+    mods = L.build(case["name"], **case["params"]).cfg.modalities
     xs = {m: torch.randn(n, d_in) for m in mods}
     encs = {m: torch.nn.Linear(d_in, d) for m in mods}
-    labels = torch.randint(0, 3, (n,))
-    return mods, xs, encs, labels
+    return mods, xs, encs, make_labels(n)
 
 
-def _case_grads(case, rank: int, world: int, n: int = 8, d_in: int = 6, d: int = 5):
+def _case_grads(case, rank: int, world: int, n: int = 8, d_in: int = 6, d: int = 6):
     """Loss and parameter gradients of one rank's step: local rows -> encoders -> gather with grad -> loss."""
     from towerlab.losses.gather import all_gather_with_grad, gather_no_grad
 
@@ -116,8 +162,8 @@ def _case_grads(case, rank: int, world: int, n: int = 8, d_in: int = 6, d: int =
     if world == 1:  # the single-process reference, run inside a 2-process group: no collective
         all_gather_with_grad = gather_no_grad = lambda t: t  # noqa: E731
     gathered = {m: all_gather_with_grad(f) for m, f in local.items()}
-    meta = dict(case.get("meta", {}))
-    if meta.pop("labels", False):
+    meta = case_meta(case, n)
+    if "labels" in meta:  # what the trainer does: gather this rank's labels
         meta["labels"] = gather_no_grad(labels[rows])
     out = fn(gathered, logit_scale=log_scale.exp(), logit_bias=bias, rank=rank, world_size=world, **meta)
     out["loss"].backward()
