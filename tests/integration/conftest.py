@@ -1,13 +1,15 @@
 """Real servers for integration tests, started once per session on 127.0.0.1:
 
 - `ray_cluster`: `ray start --head` (dashboard with the State and Jobs APIs) with 4 logical CPUs, so 2 training
-  workers and Ray Data's preprocessing fit on a 2-core machine; stopped at the end of the session.
+  workers and Ray Data's preprocessing fit on a 2-core machine, and token authentication on (a fresh token in
+  RAY_AUTH_TOKEN, RAY_AUTH_MODE=token for the cluster and every client); stopped at the end of the session.
 - `mlflow_server`: `mlflow server` with a SQLite backend and a local artifact store.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -45,23 +47,25 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 def ray_cluster(tmp_path_factory):
     """Address of a head node started with `ray start` on loopback; RAY_ADDRESS points at it for the session."""
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth}
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--disable-usage-stats"]
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=180)
     address = f"127.0.0.1:{port}"
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = address
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", *auth)}
+    os.environ.update({"RAY_ADDRESS": address, **auth})
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
