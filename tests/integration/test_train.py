@@ -18,7 +18,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_server):
     recipe = str(repo_root / "recipes" / "debug.yaml")
-    first = run_cli(["train", recipe, "name=itest", "train.steps=10", "--no-progress",
+    # micro-batch 16 x 2 workers: 2 micro-batches per step through the feature cache
+    first = run_cli(["train", recipe, "name=itest", "train.steps=10", "data.micro_batch=16", "--no-progress",
                      "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "zero-shot top-1" in first.stdout
@@ -31,7 +32,7 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert run.info.status == "FINISHED"
     assert run.data.params["loss.name"] == "clip" and run.data.params["train.steps"] == "10"
     assert run.data.params["model.vision.width"] == "32"  # the debug arch resolved into params
-    assert run.data.params["data.source"] == "synthetic"
+    assert run.data.params["data.source"] == "synthetic" and run.data.params["batch.accumulation"] == "2"
     for key in ("train/loss", "train/logit_scale", "train/lr", "train/samples_per_s", "eval/zeroshot_top1",
                 "eval/zeroshot_top5", "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
         assert key in run.data.metrics, key

@@ -20,6 +20,7 @@ import torch
 from towerlab import losses
 from towerlab.config import Recipe, resolve_batch
 from towerlab.data import read_manifest
+from towerlab.losses.feature_cache import feature_cache_backward
 from towerlab.data.pipeline import epoch_batches, load_split, preprocessor
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
@@ -146,11 +147,21 @@ def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Tensor]:
-    """One optimizer step over the micro-batches of this worker."""
+    """One optimizer step over this worker's micro-batches. With one micro-batch: forward, backward, step. With k,
+    the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
+    DeepSpeed steps at its accumulation boundary after the k-th backward."""
+    inputs = [{"image": b["image"], "text": b["text"]} for b in micro]
     if len(micro) == 1:
-        batch = micro[0]
-        out = engine({"image": batch["image"], "text": batch["text"]}, labels=batch["label"], step=step)
+        out = engine(inputs[0], labels=micro[0]["label"], step=step)
         engine.backward(out["loss"])
         engine.step()
         return {k: v.detach() for k, v in out.items()}
-    raise NotImplementedError("accumulation > 1 needs the feature cache")
+    module: ContrastiveTrainModule = engine.module
+    labels = torch.cat([b["label"] for b in micro])  # the cache concatenates micro-batches in this order
+
+    def backward(surrogate: torch.Tensor, i: int, last: bool) -> None:
+        engine.backward(surrogate, scale_wrt_gas=False)  # the surrogate already carries the full gradient
+        engine.step()  # counts the micro-step; updates only at the k-th
+
+    return feature_cache_backward(module.model, inputs, lambda f: module.loss(f, labels, step),
+                                  params=module.loss_parameters(), backward_fn=backward)

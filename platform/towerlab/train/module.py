@@ -20,14 +20,20 @@ class ContrastiveTrainModule(nn.Module):
         self.loss_fn = loss_fn
         self.rank, self.world_size = rank, world_size
 
-    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
-                step: int = 0) -> dict[str, torch.Tensor]:
-        feats = self.model(inputs)
-        gathered = {m: all_gather_with_grad(f) for m, f in feats.items()}
-        meta = {"step": step}
-        if labels is not None:
-            meta["labels"] = gather_no_grad(labels)
+    def loss(self, local: dict[str, torch.Tensor], labels: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
+        """The loss of this rank's rows: `local` features are gathered with gradient; labels without."""
+        gathered = {m: all_gather_with_grad(f) for m, f in local.items()}
+        meta = {"step": step} if labels is None else {"step": step, "labels": gather_no_grad(labels)}
         out = self.loss_fn(gathered, logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
                            rank=self.rank, world_size=self.world_size, **meta)
         out["logit_scale"] = self.model.logit_scale.detach().exp()
         return out
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """What the loss uses directly, besides the features: logit scale and bias, the loss's own parameters."""
+        own = [self.model.logit_scale, self.model.logit_bias, *self.loss_fn.parameters()]
+        return [p for p in own if p is not None and p.requires_grad]
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+                step: int = 0) -> dict[str, torch.Tensor]:
+        return self.loss(self.model(inputs), labels, step)
