@@ -44,7 +44,7 @@ def _progress_poller(summary, total: int, stop: threading.Event) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from towerlab.train.launch import train
+    from towerlab.train.launch import root_cause, train
     from towerlab.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ImportError:  # pragma: no cover
             TrainingFailedError = RayError  # type: ignore[misc,assignment]
         if isinstance(e, (TrainingFailedError, RayError)):
-            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {_root_cause(e)}", highlight=False,
+            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {root_cause(e)}", highlight=False,
                       soft_wrap=True)
             return 1
         raise
@@ -82,13 +82,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             t.join(timeout=5)
     print_summary(recipe, summary)
     return 0
-
-
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"
 
 
 def print_summary(recipe, summary) -> None:

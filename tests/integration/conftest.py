@@ -45,27 +45,50 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """Address of a head node started with `ray start` on loopback; RAY_ADDRESS points at it for the session."""
+    """Address of a head node started with `ray start --block` on loopback; RAY_ADDRESS points at it for the session.
+
+    `--block` keeps the head in the foreground of its own process group, so teardown stops exactly this cluster
+    (`ray stop` would stop every Ray on the machine, other test sessions' included).
+    """
     port, dash = free_port(), free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, **auth}
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+    env.pop("RAY_ADDRESS", None)
+    root = tmp_path_factory.mktemp("ray")
+    log = open(root / "ray-start.log", "w")
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=180)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", *auth)}
     os.environ.update({"RAY_ADDRESS": address, **auth})
     try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version", 60)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+        wait_http(f"http://127.0.0.1:{dash}/api/version", 120, proc)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "auth": auth}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
+        stop_group(proc)
+        log.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group of `proc` (started with start_new_session), then SIGKILL what is left."""
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +106,7 @@ def mlflow_server(tmp_path_factory):
         wait_http(f"{uri}/health", 120, proc)
         yield uri
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc)
         log.close()
 
 

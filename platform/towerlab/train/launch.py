@@ -13,7 +13,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from towerlab.config import ConfigError, Recipe, flatten, resolve_batch, to_dict, to_yaml
 from towerlab.data import Manifest, prepare, read_manifest
@@ -88,8 +88,19 @@ def init_ray(recipe: Recipe) -> None:
     ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
+def root_cause(e: BaseException) -> str:
+    """The innermost cause's type and last line: what a user needs to see of a failed run."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+
+
 def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | None = None,
-          on_start: Callable[[Summary], None] | None = None) -> Summary:
+          on_start: Callable[[Summary], None] | None = None, mlflow_name: str | None = None,
+          tags: dict[str, str] | None = None, callbacks: Sequence = ()) -> Summary:
+    """Run `recipe` to completion (or resume it). In a sweep, `parent_run_id` nests the MLflow run, `mlflow_name`
+    and `tags` describe the trial, and `callbacks` (Tune's report callback) go to the Ray Train run."""
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
@@ -106,11 +117,13 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         params = flatten(to_dict(recipe))
         params["batch.accumulation"] = plan.accumulation
         params["batch.micro_batch"] = plan.micro_batch
-        tags = {"towerlab.git_commit": git_commit(), "towerlab.data_fingerprint": manifest.fingerprint,
+        all_tags = {"towerlab.git_commit": git_commit(), "towerlab.data_fingerprint": manifest.fingerprint,
                 "towerlab.data_source": recipe.data.source, "towerlab.run_name": recipe.name,
                 "towerlab.batch_plan": plan.describe()}
-        tags.update({f"towerlab.version.{k}": v for k, v in versions().items()})
-        run = MlflowRun.start(uri, recipe.tracking.experiment, recipe.name, params, tags, parent_run_id)
+        all_tags.update({f"towerlab.version.{k}": v for k, v in versions().items()})
+        all_tags.update(tags or {})
+        run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
+                              parent_run_id)
         run.log_text(to_yaml(recipe), "recipe.yaml")
         run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +153,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             run_config=ray.train.RunConfig(
                 name=recipe.name, storage_path=str(storage),
                 failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+                callbacks=list(callbacks)),
             datasets={"train": train_dataset(recipe, manifest)},
         )
         result = trainer.fit()
@@ -148,6 +162,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as e:
+        run.set_tags({"towerlab.failure": root_cause(e)})
         raise
     finally:
         run.end(status)
