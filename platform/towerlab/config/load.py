@@ -129,11 +129,24 @@ def load_structured(
         except RegistryError as e:
             raise ConfigError(f"{source}: '{v.section}.{v.key}': {e}") from None
     OmegaConf.set_struct(schema, True)
+    _open_free_dicts(schema)
     try:
         merged = OmegaConf.merge(schema, *raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _translate(e, schema, source) from None
+
+
+def _open_free_dicts(node: DictConfig) -> None:
+    """Struct mode (unknown keys are errors) for dataclass nodes only: a `dict[str, Any]` field such as a sweep's
+    search space takes any key."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_dicts(child)
 
 
 def _names(v: Variant) -> list[str]:

@@ -13,8 +13,9 @@ on detached features: loss = DCL(x, y; sg(t)) + InfoNCE(sg(x), sg(y); t) - sg(In
 DCL's; t then settles where InfoNCE would put it instead of running to the clamp. With `temperature_guard: false`
 t gets DCL's own gradient (use with learn_temperature: false, as in the paper: tau = 0.1).
 
-Tileable: with `tiled: true` the negatives' log-sum-exps come from the tiled kernel with the diagonal left out, and
-the guard's InfoNCE from the plain tiled kernel on detached features (3 more GEMMs: its backward needs only dt).
+Tileable: with `tiled: true` the per-row losses come from the tiled kernel with the diagonal left out of the sums
+(the weighted positives read from its diagonal tiles), and the guard's InfoNCE from the plain tiled kernel on
+detached features (4 more GEMMs).
 """
 
 from __future__ import annotations
@@ -61,18 +62,18 @@ class _Decoupled(ContrastiveLoss):
         t = scale.detach() if guard else scale
         w = self.weights(x, y)
         w_loc = None if w is None else w[rows]
-        xa, ya = acc(x), acc(y)
-        pos = acc(t) * (xa[rows] * ya[rows]).sum(dim=1)
         if self.cfg.tiled:
-            from towerlab.losses.tiled import band_lse
+            from towerlab.losses.tiled import band_infonce
 
-            neg_xy, neg_yx = band_lse(x, y, t, rows, self.cfg.tile_size, exclude_diag=True)
+            coef = torch.ones(rows.stop - rows.start, dtype=acc(t).dtype) if w_loc is None else w_loc
+            r_xy, r_yx = band_infonce(x, y, t, rows, self.cfg.tile_size, coef, exclude_diag=True)
         else:
+            pos = acc(t) * (acc(x[rows]) * acc(y[rows])).sum(dim=1)
+            wpos = pos if w_loc is None else w_loc * pos
             diag = diag_mask(rows, x.shape[0], x.device)
-            neg_xy = masked_lse(logits(x[rows], y, t), ~diag)
-            neg_yx = masked_lse(logits(y[rows], x, t), ~diag)
-        wpos = pos if w_loc is None else w_loc * pos
-        l_xy, l_yx = (neg_xy - wpos).mean(), (neg_yx - wpos).mean()
+            r_xy = masked_lse(logits(x[rows], y, t), ~diag) - wpos
+            r_yx = masked_lse(logits(y[rows], x, t), ~diag) - wpos
+        l_xy, l_yx = r_xy.mean(), r_yx.mean()
         n_xy, n_yx = direction_names(self.cfg.modalities)
         out = {"loss": 0.5 * (l_xy + l_yx), n_xy: l_xy, n_yx: l_yx}
         if guard:

@@ -72,7 +72,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def init_ray(recipe: Recipe) -> None:
+def init_ray(min_cpus: int) -> None:
     """Connect to RAY_ADDRESS when set; else start a local Ray with its dashboard (State and Jobs APIs) on
     127.0.0.1. Locally, one logical CPU more than the workers take is declared so Ray Data's preprocessing tasks
     always have a slot (with every CPU held by training workers, the pipeline would wait forever)."""
@@ -84,8 +84,11 @@ def init_ray(recipe: Recipe) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    need = recipe.train.workers * recipe.train.cpus_per_worker + recipe.data.preprocess_concurrency
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def cpus_needed(recipe: Recipe) -> int:
+    return recipe.train.workers * recipe.train.cpus_per_worker + recipe.data.preprocess_concurrency
 
 
 def root_cause(e: BaseException) -> str:
@@ -142,7 +145,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         from towerlab.data.pipeline import train_dataset
         from towerlab.train.loop import train_loop_per_worker
 
-        init_ray(recipe)
+        init_ray(cpus_needed(recipe))
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,

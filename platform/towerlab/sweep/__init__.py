@@ -1,0 +1,1 @@
+"""Sweeps: sweep files -> Ray Tune (one TorchTrainer per function trial), nested MLflow runs, resume."""

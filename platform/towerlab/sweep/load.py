@@ -1,0 +1,62 @@
+"""Loading and validating a sweep file before anything starts: the schema, the recipe it names, every searched key
+(by loading the recipe with a sample value of each), the metric, mode, algorithm and scheduler names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from towerlab.config import ConfigError, load_structured
+from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
+from towerlab.train.recipe import load_recipe
+
+ALGORITHMS = ("grid", "random", "optuna")
+SCHEDULERS = ("none", "asha")
+
+
+def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
+    return (Path(sweep_file).parent / sweep.recipe).resolve()
+
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> SweepConfig:
+    sweep: SweepConfig = load_structured(SweepConfig, path, overrides)
+    src = str(path)
+    if not sweep.recipe:
+        raise ConfigError(f"{src}: 'recipe' is required: the recipe file the trials train, relative to the sweep")
+    if not recipe_path(sweep, path).is_file():
+        raise ConfigError(f"{src}: recipe '{sweep.recipe}' not found (looked at {recipe_path(sweep, path)})")
+    if sweep.mode not in ("max", "min"):
+        raise ConfigError(f"{src}: mode={sweep.mode!r}: use max or min")
+    if sweep.search.algorithm not in ALGORITHMS:
+        raise ConfigError(f"{src}: search.algorithm={sweep.search.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    if sweep.scheduler.name not in SCHEDULERS:
+        raise ConfigError(f"{src}: scheduler.name={sweep.scheduler.name!r}: use one of {', '.join(SCHEDULERS)}")
+    if not sweep.space:
+        raise ConfigError(f"{src}: 'space' is empty: give at least one key, e.g. loss.temperature_init: "
+                          "{choice: [0.03, 0.07]}")
+    if "/" in sweep.name or not sweep.name:
+        raise ConfigError(f"{src}: name={sweep.name!r}: a sweep name is a non-empty string without '/'")
+    for key, spec in sweep.space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{src}: space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, "
+                              f"e.g. {key}: {{choice: [a, b]}}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{src}: space.{key}.{kind}: expected a non-empty list")
+        if kind in ("uniform", "loguniform") and (len(values) != 2 or not values[0] < values[1]):
+            raise ConfigError(f"{src}: space.{key}.{kind}: expected [low, high] with low < high")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"{src}: space.{key}.loguniform: bounds must be > 0")
+        if kind == "grid" and sweep.search.algorithm == "optuna":
+            raise ConfigError(f"{src}: space.{key}: optuna cannot search a grid; use choice")
+    # every searched key must exist in the recipe, with a valid type: load it once per key's sample values
+    base = [*sweep.overrides, f"train.workers={sweep.workers_per_trial}"]
+    for key, spec in sweep.space.items():
+        kind, values = next(iter(spec.items()))
+        for v in values if kind in ("grid", "choice") else values[:1]:
+            try:
+                load_recipe(recipe_path(sweep, path), [*base, f"{key}={v}"])
+            except ConfigError as e:
+                raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
+    return sweep

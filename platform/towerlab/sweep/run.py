@@ -1,0 +1,209 @@
+"""Running a sweep: one Ray Tune function trial per configuration, each running one Ray Train run (TorchTrainer
+inside the trial, reporting through Tune's TuneReportCallback: the Ray Train V2 pattern).
+
+MLflow: the driver opens one parent run per sweep (the sweep file as artifact, the search space as params); every
+trial opens a child run nested under it (via `train`). A Tune callback on the driver closes what a trial could not:
+a trial stopped early by ASHA is killed with its Train run, so its child is marked KILLED; a trial that errored
+before its run ended is marked FAILED. At the end the parent records the best trial and its config.
+
+State lives under <storage_path>/<name>/: Tune's experiment state, towerlab_sweep.json (the parent run id), and
+trials/<trial>/ (each trial's Ray Train checkpoints). `--resume NAME` restores Tune from there: finished trials are
+not rerun, unfinished ones resume from their latest Train checkpoint into their same child run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from towerlab.config import ConfigError, to_dict, to_yaml
+from towerlab.sweep.schema import SweepConfig
+from towerlab.tracking import MlflowRun, check_reachable, resolve_uri
+
+STATE_FILE = "towerlab_sweep.json"
+TRIAL_TAG = "towerlab.trial_id"
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    best_config: dict
+    best_metric: float | None
+    trials: int
+    errors: int
+
+
+def trial_run_name(config: dict, recipe) -> str:
+    """A run name that says what the trial is: loss, temperature, batch."""
+    return (f"{recipe.loss.name} t={recipe.loss.temperature_init:g} b={recipe.data.global_batch}"
+            + "".join(f" {k.split('.')[-1]}={v}" for k, v in sorted(config.items())
+                      if k not in ("loss.name", "loss.temperature_init", "data.global_batch")))
+
+
+def run_trial(config: dict, ctx: dict) -> None:
+    """The Tune function trial: resolve the trial's recipe and train it (a TorchTrainer inside this trial)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from towerlab.train.launch import train
+    from towerlab.train.recipe import load_recipe
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides = [*ctx["overrides"], *(f"{k}={v}" for k, v in config.items()), f"name={ctx['name']}-{trial_id}",
+                 f"train.storage_path={ctx['trials_dir']}"]
+    recipe = load_recipe(ctx["recipe"], overrides)
+    train(recipe, tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"],
+          mlflow_name=trial_run_name(config, recipe),
+          tags={TRIAL_TAG: trial_id, "towerlab.sweep": ctx["name"], "towerlab.role": "trial"},
+          callbacks=[TuneReportCallback()])
+
+
+def _mlflow_callback(uri: str, parent_run_id: str):
+    from mlflow import MlflowClient
+    from ray.tune import Callback
+
+    class CloseChildRuns(Callback):
+        """Marks a trial's child run KILLED (stopped early) or FAILED (errored) when it is left RUNNING."""
+
+        def _close(self, trial, status: str, unless: tuple[str, ...], reason: str | None = None) -> None:
+            client = MlflowClient(uri)
+            runs = client.search_runs(
+                [client.get_run(parent_run_id).info.experiment_id],
+                f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+            for r in runs:
+                if r.info.status not in unless:
+                    if reason:
+                        client.set_tag(r.info.run_id, "towerlab.failure", reason[:500])
+                    elif "towerlab.failure" in r.data.tags:  # stopped, not failed: the workers' death was ours
+                        client.delete_tag(r.info.run_id, "towerlab.failure")
+                    client.set_terminated(r.info.run_id, status=status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # Tune's verdict wins: a trial it completed without error either finished (its run says FINISHED) or
+            # was stopped early, which kills its Train workers; the run may then say RUNNING or, if the trial saw
+            # its workers die first, FAILED. Either way it was stopped: KILLED.
+            self._close(trial, "KILLED", unless=("FINISHED",))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            reason = str(getattr(trial, "error_msg", None) or "trial errored").strip().splitlines()
+            self._close(trial, "FAILED", unless=("FINISHED", "FAILED"), reason=reason[-1] if reason else None)
+
+    return CloseChildRuns()
+
+
+def check_state_api() -> None:
+    """Ray Train frees a stopped trial's workers through the State API (served by the dashboard): without it an
+    ASHA sweep hangs after the first early stop. Refuse to start when it does not answer."""
+    try:
+        from ray.util.state import list_actors
+
+        list_actors(limit=1, raise_on_missing_output=False, timeout=15)
+    except Exception as e:  # ImportError (no ray[default]) or a connection error
+        raise ConfigError(
+            f"Ray's State API does not answer ({type(e).__name__}): a stopped trial's workers could never be freed. "
+            "Install ray[default] on every node (the dashboard serves the State API) and do not start Ray with "
+            "--include-dashboard=false") from None
+
+
+def sweep_dir(sweep: SweepConfig) -> Path:
+    return Path(sweep.storage_path).absolute() / sweep.name
+
+
+def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking_uri: str | None = None,
+              resume: bool = False) -> SweepSummary:
+    from ray import tune
+
+    from towerlab.sweep.load import recipe_path
+    from towerlab.train.launch import init_ray
+    from towerlab.sweep.space import param_space, scheduler, search_algorithm
+
+    uri = resolve_uri(sweep.tracking.uri, tracking_uri)
+    check_reachable(uri)
+    root = sweep_dir(sweep)
+    state_file = root / STATE_FILE
+    if resume:
+        if not state_file.exists():
+            raise ConfigError(f"no sweep '{sweep.name}' to resume under {root.parent}: start it with "
+                              "`towerlab sweep SWEEP.yaml`")
+        state = json.loads(state_file.read_text())
+        parent = MlflowRun(uri, state["parent_run_id"])
+        parent.reopen()
+    else:
+        if state_file.exists():
+            raise ConfigError(f"sweep '{sweep.name}' already exists under {root.parent}: continue it with "
+                              f"`towerlab sweep --resume {sweep.name}`, or set name=... for a new sweep")
+        params = {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}
+        params.update({"metric": sweep.metric, "mode": sweep.mode, "search.algorithm": sweep.search.algorithm,
+                       "search.num_samples": sweep.search.num_samples, "scheduler.name": sweep.scheduler.name,
+                       "recipe": sweep.recipe, "workers_per_trial": sweep.workers_per_trial})
+        parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", params,
+                                 {"towerlab.sweep": sweep.name, "towerlab.role": "sweep"})
+        parent.log_text(to_yaml(sweep), "sweep.yaml")
+        if sweep_file is not None:
+            parent.log_artifact(str(sweep_file))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
+                                   "sweep_file": str(Path(sweep_file).absolute()) if sweep_file else None}))
+        os.replace(tmp, state_file)
+
+    status = "FAILED"
+    try:
+        init_ray((sweep.workers_per_trial + 2) * sweep.max_concurrent_trials)  # + preprocessing + the trial
+        check_state_api()
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics come every eval.every
+        ctx = {"overrides": [*sweep.overrides, f"train.workers={sweep.workers_per_trial}",
+                             f"train.max_failures={sweep.max_failures_per_trial}"],
+               "name": sweep.name, "recipe": str(recipe_path(sweep, state_file_sweep_file(state_file, sweep_file))),
+               "trials_dir": str(root / "trials"), "tracking_uri": uri, "parent_run_id": parent.run_id}
+        # the trial itself only waits on its TorchTrainer: it needs (almost) no CPU of its own
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
+        callbacks = [_mlflow_callback(uri, parent.run_id)]
+        if resume:
+            tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(num_samples=sweep.search.num_samples,
+                                            max_concurrent_trials=sweep.max_concurrent_trials,
+                                            search_alg=search_algorithm(sweep), scheduler=scheduler(sweep),
+                                            metric=sweep.metric, mode=sweep.mode),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks),
+            )
+        results = tuner.fit()
+        errors = sum(1 for r in results if r.error is not None)
+        best_config, best_metric = {}, None
+        try:
+            best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
+            best_config = dict(best.config or {})
+            best_metric = max_or_min([r.metrics_dataframe[sweep.metric].dropna() for r in [best]], sweep.mode)
+        except (RuntimeError, KeyError):
+            pass  # no trial reported the metric
+        if best_metric is not None:
+            parent.log_metrics({f"best/{sweep.metric}": best_metric}, step=0)
+            parent.set_tags({f"best.{k}": str(v) for k, v in best_config.items()})
+            parent.log_text(json.dumps(best_config, indent=1), "best_config.json")
+        status = "FINISHED"
+        return SweepSummary(sweep.name, parent.run_id, uri, best_config, best_metric, len(results), errors)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        parent.end(status)
+
+
+def state_file_sweep_file(state_file: Path, sweep_file) -> Path:
+    """The sweep file a (possibly resumed) sweep was started from: recipe paths are relative to it."""
+    if sweep_file is not None:
+        return Path(sweep_file)
+    return Path(json.loads(state_file.read_text())["sweep_file"])
+
+
+def max_or_min(series_list, mode: str) -> float | None:
+    values = [float(s.max() if mode == "max" else s.min()) for s in series_list if len(s)]
+    return values[0] if values else None

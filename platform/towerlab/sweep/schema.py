@@ -1,0 +1,49 @@
+"""Typed schema of a sweep file: which recipe (with overrides), the search space over dotted recipe keys, the search
+algorithm, the scheduler, the metric, and the budget. Loaded and validated like a recipe, before anything starts.
+
+Search space entries, one key each:
+    loss.name:             {grid: [clip, siglip, dcl]}       every value, in every combination with other grids
+    loss.temperature_init: {choice: [0.03, 0.07]}            sampled
+    optim.lr:              {loguniform: [1.0e-4, 1.0e-2]}    sampled
+    optim.weight_decay:    {uniform: [0.0, 0.3]}             sampled
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from towerlab.config.schema import TrackingConfig
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+
+@dataclass
+class SearchConfig:
+    algorithm: str = "grid"  # grid (grid and choice entries, random samples of the rest) | random | optuna
+    num_samples: int = 1  # repeats of the grid (grid) or number of trials (random, optuna)
+    seed: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"  # none | asha
+    grace_period: int = 10  # asha: steps before a trial can be stopped
+    reduction_factor: float = 3.0  # asha: keep the best 1/reduction_factor at every rung
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"  # sweep name: `towerlab sweep --resume NAME` continues it
+    recipe: str = ""  # recipe file, relative to the sweep file
+    overrides: list[str] = field(default_factory=list)  # applied to the recipe for every trial
+    space: dict[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    metric: str = "eval/zeroshot_top1"
+    mode: str = "max"  # max | min
+    max_concurrent_trials: int = 1
+    workers_per_trial: int = 2
+    storage_path: str = "results"  # <storage_path>/<name>/ holds Tune's state; trials' checkpoints below it
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    max_failures_per_trial: int = 0
