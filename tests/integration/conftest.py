@@ -1,7 +1,8 @@
 """Real servers for integration tests, started once per session on 127.0.0.1:
 
-- `ray_cluster`: `ray start --head` (dashboard with the State and Jobs APIs) with 4 logical CPUs, so 2 training
-  workers and Ray Data's preprocessing fit on a 2-core machine, and token authentication on (a fresh token in
+- `ray_cluster`: `ray start --head` (dashboard with the State and Jobs APIs) with 8 logical CPUs, so two sweep
+  trials (2 training workers, Ray Data's preprocessing and the trial each) fit at once on a 2-core machine (start-up
+  is mostly waiting, not computing), and token authentication on (a fresh token in
   RAY_AUTH_TOKEN, RAY_AUTH_MODE=token for the cluster and every client); stopped at the end of the session.
 - `mlflow_server`: `mlflow server` with a SQLite backend and a local artifact store.
 """
@@ -23,10 +24,16 @@ import requests
 BIN = Path(sys.executable).parent
 
 
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 52366}  # a random port must not fall on a Ray default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -57,7 +64,8 @@ def ray_cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     log = open(root / "ray-start.log", "w")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--num-cpus=8", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"

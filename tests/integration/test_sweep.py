@@ -1,0 +1,121 @@
+"""`towerlab sweep` end to end on a real `ray start` cluster and a real MLflow server: a 12-trial ASHA sweep with
+early stops and deliberately failing (NaN) trials finishes; the parent/child runs and their statuses are right;
+a sweep whose driver is SIGKILLed resumes with `--resume`, without rerunning finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from .conftest import BIN, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
+
+
+def _sweep_file(tmp_path, repo_root, name: str, space: str, extra: str = "") -> str:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(f"""name: {name}
+recipe: {repo_root}/recipes/debug.yaml
+overrides: [train.steps=20, train.log_every=5, eval.every=5, train.checkpoint_every=5, optim.warmup_steps=2]
+space:
+{space}
+metric: eval/zeroshot_top1
+mode: max
+workers_per_trial: 2
+{extra}""")
+    return str(p)
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _parent(client, name):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`towerlab.sweep` = '{name}' and tags.`towerlab.role` = 'sweep'")
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_asha_sweep_with_failures(repo_root, tmp_path, ray_cluster, mlflow_server):
+    space = ("  loss.temperature_init: {grid: [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]}\n"
+             "  optim.lr: {grid: [0.003, 1.0e+30]}\n")  # lr=1e30 diverges: a NaN loss, an isolated failure
+    f = _sweep_file(tmp_path, repo_root, "asha12", space,
+                    "scheduler: {name: asha, grace_period: 5, reduction_factor: 2}\nmax_concurrent_trials: 2\n")
+    out = run_cli(["sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "12 trials, 6 failed" in out.stdout.replace("\n", " ")
+
+    client = MlflowClient(mlflow_server)
+    parent = _parent(client, "asha12")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best.optim.lr"] == "0.003"
+    assert "best/eval/zeroshot_top1" in parent.data.metrics
+    assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kids = _children(client, parent.info.run_id)
+    assert len(kids) == 12
+    by_status: dict[str, list] = {}
+    for k in kids:
+        by_status.setdefault(k.info.status, []).append(k)
+    assert "RUNNING" not in by_status
+    failed = by_status.get("FAILED", [])
+    assert len(failed) == 6 and all(k.data.params["optim.lr"] == "1e+30" for k in failed)
+    assert all("non-finite loss" in k.data.tags.get("towerlab.failure", "") for k in failed)
+    assert len(by_status.get("KILLED", [])) >= 2, {s: len(v) for s, v in by_status.items()}  # ASHA stopped some
+    assert len(by_status.get("FINISHED", [])) >= 1
+    for k in kids:  # the child run says what it is, and carries its resolved recipe
+        assert k.info.run_name.startswith("clip t=") and " b=64" in k.info.run_name
+        assert "recipe.yaml" in {a.path for a in client.list_artifacts(k.info.run_id)}
+    last_steps = [max(m.step for m in client.get_metric_history(k.info.run_id, "train/loss"))
+                  for k in by_status["KILLED"]]
+    assert min(last_steps) < 20, last_steps  # stopped before its budget (ASHA's last rung is at step 20)
+
+    compare = run_cli(["compare", "--sweep", "asha12", "--tracking-uri", mlflow_server], cwd=tmp_path)
+    assert compare.returncode == 0, compare.stderr
+    assert (tmp_path / "results" / "compare-asha12.png").stat().st_size > 1000
+    assert "compare-asha12.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_resume_after_sigkill(repo_root, tmp_path, ray_cluster, mlflow_server):
+    f = _sweep_file(tmp_path, repo_root, "resumable", "  loss.temperature_init: {grid: [0.05, 0.1, 0.2, 0.5]}\n")
+    exe = str(BIN / "towerlab")
+    proc = subprocess.Popen([exe, "sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(mlflow_server)
+    deadline = time.time() + 600
+    finished_before: set[str] = set()
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(3)
+            try:
+                parent = _parent(client, "resumable")
+            except (AssertionError, Exception):
+                continue
+            finished_before = {k.data.tags["towerlab.trial_id"] for k in _children(client, parent.info.run_id)
+                               if k.info.status == "FINISHED"}
+            if finished_before:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies without any chance to clean up
+        proc.wait()
+    assert finished_before, "no trial finished before the kill"
+    parent_id = _parent(client, "resumable").info.run_id
+
+    out = run_cli(["sweep", "--resume", "resumable", "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    parent = _parent(client, "resumable")
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    kids = _children(client, parent_id)
+    trial_ids = [k.data.tags["towerlab.trial_id"] for k in kids]
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # one run per trial: finished trials were not rerun
+    assert all(k.info.status == "FINISHED" for k in kids), [(k.info.run_name, k.info.status) for k in kids]
+    for k in kids:
+        if k.data.tags["towerlab.trial_id"] in finished_before:
+            steps = [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")]
+            assert steps == sorted(set(steps)) == [5, 10, 15, 20]  # logged once: not trained again
