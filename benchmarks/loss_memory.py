@@ -15,7 +15,10 @@ Method.
   (this includes the two [B, d] input gradients, which every implementation produces). tracemalloc cannot see
   torch's allocations, hence RSS.
 - Time is the wall time of forward + backward; with --repeats k, the best of k runs (each in its own process,
-  baseline and tiled interleaved, because the machine may be shared).
+  baseline and tiled interleaved, because the machine may be shared). The CPU time of the same section (user +
+  system, from getrusage) is recorded too: on a shared VM, time stolen by other tenants inflates wall time but not
+  CPU time, so the CPU-time ratio is the steadier comparison; the goals are judged on wall time. The load average
+  during each measurement is recorded.
 - The baseline at 65,536 is not run: its logits, their gradient and the softmax temporaries are several 16 GiB
   B x B fp32 matrices (about 64 GiB), beyond this 24 GiB machine. It is recorded as skipped with that reason.
 - Both implementations see the same inputs (seeded) and the child reports the loss value; the parent checks that
@@ -109,12 +112,20 @@ def child(loss: str, impl: str, n: int, tile: int) -> dict:
     x, y, t, b = _inputs(n, 0)
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
     rss0 = _status("VmRSS")
-    start = time.perf_counter()
+    cpu0, start = _cpu(), time.perf_counter()
     value = fn(x, y, t.exp(), b)
     value.backward()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu() - cpu0
     peak = _status("VmHWM") - rss0
-    return {"time_s": elapsed, "peak_bytes": peak, "loss": value.item(), "grad_t": t.grad.item()}
+    return {"time_s": elapsed, "cpu_s": cpu, "peak_bytes": peak, "loss": value.item(), "grad_t": t.grad.item(),
+            "load_average": os.getloadavg()[0]}
+
+
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +145,8 @@ def best(runs: list[dict]) -> dict:
         return runs[0]
     out = dict(min(ok, key=lambda r: r["time_s"]))
     out["times_s"] = [round(r["time_s"], 3) for r in ok]
+    out["cpu_s"] = min(r["cpu_s"] for r in ok)
+    out["cpus_s"] = [round(r["cpu_s"], 3) for r in ok]
     out["peak_bytes"] = max(r["peak_bytes"] for r in ok)
     return out
 
@@ -146,8 +159,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="4096,16384,65536")
     ap.add_argument("--losses", default="clip,siglip")
-    ap.add_argument("--tile", type=int, default=4096, help="tile_size of the tiled kernels")
-    ap.add_argument("--repeats", type=int, default=2, help="best-of-k time for sizes whose baseline runs")
+    ap.add_argument("--tile", type=int, default=3072, help="tile_size of the tiled kernels")
+    ap.add_argument("--repeats", type=int, default=3, help="best-of-k time for sizes whose baseline runs")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--child", nargs=4, metavar=("LOSS", "IMPL", "N", "TILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -177,6 +190,7 @@ def main() -> None:
                 if "error" not in b and "error" not in t:
                     row["memory_ratio"] = t["peak_bytes"] / b["peak_bytes"]
                     row["time_ratio"] = t["time_s"] / b["time_s"]
+                    row["cpu_time_ratio"] = t["cpu_s"] / b["cpu_s"]
                     row["loss_rel_diff"] = abs(t["loss"] - b["loss"]) / abs(b["loss"])
             results.append(row)
             report(row)
@@ -209,11 +223,12 @@ def report(row: dict) -> None:
             return f"skipped ({r['skipped']})"
         if "error" in r:
             return f"error ({r['error']})"
-        return f"{r['time_s']:.2f} s, {gib(r['peak_bytes'])}"
+        return f"{r['time_s']:.2f} s (cpu {r['cpu_s']:.1f} s), {gib(r['peak_bytes'])}"
 
     line = f"{row['loss']:6s} B={row['batch']:6d}  baseline: {one(row['baseline'])}  tiled: {one(row['tiled'])}"
     if "memory_ratio" in row:
-        line += f"  memory x{row['memory_ratio']:.3f} (1/{1 / row['memory_ratio']:.0f}), time x{row['time_ratio']:.2f}"
+        line += (f"  memory x{row['memory_ratio']:.3f} (1/{1 / row['memory_ratio']:.0f}), time x{row['time_ratio']:.2f}"
+                 f" (cpu x{row['cpu_time_ratio']:.2f})")
     print(line, flush=True)
 
 
@@ -224,7 +239,8 @@ def evaluate_goals(results: list[dict]) -> list[dict]:
             goals.append({"goal": f"{r['loss']} 16384 memory <= 1/20 of baseline",
                           "met": r["memory_ratio"] <= 1 / 20, "value": f"1/{1 / r['memory_ratio']:.1f}"})
             goals.append({"goal": f"{r['loss']} 16384 time <= 0.7x baseline",
-                          "met": r["time_ratio"] <= 0.7, "value": f"{r['time_ratio']:.2f}x"})
+                          "met": r["time_ratio"] <= 0.7,
+                          "value": f"{r['time_ratio']:.2f}x wall, {r['cpu_time_ratio']:.2f}x cpu"})
         if r["batch"] == 65536 and "peak_bytes" in r["tiled"]:
             goals.append({"goal": f"{r['loss']} 65536 tiled < 1 GiB", "met": r["tiled"]["peak_bytes"] < 2**30,
                           "value": gib(r["tiled"]["peak_bytes"])})

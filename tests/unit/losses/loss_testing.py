@@ -174,6 +174,31 @@ def _case_grads(case, rank: int, world: int, n: int = 8, d_in: int = 6, d: int =
     return terms, grads
 
 
+def _feature_cache_grads(rank: int, world: int, k: int, n: int = 16, name: str = "clip"):
+    """Parameter gradients of one rank's feature-cache step: its n/world rows in k micro-batches, the loss over
+    all ranks' rows (gathered with grad inside loss_fn)."""
+    from towerlab.losses.feature_cache import feature_cache_backward
+    from towerlab.losses.gather import all_gather_with_grad, gather_no_grad
+
+    mods, xs, encs, labels = _case_inputs({"name": name, "params": {}, "seed": 3}, n, 6, 6)
+    fn = L.build(name)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / fn.cfg.temperature_init)))
+    b = n // world
+    rows = slice(rank * b, (rank + 1) * b)
+    m = b // k
+    chunks = [{mod: xs[mod][rows][i * m : (i + 1) * m] for mod in mods} for i in range(k)]
+    gather = all_gather_with_grad if world > 1 else (lambda t: t)
+    gather_labels = gather_no_grad if world > 1 else (lambda t: t)
+    feature_cache_backward(
+        encode_fn=lambda c: {mod: F.normalize(encs[mod](c[mod]), dim=-1) for mod in mods},
+        micro_batches=chunks,
+        loss_fn=lambda f: fn({mod: gather(v) for mod, v in f.items()}, logit_scale=log_scale.exp(),
+                             rank=rank, world_size=world, labels=gather_labels(labels[rows])),
+        params=[log_scale],
+    )
+    return [p.grad.clone() for mod in mods for p in encs[mod].parameters()] + [log_scale.grad.clone()]
+
+
 def gloo_worker(rank: int, world: int, port: int, out_path: str, cases: list) -> None:
     import json
     import os
@@ -196,6 +221,18 @@ def gloo_worker(rank: int, world: int, port: int, out_path: str, cases: list) ->
                 "term_diff": max(abs((terms[k] - ref_terms[k]).item()) for k in ref_terms),
                 "grad_diff": max((a - r).abs().max().item() for a, r in zip(grads, ref_grads)),
                 "grad_norm": sum(r.norm().item() for r in ref_grads),
+            }
+        # Feature-cache accumulation across real ranks: 2 ranks x 2 micro-batches == one process, one batch.
+        for name in ("clip", "sdm"):
+            grads = _feature_cache_grads(rank, world, k=2, name=name)
+            for g in grads:
+                dist.all_reduce(g)
+                g /= world
+            ref = _feature_cache_grads(0, 1, k=1, name=name) if rank == 0 else grads
+            results[f"feature_cache_{name}"] = {
+                "loss": [0.0, 0.0], "term_diff": 0.0,
+                "grad_diff": max((a - r).abs().max().item() for a, r in zip(grads, ref)),
+                "grad_norm": sum(r.norm().item() for r in ref),
             }
     finally:
         dist.destroy_process_group()

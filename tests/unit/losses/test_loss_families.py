@@ -75,3 +75,20 @@ def test_bias_is_refused_where_it_cancels():
 def test_tiled_is_refused_where_there_is_no_kernel():
     with pytest.raises(ValueError, match="tiled"):
         L.build("sdm", tiled=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_shape_one_scale_and_bias_as_the_model_holds_them(case):
+    # The model keeps its log scale and bias as [1] tensors (DeepSpeed broadcasts need a dimension).
+    fn, log_scale, bias = build_case(case)
+    feats = make_feats(6, 6, fn.cfg.modalities, seed=15)
+    ls1 = log_scale.detach().reshape(1).requires_grad_()
+    b1 = None if bias is None else bias.detach().reshape(1).requires_grad_()
+    out = fn(feats, logit_scale=ls1.exp(), logit_bias=b1, **case_meta(case, 6))
+    ref = fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, **case_meta(case, 6))
+    for k, v in out.items():
+        assert v.shape == (), (k, v.shape)
+        torch.testing.assert_close(v, ref[k])
+    leaves = [ls1] + ([b1] if b1 is not None else [])
+    for g in torch.autograd.grad(out["loss"], leaves, allow_unused=True):
+        assert g is None or g.shape == (1,)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import towerlab.losses as L
-from towerlab.losses.tiled import _blocks, band_lse
+from towerlab.losses.tiled import _blocks, band_infonce
 
 VARIANTS = [
     ("clip", {}),
@@ -51,19 +51,22 @@ def test_tiled_equals_full(name, params, scale, n, world, tile, dtype, tol):
             torch.testing.assert_close(a, c, atol=tol * max(1.0, c.abs().max().item()), rtol=tol)
 
 
-def test_band_lse_matches_logsumexp_both_paths():
+def test_band_kernel_matches_logsumexp_both_paths():
     g = torch.Generator().manual_seed(3)
     x = F.normalize(torch.randn(11, 5, generator=g, dtype=torch.float64), dim=1)
     y = F.normalize(torch.randn(11, 5, generator=g, dtype=torch.float64), dim=1)
     for t in (5.0, 100.0):  # below and above the single-shift bound
-        z = t * x @ y.T
-        r, c = band_lse(x, y, torch.tensor(t, dtype=torch.float64), slice(3, 8), tile=3)
+        z, ts = t * x @ y.T, torch.tensor(t, dtype=torch.float64)
+        zero = torch.zeros(5, dtype=torch.float64)
+        r, c = band_infonce(x, y, ts, slice(3, 8), 3, zero)
         torch.testing.assert_close(r, torch.logsumexp(z[3:8], dim=1))
         torch.testing.assert_close(c, torch.logsumexp(z[:, 3:8], dim=0))
+        # weighted positives, diagonal left out (DCLW's form)
+        w = torch.linspace(0.5, 1.5, 11, dtype=torch.float64)
         off = z.masked_fill(torch.eye(11, dtype=torch.bool), float("-inf"))
-        r, c = band_lse(x, y, torch.tensor(t, dtype=torch.float64), slice(0, 11), tile=4, exclude_diag=True)
-        torch.testing.assert_close(r, torch.logsumexp(off, dim=1))
-        torch.testing.assert_close(c, torch.logsumexp(off, dim=0))
+        r, c = band_infonce(x, y, ts, slice(0, 11), 4, w, exclude_diag=True)
+        torch.testing.assert_close(r, torch.logsumexp(off, dim=1) - w * z.diagonal())
+        torch.testing.assert_close(c, torch.logsumexp(off, dim=0) - w * z.diagonal())
 
 
 def test_large_scale_does_not_overflow():
