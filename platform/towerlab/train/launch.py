@@ -84,7 +84,9 @@ def init_ray(min_cpus: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": always a new local instance, never a cluster some other process left running
+    ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1")
 
 
 def cpus_needed(recipe: Recipe) -> int:
