@@ -17,14 +17,16 @@ from .conftest import BIN, run_cli
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 
 
-STEPS = 10  # per trial: ASHA's rungs (grace 5, reduction 2) are at steps 5 and 10
+# Steps per trial. ASHA's rungs (grace 5, reduction 2) are at 5, 10, 20, 40: a trial cut at an early rung keeps
+# running while Tune stops it (a debug step takes a fraction of a second), so the budget must leave it room.
+STEPS = 40
 
 
 def _sweep_file(tmp_path, repo_root, name: str, space: str, extra: str = "") -> str:
     p = tmp_path / f"{name}.yaml"
     p.write_text(f"""name: {name}
 recipe: {repo_root}/recipes/debug.yaml
-overrides: [train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkpoint_every=5, optim.warmup_steps=2]
+overrides: [train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkpoint_every=10, optim.warmup_steps=2]
 space:
 {space}
 metric: eval/zeroshot_top1
@@ -124,4 +126,4 @@ def test_resume_after_sigkill(repo_root, tmp_path, ray_cluster, mlflow_server):
     for k in kids:
         if k.data.tags["towerlab.trial_id"] in finished_before:
             steps = [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")]
-            assert steps == [5, 10]  # each step logged once: not trained again
+            assert steps == list(range(5, STEPS + 1, 5))  # each step logged once: not trained again
