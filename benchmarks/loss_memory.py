@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=3072, help="tile_size of the tiled kernels")
     ap.add_argument("--repeats", type=int, default=3, help="best-of-k time for sizes whose baseline runs")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only the rows measured now in an existing --out file (e.g. re-measure 16384 at a "
+                         "quieter moment without re-running 65536)")
     ap.add_argument("--child", nargs=4, metavar=("LOSS", "IMPL", "N", "TILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -195,6 +198,15 @@ def main() -> None:
             results.append(row)
             report(row)
 
+    out = Path(args.out)
+    runs = [{"sizes": sizes, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+             "wall_time_s": round(time.time() - started, 1), "load_average_at_end": os.getloadavg()}]
+    if args.update and out.exists():
+        old = json.loads(out.read_text())
+        fresh = {(r["loss"], r["batch"]) for r in results}
+        results = [r for r in old["results"] if (r["loss"], r["batch"]) not in fresh] + results
+        results.sort(key=lambda r: (r["batch"], r["loss"]))
+        runs = old.get("runs", []) + runs
     goals = evaluate_goals(results)
     for g in goals:
         print(f"goal {g['goal']}: {'MET' if g['met'] else 'NOT MET'} ({g['value']})")
@@ -202,14 +214,12 @@ def main() -> None:
         "benchmark": "loss_memory",
         "method": "fresh subprocess per measurement; peak = VmHWM after clear_refs minus RSS before the loss; "
                   "time = wall time of forward+backward, best of --repeats",
-        "machine": {"cpus": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "threads": THREADS, "python": platform.python_version()},
         "torch": __import__("torch").__version__,
-        "wall_time_s": round(time.time() - started, 1),
+        "runs": runs,
         "results": results,
         "goals": goals,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
