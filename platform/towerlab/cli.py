@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from towerlab.config import ConfigError
@@ -72,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ImportError:  # pragma: no cover
             TrainingFailedError = RayError  # type: ignore[misc,assignment]
         if isinstance(e, (TrainingFailedError, RayError)):
-            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {root_cause(e)}", highlight=False,
+            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {escape(root_cause(e))}", highlight=False,
                       soft_wrap=True)
             return 1
         raise
@@ -119,7 +120,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not state.is_file():
             raise ConfigError(f"no sweep '{args.resume}' to resume: {state} does not exist (see --storage-path)")
         saved = json.loads(state.read_text())
-        sweep_file = saved.get("sweep_file")
+        sweep_file = saved["sweep_file"]
         sweep = load_structured(SweepConfig, None, [], base=saved["sweep"])
         summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True)
     else:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # e may hold ray[default]
         return 2
 
 

@@ -22,15 +22,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 STEPS = 40
 
 
-def _sweep_file(tmp_path, repo_root, name: str, space: str, extra: str = "") -> str:
+OVERRIDES = f"train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkpoint_every=10, optim.warmup_steps=2"
+
+
+def _sweep_file(tmp_path, repo_root, name: str, space: str, extra: str = "", overrides: str = OVERRIDES,
+                metric: str = "metric: eval/zeroshot_top1\nmode: max") -> str:
     p = tmp_path / f"{name}.yaml"
     p.write_text(f"""name: {name}
 recipe: {repo_root}/recipes/debug.yaml
-overrides: [train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkpoint_every=10, optim.warmup_steps=2]
+overrides: [{overrides}]
 space:
 {space}
-metric: eval/zeroshot_top1
-mode: max
+{metric}
 {extra}""")
     return str(p)
 
@@ -127,3 +130,29 @@ def test_resume_after_sigkill(repo_root, tmp_path, ray_cluster, mlflow_server):
         if k.data.tags["towerlab.trial_id"] in finished_before:
             steps = [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")]
             assert steps == list(range(5, STEPS + 1, 5))  # each step logged once: not trained again
+
+
+def test_pbt_hands_the_best_checkpoint_on(repo_root, tmp_path, ray_cluster, mlflow_server):
+    """Population-based training of a fixed temperature: the trial at a useless temperature (5.0: logit scale 0.2) is
+    in the bottom half at a perturbation, takes over the other trial's checkpoint and continues with that trial's
+    temperature perturbed (x0.8 or x1.2), in its same MLflow child run."""
+    # train/loss, not zero-shot accuracy: at scale 0.2 the loss stays near log(batch) while the other's falls
+    f = _sweep_file(tmp_path, repo_root, "pbt2", "  loss.temperature_init: {grid: [0.05, 5.0]}\n",
+                    "scheduler: {name: pbt, perturbation_interval: 10, quantile_fraction: 0.5, "
+                    "resample_probability: 0.0}\nmax_concurrent_trials: 2\nworkers_per_trial: 1\n",
+                    overrides="train.steps=30, train.log_every=5, eval.every=10, train.checkpoint_every=10, "
+                              "optim.warmup_steps=2, loss.learn_temperature=false",
+                    metric="metric: train/loss\nmode: min")
+    out = run_cli(["sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    client = MlflowClient(mlflow_server)
+    parent = _parent(client, "pbt2")
+    kids = _children(client, parent.info.run_id)
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids), \
+        [(k.info.run_name, k.info.status) for k in kids]
+    hot = next(k for k in kids if k.data.params["loss.temperature_init"] == "5.0")
+    scales = {m.step: m.value for m in client.get_metric_history(hot.info.run_id, "train/logit_scale")}
+    assert abs(scales[min(scales)] - 0.2) < 1e-4  # it started at its own temperature
+    # ... and after the hand-over trains at 1/(0.05 x 0.8 or 1.2) = 16.7 or 25, up to the last step
+    assert max(scales) == 30 and min(abs(scales[30] - 1 / (0.05 * p)) for p in (0.8, 1.2)) < 1e-3, scales

@@ -22,3 +22,9 @@ def test_unknown_source_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown data source 'digitz'. Did you mean 'digits'?" in err.replace("\n", " ")
     assert not (tmp_path / "x").exists()
+
+
+def test_error_text_is_not_markup(tmp_path, capsys):
+    # error lines name things like ray[default] or a file called x[1].yaml: rich must print them, not eat them
+    assert main(["train", str(tmp_path / "my[default].yaml")]) == 2
+    assert "my[default].yaml" in capsys.readouterr().err.replace("\n", "")

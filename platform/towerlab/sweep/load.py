@@ -11,7 +11,8 @@ from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
 from towerlab.train.recipe import load_recipe
 
 ALGORITHMS = ("grid", "random", "optuna")
-SCHEDULERS = ("none", "asha")
+SCHEDULERS = ("none", "asha", "pbt")
+PBT_KEY = "loss.temperature_init"  # what population-based training perturbs
 
 
 def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
@@ -59,4 +60,24 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
                 load_recipe(recipe_path(sweep, path), [*base, f"{key}={v}"])
             except ConfigError as e:
                 raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
+    if sweep.scheduler.name == "pbt":
+        check_pbt(sweep, src, load_recipe(recipe_path(sweep, path), base))
     return sweep
+
+
+def check_pbt(sweep: SweepConfig, src: str, recipe) -> None:
+    """PBT restarts a trial from another's checkpoint with a perturbed temperature: the temperature must be a fixed
+    hyperparameter (a learned one is restored from the checkpoint) and checkpoints must come at least as often."""
+    s = sweep.scheduler
+    if PBT_KEY not in sweep.space:
+        raise ConfigError(f"{src}: scheduler pbt perturbs {PBT_KEY}: add it to space, e.g. "
+                          f"{PBT_KEY}: {{loguniform: [0.01, 1.0]}}")
+    if recipe.loss.learn_temperature:
+        raise ConfigError(f"{src}: scheduler pbt perturbs {PBT_KEY}, but the recipe learns the temperature (it would "
+                          "be restored from the checkpoint): add loss.learn_temperature=false to overrides")
+    if s.perturbation_interval < 1 or not 0 < s.quantile_fraction <= 0.5:
+        raise ConfigError(f"{src}: scheduler: perturbation_interval must be >= 1 and quantile_fraction in (0, 0.5]")
+    if recipe.train.checkpoint_every > s.perturbation_interval:
+        raise ConfigError(f"{src}: scheduler pbt: train.checkpoint_every={recipe.train.checkpoint_every} > "
+                          f"perturbation_interval={s.perturbation_interval}: a trial would have no checkpoint to "
+                          f"hand over; add train.checkpoint_every={s.perturbation_interval} to overrides")

@@ -13,8 +13,11 @@ not rerun, unfinished ones resume from their latest Train checkpoint into their 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,18 +51,76 @@ def run_trial(config: dict, ctx: dict) -> None:
     """The Tune function trial: resolve the trial's recipe and train it (a TorchTrainer inside this trial)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Empty, Queue
 
     from towerlab.train.launch import train
     from towerlab.train.recipe import load_recipe
 
     trial_id = tune.get_context().get_trial_id()
-    overrides = [*ctx["overrides"], *(f"{k}={v}" for k, v in config.items()), f"name={ctx['name']}-{trial_id}",
+    name = f"{ctx['name']}-{trial_id}"
+    start = tune.get_checkpoint() if ctx["pbt"] else None
+    if start is not None:
+        # a new Train run per checkpoint handed over: under its old name Ray Train would resume its own latest one
+        name += "-" + hashlib.sha1(start.path.encode()).hexdigest()[:8]
+    overrides = [*ctx["overrides"], *(f"{k}={v}" for k, v in config.items()), f"name={name}",
                  f"train.storage_path={ctx['trials_dir']}"]
     recipe = load_recipe(ctx["recipe"], overrides)
-    train(recipe, tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"],
-          mlflow_name=trial_run_name(config, recipe),
-          tags={TRIAL_TAG: trial_id, "towerlab.sweep": ctx["name"], "towerlab.role": "trial"},
-          callbacks=[TuneReportCallback()])
+    kwargs = dict(tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"],
+                  mlflow_name=trial_run_name(config, recipe),
+                  tags={TRIAL_TAG: trial_id, "towerlab.sweep": ctx["name"], "towerlab.role": "trial"},
+                  close_on_error=False)
+    if not ctx["pbt"]:
+        train(recipe, callbacks=[TuneReportCallback()], **kwargs)
+        return
+    # PBT: Tune must hold the trial's checkpoints to hand them to other trials, so every Train report (with its
+    # checkpoint) is forwarded to tune.report from this thread while the TorchTrainer runs in another
+    if start is not None:
+        kwargs |= {"mlflow_run_id": _trial_run_id(ctx, trial_id), "start_checkpoint": start.path}
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    done, failure = threading.Event(), []
+
+    def fit() -> None:
+        try:
+            train(recipe, callbacks=[_report_with_checkpoint(queue)], **kwargs)
+        except BaseException as e:  # re-raised in the trial's thread below
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=fit, daemon=True, name="towerlab-trial-fit").start()
+    while True:
+        try:
+            metrics, path = queue.get(timeout=1.0)
+        except Empty:
+            if done.is_set():
+                break
+            continue
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+    if failure:
+        raise failure[0]
+
+
+def _report_with_checkpoint(queue):
+    """A Ray Train callback (it runs in the Train controller) that passes rank 0's metrics and the checkpoint's path
+    to the trial through `queue`; Tune's own TuneReportCallback forwards metrics only."""
+    from ray.train import UserCallback
+
+    class ReportWithCheckpoint(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+
+    return ReportWithCheckpoint()
+
+
+def _trial_run_id(ctx: dict, trial_id: str) -> str | None:
+    """The trial's MLflow child run, to continue across PBT hand-overs (None before its first start)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx["tracking_uri"])
+    runs = client.search_runs([client.get_run(ctx["parent_run_id"]).info.experiment_id],
+                              f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = "
+                              f"'{ctx['parent_run_id']}'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _mlflow_callback(uri: str, parent_run_id: str):
@@ -76,7 +137,7 @@ def _mlflow_callback(uri: str, parent_run_id: str):
                 f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
             for r in runs:
                 if r.info.status not in unless:
-                    if reason:
+                    if reason and "towerlab.failure" not in r.data.tags:  # the trial's own root cause is better
                         client.set_tag(r.info.run_id, "towerlab.failure", reason[:500])
                     elif "towerlab.failure" in r.data.tags:  # stopped, not failed: the workers' death was ours
                         client.delete_tag(r.info.run_id, "towerlab.failure")
@@ -84,8 +145,8 @@ def _mlflow_callback(uri: str, parent_run_id: str):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # Tune's verdict wins: a trial it completed without error either finished (its run says FINISHED) or
-            # was stopped early, which kills its Train workers; the run may then say RUNNING or, if the trial saw
-            # its workers die first, FAILED. Either way it was stopped: KILLED.
+            # was stopped early, which kills its Train run; the trial leaves the run RUNNING (close_on_error=False)
+            # so this is the one place that closes it: KILLED.
             self._close(trial, "KILLED", unless=("FINISHED",))
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -95,25 +156,31 @@ def _mlflow_callback(uri: str, parent_run_id: str):
     return CloseChildRuns()
 
 
-def check_state_api() -> None:
+def check_state_api(wait_s: float = 90.0) -> None:
     """Ray Train frees a stopped trial's workers through the State API (served by the dashboard): without it an
-    ASHA sweep hangs after the first early stop. Refuse to start when it does not answer."""
-    try:
-        from ray.util.state import list_actors
+    ASHA sweep hangs after the first early stop. Refuse to start when it does not answer within `wait_s`: a
+    dashboard just started on a busy machine can take a while to come up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            from ray.util.state import list_actors
 
-        list_actors(limit=1, raise_on_missing_output=False, timeout=15)
-    except Exception as e:  # ImportError (no ray[default]) or a connection error
-        raise ConfigError(
-            f"Ray's State API does not answer ({type(e).__name__}): a stopped trial's workers could never be freed. "
-            "Install ray[default] on every node (the dashboard serves the State API) and do not start Ray with "
-            "--include-dashboard=false") from None
+            list_actors(limit=1, raise_on_missing_output=False, timeout=15)
+            return
+        except Exception as e:  # ImportError (no ray[default]) or a connection error (not up yet, or never)
+            if isinstance(e, ImportError) or time.monotonic() > deadline:
+                raise ConfigError(
+                    f"Ray's State API does not answer ({type(e).__name__}): a stopped trial's workers could never be "
+                    "freed. Install ray[default] on every node (the dashboard serves the State API) and do not "
+                    "start Ray with --include-dashboard=false") from None
+            time.sleep(3)
 
 
 def sweep_dir(sweep: SweepConfig) -> Path:
     return Path(sweep.storage_path).absolute() / sweep.name
 
 
-def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking_uri: str | None = None,
+def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: str | None = None,
               resume: bool = False) -> SweepSummary:
     from ray import tune
 
@@ -143,12 +210,11 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking
         parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", params,
                                  {"towerlab.sweep": sweep.name, "towerlab.role": "sweep"})
         parent.log_text(to_yaml(sweep), "sweep.yaml")
-        if sweep_file is not None:
-            parent.log_artifact(str(sweep_file))
+        parent.log_artifact(str(sweep_file))
         root.mkdir(parents=True, exist_ok=True)
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
-                                   "sweep_file": str(Path(sweep_file).absolute()) if sweep_file else None}))
+                                   "sweep_file": str(Path(sweep_file).absolute())}))
         os.replace(tmp, state_file)
 
     status = "FAILED"
@@ -158,8 +224,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics come every eval.every
         ctx = {"overrides": [*sweep.overrides, f"train.workers={sweep.workers_per_trial}",
                              f"train.max_failures={sweep.max_failures_per_trial}"],
-               "name": sweep.name, "recipe": str(recipe_path(sweep, state_file_sweep_file(state_file, sweep_file))),
-               "trials_dir": str(root / "trials"), "tracking_uri": uri, "parent_run_id": parent.run_id}
+               "name": sweep.name, "recipe": str(recipe_path(sweep, sweep_file)),
+               "trials_dir": str(root / "trials"), "tracking_uri": uri, "parent_run_id": parent.run_id,
+               "pbt": sweep.scheduler.name == "pbt"}
         # the trial itself only waits on its TorchTrainer: it needs (almost) no CPU of its own
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
         callbacks = [_mlflow_callback(uri, parent.run_id)]
@@ -173,7 +240,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking
                                             max_concurrent_trials=sweep.max_concurrent_trials,
                                             search_alg=search_algorithm(sweep), scheduler=scheduler(sweep),
                                             metric=sweep.metric, mode=sweep.mode),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks,
+                                          # PBT clones checkpoints of other trials: keep a few (Tune warns at <= 2)
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=3)),
             )
         results = tuner.fit()
         errors = sum(1 for r in results if r.error is not None)
@@ -181,7 +250,8 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking
         try:
             best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
             best_config = dict(best.config or {})
-            best_metric = max_or_min([r.metrics_dataframe[sweep.metric].dropna() for r in [best]], sweep.mode)
+            series = best.metrics_dataframe[sweep.metric].dropna()
+            best_metric = float(series.max() if sweep.mode == "max" else series.min()) if len(series) else None
         except (RuntimeError, KeyError):
             pass  # no trial reported the metric
         if best_metric is not None:
@@ -196,14 +266,3 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike | None, tracking
     finally:
         parent.end(status)
 
-
-def state_file_sweep_file(state_file: Path, sweep_file) -> Path:
-    """The sweep file a (possibly resumed) sweep was started from: recipe paths are relative to it."""
-    if sweep_file is not None:
-        return Path(sweep_file)
-    return Path(json.loads(state_file.read_text())["sweep_file"])
-
-
-def max_or_min(series_list, mode: str) -> float | None:
-    values = [float(s.max() if mode == "max" else s.min()) for s in series_list if len(s)]
-    return values[0] if values else None

@@ -27,9 +27,16 @@ class SearchConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"  # none | asha
+    name: str = "none"  # none | asha | pbt
     grace_period: int = 10  # asha: steps before a trial can be stopped
     reduction_factor: float = 3.0  # asha: keep the best 1/reduction_factor at every rung
+    # pbt (population-based training of the temperature): every perturbation_interval steps a trial in the bottom
+    # quantile_fraction takes over the latest checkpoint of one in the top and continues with a perturbed
+    # loss.temperature_init (x0.8 or x1.2, or resampled from its space entry with resample_probability). Needs a fixed
+    # temperature (loss.learn_temperature=false), and a checkpoint at least every perturbation_interval steps.
+    perturbation_interval: int = 10
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
 
 
 @dataclass

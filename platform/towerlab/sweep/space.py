@@ -5,22 +5,19 @@ from __future__ import annotations
 from towerlab.sweep.schema import SweepConfig
 
 
-def param_space(sweep: SweepConfig) -> dict:
+def domain(kind: str, values: list, grid_ok: bool):
     from ray import tune
 
+    if kind == "grid":
+        return tune.grid_search(list(values)) if grid_ok else tune.choice(list(values))
+    if kind == "choice":
+        return tune.choice(list(values))
+    return tune.uniform(*values) if kind == "uniform" else tune.loguniform(*values)
+
+
+def param_space(sweep: SweepConfig) -> dict:
     grid_ok = sweep.search.algorithm == "grid"
-    space = {}
-    for key, spec in sweep.space.items():
-        kind, values = next(iter(spec.items()))
-        if kind == "grid":
-            space[key] = tune.grid_search(list(values)) if grid_ok else tune.choice(list(values))
-        elif kind == "choice":
-            space[key] = tune.choice(list(values))
-        elif kind == "uniform":
-            space[key] = tune.uniform(*values)
-        else:
-            space[key] = tune.loguniform(*values)
-    return space
+    return {key: domain(*next(iter(spec.items())), grid_ok) for key, spec in sweep.space.items()}
 
 
 def search_algorithm(sweep: SweepConfig):
@@ -33,10 +30,21 @@ def search_algorithm(sweep: SweepConfig):
 
 def scheduler(sweep: SweepConfig):
     """Schedulers count time in training steps (`step`, reported with every metric)."""
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    from towerlab.sweep.load import PBT_KEY
 
     s = sweep.scheduler
+    # metric and mode come from the TuneConfig
     if s.name == "asha":
-        # metric and mode come from the TuneConfig
         return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        kind, values = next(iter(sweep.space[PBT_KEY].items()))
+        # a grid's values are the initial population; perturbations may then move anywhere between its extremes
+        if kind == "grid":
+            kind, values = ("loguniform", [min(values), max(values)]) if min(values) < max(values) else ("choice", values)
+        mutation = domain(kind, values, False)
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=s.perturbation_interval, quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability, hyperparam_mutations={PBT_KEY: mutation})
     return None

@@ -75,18 +75,38 @@ def versions() -> dict[str, str]:
 def init_ray(min_cpus: int) -> None:
     """Connect to RAY_ADDRESS when set; else start a local Ray with its dashboard (State and Jobs APIs) on
     127.0.0.1. Locally, one logical CPU more than the workers take is declared so Ray Data's preprocessing tasks
-    always have a slot (with every CPU held by training workers, the pipeline would wait forever)."""
+    always have a slot (with every CPU held by training workers, the pipeline would wait forever).
+
+    Ray's State API client, which Ray Train's placement-group cleaner uses inside the cluster, finds its server
+    through RAY_ADDRESS or else the latest Ray started on the machine, which need not be ours (a second local run, a
+    test cluster): RAY_API_SERVER_ADDRESS pins it, in this process and in every task and actor of this job."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        api = os.environ.get("RAY_API_SERVER_ADDRESS") or get_address_for_submission_client(address)
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
         return
     # address="local": always a new local instance, never a cluster some other process left running
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = api
     ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1")
+             dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpus_needed(recipe: Recipe) -> int:
@@ -103,9 +123,17 @@ def root_cause(e: BaseException) -> str:
 
 def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | None = None,
           on_start: Callable[[Summary], None] | None = None, mlflow_name: str | None = None,
-          tags: dict[str, str] | None = None, callbacks: Sequence = ()) -> Summary:
+          tags: dict[str, str] | None = None, callbacks: Sequence = (), close_on_error: bool = True,
+          mlflow_run_id: str | None = None, start_checkpoint: str | None = None) -> Summary:
     """Run `recipe` to completion (or resume it). In a sweep, `parent_run_id` nests the MLflow run, `mlflow_name`
-    and `tags` describe the trial, and `callbacks` (Tune's report callback) go to the Ray Train run."""
+    and `tags` describe the trial, and `callbacks` (Tune's report callback) go to the Ray Train run.
+
+    `close_on_error=False` leaves a run that did not finish RUNNING for the caller to close: in a sweep only Tune
+    knows whether a trial failed or was stopped early (which also makes its Train run raise), so the sweep driver
+    is the one writer of that verdict.
+
+    `mlflow_run_id` continues that MLflow run, and `start_checkpoint` (a Ray Train checkpoint directory) is where a
+    run with no checkpoint of its own starts: population-based training hands a trial another trial's checkpoint."""
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
@@ -114,9 +142,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     storage = Path(recipe.train.storage_path).absolute()
     run_dir = storage / recipe.name
     run_file = run_dir / RUN_FILE
-    resumed = run_file.exists()
+    resumed = run_file.exists() or mlflow_run_id is not None
     if resumed:
-        run = MlflowRun(uri, json.loads(run_file.read_text())["mlflow_run_id"])
+        run = MlflowRun(uri, mlflow_run_id or json.loads(run_file.read_text())["mlflow_run_id"])
         run.reopen()
     else:
         params = flatten(to_dict(recipe))
@@ -151,7 +179,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
-                               "data_dir": str(manifest.root)},
+                               "data_dir": str(manifest.root), "start_checkpoint": start_checkpoint},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
@@ -169,9 +197,11 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         status = "KILLED"
         raise
     except Exception as e:
-        run.set_tags({"towerlab.failure": root_cause(e)})
+        if close_on_error or run.status() == "RUNNING":  # not yet closed KILLED by a sweep that stopped it
+            run.set_tags({"towerlab.failure": root_cause(e)})
         raise
     finally:
-        run.end(status)
+        if close_on_error or status == "FINISHED":
+            run.end(status)
         summary.status = status
     return summary

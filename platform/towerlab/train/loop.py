@@ -9,6 +9,7 @@ DeepSpeed is imported here, inside the worker, never on the driver.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -41,15 +42,27 @@ def build_module(recipe: Recipe, rank: int, world_size: int) -> ContrastiveTrain
     return ContrastiveTrainModule(model, loss_fn, rank, world_size)
 
 
-def clamp_logit_scale(engine, stage: int) -> None:
+def _on_logit_scale(engine, stage: int, fn) -> None:
+    """Apply `fn` to the logit scale in place, gathering it first when ZeRO-3 partitions it."""
     model: ContrastiveModel = engine.module.model
     if stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([model.logit_scale], modifier_rank=0):
-            model.clamp_logit_scale()
+            fn(model)
     else:
-        model.clamp_logit_scale()
+        fn(model)
+
+
+def clamp_logit_scale(engine, stage: int) -> None:
+    _on_logit_scale(engine, stage, ContrastiveModel.clamp_logit_scale)
+
+
+def fix_logit_scale(engine, recipe: Recipe) -> None:
+    """A fixed temperature is the recipe's, not the checkpoint's: population-based training restarts a trial from
+    another trial's checkpoint with a perturbed temperature."""
+    value = math.log(1.0 / recipe.loss.temperature_init)
+    _on_logit_scale(engine, recipe.train.zero_stage, lambda m: m.logit_scale.data.fill_(value))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -74,11 +87,15 @@ def train_loop_per_worker(config: dict) -> None:
     )
 
     state = {"step": 0, "epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a worker failure or a resume
+    if checkpoint is None and config.get("start_checkpoint"):  # where PBT says to start (Train V2 has no argument)
+        checkpoint = Checkpoint(config["start_checkpoint"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
         state.update({k: client[k] for k in state})
+        if not recipe.loss.learn_temperature:
+            fix_logit_scale(engine, recipe)
 
     run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
     manifest = read_manifest(config["data_dir"])

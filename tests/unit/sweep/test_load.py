@@ -36,6 +36,12 @@ def test_random_turns_grids_into_choices(tmp_path, repo_root):
     ("space: {optim.lr: {choice: [0.1]}}\nscheduler: {name: hyperband}\n", "scheduler.name='hyperband'"),
     ("space: {}\n", "'space' is empty"),
     ("space: {optim.lr: {choice: [0.1]}}\nmetrc: x\n", "Did you mean 'metric'?"),
+    ("space: {optim.lr: {choice: [0.1]}}\nscheduler: {name: pbt}\n", "add it to space"),
+    ("space: {loss.temperature_init: {grid: [0.05, 0.5]}}\nscheduler: {name: pbt}\n",
+     "add loss.learn_temperature=false"),
+    ("overrides: [loss.learn_temperature=false, train.checkpoint_every=50]\n"
+     "space: {loss.temperature_init: {grid: [0.05, 0.5]}}\nscheduler: {name: pbt, perturbation_interval: 10}\n",
+     "add train.checkpoint_every=10"),
 ])
 def test_bad_sweeps_are_one_line(tmp_path, repo_root, body, expected):
     with pytest.raises(ConfigError) as e:
@@ -48,3 +54,17 @@ def test_missing_recipe(tmp_path):
     p.write_text("recipe: nowhere.yaml\nspace: {optim.lr: {choice: [0.1]}}\n")
     with pytest.raises(ConfigError, match="recipe 'nowhere.yaml' not found"):
         load_sweep(p)
+
+
+def test_pbt_perturbs_the_temperature(tmp_path, repo_root):
+    s = load_sweep(_write(tmp_path, repo_root,
+                          "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
+                          "space: {loss.temperature_init: {grid: [0.02, 0.5]}, optim.lr: {grid: [0.001]}}\n"
+                          "scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.5}\n"))
+    pbt = scheduler(s)
+    assert type(pbt).__name__ == "PopulationBasedTraining"
+    assert pbt._perturbation_interval == 5 and pbt._quantile_fraction == 0.5
+    # only the temperature is perturbed, anywhere between the grid's extremes (the grid is the initial population)
+    (key, dom), = pbt._hyperparam_mutations.items()
+    assert key == "loss.temperature_init" and (dom.lower, dom.upper) == (0.02, 0.5)
+    assert param_space(s)["loss.temperature_init"] == {"grid_search": [0.02, 0.5]}
