@@ -107,6 +107,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     """Run `recipe` to completion (or resume it). In a sweep, `parent_run_id` nests the MLflow run, `mlflow_name`
     and `tags` describe the trial, and `callbacks` (Tune's report callback) go to the Ray Train run."""
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    from towerlab.train.plan import check_fits
+
+    check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
     manifest = ensure_data(recipe)
