@@ -148,7 +148,10 @@ def model_states(recipe: Recipe, params: int, largest: int, stage: int, world: i
 def _deepspeed_estimate(params: int, largest: int, stage: int, world: int, gpus_per_node: int,
                         offload_opt: bool, offload_param: bool) -> float:
     """DeepSpeed's estimator of device bytes per GPU (mixed precision, Adam), stages 2 and 3."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda")
+    import torch
+
+    # the estimators are arithmetic; importing DeepSpeed still picks an accelerator once per process
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     per_node = min(gpus_per_node, world)
     nodes = math.ceil(world / per_node)
     if stage == 2:
