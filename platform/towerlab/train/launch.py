@@ -167,6 +167,11 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         )
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})
+        if recipe.train.export_fp32 and result.checkpoint is not None:
+            from towerlab.train.loop import CKPT_TAG
+            from towerlab.train.zero import export_fp32
+
+            export_fp32(result.checkpoint, CKPT_TAG, run)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

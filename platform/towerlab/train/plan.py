@@ -242,6 +242,8 @@ def validate_scale(r: Recipe) -> None:
         raise ConfigError(f"train.sub_group_size={t.sub_group_size}: must be at least 1")
     if t.device_memory is not None:
         parse_bytes(t.device_memory)
+    if t.export_fp32 and t.zero_stage == 0:
+        raise ConfigError("train.export_fp32 consolidates ZeRO shards (zero_to_fp32): it needs train.zero_stage >= 1")
 
 
 def check_fits(recipe: Recipe) -> MemoryPlan:
