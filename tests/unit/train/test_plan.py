@@ -90,3 +90,27 @@ def test_smoke_preset(repo_root):
     assert r.train.zero_stage == 3 and r.loss.tiled and r.model.grad_checkpointing and r.data.source == "synthetic"
     with pytest.raises(ConfigError, match="has no preset 'smok'. Did you mean 'smoke'"):
         load_recipe(path, ["preset=smok"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.offload_optimizer=disk"], "train.offload_optimizer='disk': use none, cpu or nvme"),
+    (["train.offload_param=cpu"], "train.offload_param=cpu needs train.zero_stage=3"),
+    (["train.zero_stage=0", "train.offload_optimizer=cpu"], "needs train.zero_stage >= 1"),
+    (["train.device_memory=lots"], "train.device_memory='lots' is not a memory size"),
+    (["train.zero_stage=0", "train.export_fp32=true"], "train.export_fp32 consolidates ZeRO shards"),
+])
+def test_scale_settings_are_checked(repo_root, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(repo_root / "recipes" / "debug.yaml", overrides)
+
+
+def test_zero3_offload_config(repo_root):
+    from towerlab.train.engine import deepspeed_config
+
+    r = load_recipe(repo_root / "recipes" / "debug.yaml", ["train.zero_stage=3", "train.offload_optimizer=nvme",
+                                                             "train.nvme_path=/tmp/x", "train.sub_group_size=50000000"])
+    cfg = deepspeed_config(r, plan_memory(r).batch)
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3 and z["sub_group_size"] == 50_000_000 and z["stage3_param_persistence_threshold"] >= 1
+    assert z["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/tmp/x"}
+    assert "aio" in cfg and "offload_param" not in z and "bf16" not in cfg  # fp32 on CPU
