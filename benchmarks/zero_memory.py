@@ -32,7 +32,7 @@ GiB = 1 << 30
 
 STAGE_MODEL = ["model.arch=ViT-B-32", "model.vision.image_size=64", "model.text.context_length=16"]
 BILLION_MODEL = ["model.arch=ViT-g-14", "model.vision.image_size=56", "model.text.context_length=16",
-                 "model.grad_checkpointing=true", "train.zero_stage=3", "train.offload_optimizer=nvme",
+                 "train.zero_stage=3", "train.offload_optimizer=nvme",
                  "train.sub_group_size=50000000"]
 
 
@@ -89,7 +89,11 @@ def bench_worker(config: dict) -> None:
             "params": params}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
-    ray.train.report({"workers": everyone})
+    if rank == 0:  # Ray Train V2 keeps metrics only with checkpoints: the (local) driver reads this file
+        tmp = config["out"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(everyone, f)
+        os.replace(tmp, config["out"])
 
 
 def run(overrides: list[str], steps: int, storage: str) -> dict:
@@ -102,12 +106,15 @@ def run(overrides: list[str], steps: int, storage: str) -> dict:
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml",
                          ["train.workers=2", "data.global_batch=4", "eval.every=1000", *overrides])
     init_ray(recipe.train.workers * recipe.train.cpus_per_worker + 1)
+    out = os.path.join(storage, f"workers-{len(os.listdir(storage))}.json")
     trainer = TorchTrainer(
-        bench_worker, train_loop_config={"recipe": recipe, "steps": steps},
+        bench_worker, train_loop_config={"recipe": recipe, "steps": steps, "out": out},
         scaling_config=ray.train.ScalingConfig(num_workers=recipe.train.workers, use_gpu=False,
                                                resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"zero-{abs(hash(tuple(overrides)))}", storage_path=storage))
-    workers = trainer.fit().metrics["workers"]
+    trainer.fit()
+    with open(out) as f:
+        workers = json.load(f)
     return {
         "params": workers[0]["params"],
         "peak_gib_per_worker": max(w["peak_gib"] for w in workers),
