@@ -92,6 +92,7 @@ class TrainConfig:
     offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
     nvme_path: str = "/tmp/towerlab-nvme"  # local disk for nvme offload (needs Debian's libaio-dev)
     sub_group_size: int = 1_000_000_000  # ZeRO-3 optimizer step granularity; small (5e7) bounds offload buffers
+    reduce_bucket_size: int = 50_000_000  # elements per gradient bucket (DeepSpeed's 5e8 is a 2 GiB fp32 buffer)
     export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
 
 

@@ -238,6 +238,8 @@ def validate_scale(r: Recipe) -> None:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (ZeRO-Infinity)")
     if "nvme" in (t.offload_optimizer, t.offload_param) and not t.nvme_path:
         raise ConfigError("nvme offload needs train.nvme_path: a directory on a local disk")
+    if t.reduce_bucket_size < 1:
+        raise ConfigError(f"train.reduce_bucket_size={t.reduce_bucket_size}: must be at least 1")
     if t.sub_group_size < 1:
         raise ConfigError(f"train.sub_group_size={t.sub_group_size}: must be at least 1")
     if t.device_memory is not None:
