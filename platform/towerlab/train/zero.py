@@ -43,6 +43,8 @@ def zero_section(r: Recipe) -> dict:
     if t.zero_stage >= 1:
         # ZeRO 2/3 allocate a whole bucket up front: DeepSpeed's default 5e8 elements is 2 GiB in fp32 per worker
         zero["reduce_bucket_size"] = t.reduce_bucket_size
+        if t.zero_stage < 3:
+            zero["allgather_bucket_size"] = t.reduce_bucket_size
     if t.zero_stage == 3:
         zero.update({"stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD, "sub_group_size": t.sub_group_size,
                      # towerlab saves with engine.save_checkpoint (shards) and exports with zero_to_fp32
