@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--size", type=int, default=None, help="rows (synthetic only)")
     dp.set_defaults(func=cmd_data_prepare)
 
+    from towerlab.train.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     r = sub.add_parser("recipes", help="list recipes").add_subparsers(dest="recipes_command", required=True)
     r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
     return p

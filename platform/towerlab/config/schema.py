@@ -85,6 +85,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     storage_path: str = "results"  # Ray Train storage: <storage_path>/<name>/ holds checkpoints
+    # Scale (towerlab plan; ZeRO-3 and offload). device_memory: what one worker may use, e.g. "80GiB"; None: the
+    # GPU's memory, or on CPU the host's RAM shared by the workers. The planner refuses a plan that cannot fit it.
+    device_memory: Optional[str] = None
+    offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO-Offload / ZeRO-Infinity; DeepSpeed's CPU Adam)
+    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
+    nvme_path: str = "/tmp/towerlab-nvme"  # local disk for nvme offload (needs Debian's libaio-dev)
+    sub_group_size: int = 1_000_000_000  # ZeRO-3 optimizer step granularity; small (5e7) bounds offload buffers
+    reduce_bucket_size: int = 50_000_000  # elements per gradient bucket (DeepSpeed's 5e8 is a 2 GiB fp32 buffer)
+    export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
 
 
 @dataclass
@@ -112,3 +121,6 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # named sets of overrides inside a recipe file, applied by the override preset=NAME (e.g. a `smoke` preset
+    # that runs a cluster recipe tiny on one machine)
+    presets: dict[str, Any] = field(default_factory=dict)

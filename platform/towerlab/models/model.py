@@ -50,4 +50,5 @@ class ContrastiveModel(nn.Module):
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, embeddings of positions/classes and the logit scale/bias are not decayed (as in OpenCLIP)."""
-    return param.ndim < 2 or "logit_" in name or "embedding" in name and "token_embedding" not in name
+    ndim = len(getattr(param, "ds_shape", param.shape))  # under ZeRO-3 a parameter's local shape is its shard's
+    return ndim < 2 or "logit_" in name or "embedding" in name and "token_embedding" not in name

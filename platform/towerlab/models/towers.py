@@ -14,6 +14,38 @@ from torch.utils.checkpoint import checkpoint
 from towerlab.config.schema import TextConfig, VisionConfig
 
 
+class _ZeroBiasLinear(nn.Linear):
+    """nn.MultiheadAttention's output projection: a Linear whose bias starts at zero. Zeroed inside its own
+    __init__, because under deepspeed.zero.Init the parameters are partitioned as soon as __init__ returns."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameters, names and initialisation (same random
+    stream), but calling its output projection as a module: ZeRO-3 gathers a module's parameters in that module's
+    forward hooks, and nn.MultiheadAttention reads out_proj.weight without ever calling out_proj."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = _ZeroBiasLinear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
 class Block(nn.Module):
     """Pre-LN transformer block (OpenCLIP's ResidualAttentionBlock)."""
 
@@ -21,13 +53,12 @@ class Block(nn.Module):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -9,6 +9,7 @@ engine.backward(..., scale_wrt_gas=False).
 from __future__ import annotations
 
 from towerlab.config import BatchPlan, Recipe
+from towerlab.train.zero import aio_section, zero_section
 
 
 def precision(r: Recipe) -> str:
@@ -21,11 +22,13 @@ def deepspeed_config(r: Recipe, plan: BatchPlan) -> dict:
         "gradient_accumulation_steps": plan.accumulation,
         "train_batch_size": plan.global_batch,
         "gradient_clipping": r.optim.grad_clip,
-        "zero_optimization": {"stage": r.train.zero_stage},
+        "zero_optimization": zero_section(r),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # towerlab logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
     if precision(r) == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if aio_section(r):
+        cfg["aio"] = aio_section(r)
     return cfg

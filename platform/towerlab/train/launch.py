@@ -135,6 +135,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     `mlflow_run_id` continues that MLflow run, and `start_checkpoint` (a Ray Train checkpoint directory) is where a
     run with no checkpoint of its own starts: population-based training hands a trial another trial's checkpoint."""
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    from towerlab.train.plan import check_fits
+
+    check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
     manifest = ensure_data(recipe)
@@ -192,6 +195,11 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         )
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})
+        if recipe.train.export_fp32 and result.checkpoint is not None:
+            from towerlab.train.loop import CKPT_TAG
+            from towerlab.train.zero import export_fp32
+
+            export_fp32(result.checkpoint, CKPT_TAG, run)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -9,7 +9,6 @@ DeepSpeed is imported here, inside the worker, never on the driver.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -28,41 +27,22 @@ from towerlab.tracking import NoopRun, open_run
 from towerlab.train.engine import deepspeed_config
 from towerlab.train.evaluate import Evaluator
 from towerlab.train.module import ContrastiveTrainModule
-from towerlab.train.optim import build_optimizer
+from towerlab.train.zero import (clamp_logit_scale, construction, fix_logit_scale, keep_loss_tensors_whole,
+                                 optimizer_args)
 
 CKPT_TAG = "ds"
 
 
-def build_module(recipe: Recipe, rank: int, world_size: int) -> ContrastiveTrainModule:
+def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None) -> ContrastiveTrainModule:
+    """The model and loss; given the DeepSpeed config under ZeRO-3, built inside deepspeed.zero.Init so every
+    parameter is partitioned as its module is constructed (no worker holds the whole model)."""
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
     lc = recipe.loss
-    model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
-                             learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale)
-    loss_fn = losses.build(**asdict(lc))
-    return ContrastiveTrainModule(model, loss_fn, rank, world_size)
-
-
-def _on_logit_scale(engine, stage: int, fn) -> None:
-    """Apply `fn` to the logit scale in place, gathering it first when ZeRO-3 partitions it."""
-    model: ContrastiveModel = engine.module.model
-    if stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([model.logit_scale], modifier_rank=0):
-            fn(model)
-    else:
-        fn(model)
-
-
-def clamp_logit_scale(engine, stage: int) -> None:
-    _on_logit_scale(engine, stage, ContrastiveModel.clamp_logit_scale)
-
-
-def fix_logit_scale(engine, recipe: Recipe) -> None:
-    """A fixed temperature is the recipe's, not the checkpoint's: population-based training restarts a trial from
-    another trial's checkpoint with a perturbed temperature."""
-    value = math.log(1.0 / recipe.loss.temperature_init)
-    _on_logit_scale(engine, recipe.train.zero_stage, lambda m: m.logit_scale.data.fill_(value))
+    with construction(recipe, ds_config):
+        model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
+                                 learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale)
+        loss_fn = losses.build(**asdict(lc))
+        return ContrastiveTrainModule(model, loss_fn, rank, world_size)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -79,25 +59,28 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(recipe.train.cpus_per_worker)
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     total = recipe.train.steps
-    module = build_module(recipe, rank, world)
-    optimizer, scheduler = build_optimizer(module, recipe.optim, total)
+    ds_config = deepspeed_config(recipe, plan)
+    module = build_module(recipe, rank, world, ds_config)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe, plan),
-        dist_init_required=False,
-    )
+        model=module, config=ds_config, dist_init_required=False,
+        **optimizer_args(recipe, module, total, ds_config))
+    keep_loss_tensors_whole(engine)
 
-    state = {"step": 0, "epoch": 0}
+    # data position: epoch and the micro-batches of it already consumed (a mid-epoch resume skips them)
+    state = {"step": 0, "epoch": 0, "batch": 0}
     checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a worker failure or a resume
     if checkpoint is None and config.get("start_checkpoint"):  # where PBT says to start (Train V2 has no argument)
         checkpoint = Checkpoint(config["start_checkpoint"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
-        state.update({k: client[k] for k in state})
+        state.update({k: client.get(k, 0) for k in state})
         if not recipe.loss.learn_temperature:
-            fix_logit_scale(engine, recipe)
+            fix_logit_scale(engine, recipe.loss.temperature_init)
 
     run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
+    if checkpoint:
+        run.log_metrics({"train/restored_step": state["step"]}, state["step"])
     manifest = read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
     heldout = load_split(manifest, "heldout", eval_pre)
@@ -107,17 +90,21 @@ def train_loop_per_worker(config: dict) -> None:
     evaluate = Evaluator(recipe, heldout, captions, manifest.classes, eval_pre)
 
     shard = ray.train.get_dataset_shard("train")
-    step, epoch = state["step"], state["epoch"]
+    step, epoch, skip = state["step"], state["epoch"], state["batch"]
     window_start, window_samples = time.perf_counter(), 0
     while step < total:
         micro: list[dict] = []
+        consumed = 0  # micro-batches of this epoch taken so far
         for batch in epoch_batches(shard, recipe, plan.micro_batch, epoch):
+            consumed += 1
+            if consumed <= skip:  # trained on before the checkpoint this run resumed from
+                continue
             micro.append(batch)
             if len(micro) < plan.accumulation:
                 continue
             terms = contrastive_step(engine, micro, step)
             micro = []
-            clamp_logit_scale(engine, recipe.train.zero_stage)
+            clamp_logit_scale(engine)
             step += 1
             window_samples += plan.global_batch
             if not all(torch.isfinite(v) for v in terms.values()):
@@ -137,9 +124,9 @@ def train_loop_per_worker(config: dict) -> None:
                 run.log_metrics(metrics, step)
             if step % recipe.train.checkpoint_every == 0 or last:
                 tmp = tempfile.mkdtemp(prefix="towerlab-ckpt-")
-                # epoch+1 when the epoch's batches are done is set on the next pass; a mid-epoch resume
-                # restarts the current epoch
-                engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step, "epoch": epoch})
+                # every rank writes its own ZeRO shard; Ray Train gathers all ranks' files into one checkpoint
+                engine.save_checkpoint(tmp, tag=CKPT_TAG,
+                                       client_state={"step": step, "epoch": epoch, "batch": consumed})
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
                 shutil.rmtree(tmp, ignore_errors=True)
             elif metrics:
@@ -148,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
                 window_start, window_samples = time.perf_counter(), 0
             if step >= total:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -180,5 +167,8 @@ def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Te
         engine.backward(surrogate, scale_wrt_gas=False)  # the surrogate already carries the full gradient
         engine.step()  # counts the micro-step; updates only at the k-th
 
-    return feature_cache_backward(module.model, inputs, lambda f: module.loss(f, labels, step),
+    # encode through the engine's forward: under ZeRO-3 a direct call of the module left the gradients of the
+    # accumulated micro-batches wrong (seen: ZeRO-3 losses diverged from ZeRO-0 from the second step)
+    encode = lambda x: engine(x, features_only=True)  # noqa: E731
+    return feature_cache_backward(encode, inputs, lambda f: module.loss(f, labels, step),
                                   params=module.loss_parameters(), backward_fn=backward)

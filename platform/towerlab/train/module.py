@@ -35,5 +35,9 @@ class ContrastiveTrainModule(nn.Module):
         return [p for p in own if p is not None and p.requires_grad]
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
-                step: int = 0) -> dict[str, torch.Tensor]:
+                step: int = 0, features_only: bool = False) -> dict[str, torch.Tensor]:
+        """The loss terms of a micro-batch; with features_only, its local normalised features (the feature cache
+        encodes through the engine this way: ZeRO-3 coordinates parameters only in the engine's forward)."""
+        if features_only:
+            return self.model(inputs)
         return self.loss(self.model(inputs), labels, step)

@@ -15,6 +15,7 @@ from towerlab import losses
 from towerlab.config import ConfigError, Recipe, Variant, load_structured, resolve_batch
 from towerlab.data import SOURCES
 from towerlab.models import arch_preset, archs
+from towerlab.train.plan import validate_scale
 
 VARIANTS = (
     Variant("loss", "name", registry=losses.LOSSES),
@@ -24,9 +25,31 @@ DEFAULTS = {"loss": {"name": "clip"}, "model": {"arch": "debug"}}
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Recipe:
+    overrides = list(overrides)
+    chosen = [o.partition("=")[2] for o in overrides if o.startswith("preset=")]
+    if chosen:
+        overrides = [*preset_overrides(path, chosen[-1]), *(o for o in overrides if not o.startswith("preset="))]
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=DEFAULTS)
     validate(recipe)
     return recipe
+
+
+def preset_overrides(path: str | os.PathLike | None, name: str) -> list[str]:
+    """The recipe file's `presets.<name>` section as dotted overrides (the user's own overrides come after it)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from towerlab.config import flatten, read_yaml
+
+    presets = OmegaConf.select(read_yaml(path), "presets", default=None) if path is not None else None
+    names = list(presets.keys()) if presets is not None else []
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"preset={name}: {path} has no preset '{name}'.{hint} Presets: {', '.join(names) or 'none'}")
+    values = flatten(OmegaConf.to_container(presets[name]))
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
 
 
 def validate(r: Recipe) -> None:
@@ -56,6 +79,7 @@ def validate(r: Recipe) -> None:
             raise ConfigError(f"train.{key}={getattr(r.train, key)}: must be at least 1")
     if r.eval.every < 1:
         raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
+    validate_scale(r)
     if not r.name or "/" in r.name:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 

@@ -1,0 +1,182 @@
+"""ZeRO memory on this machine: peak memory per Ray Train worker (2 CPU workers, DeepSpeed over gloo, fp32).
+
+(b) stages: the same two-tower model (ViT-B/32-class towers at a small image size, ~150M parameters) trained a few
+    steps under ZeRO stages 0, 2 and 3; per-worker peak RSS, and the part of it the training added (peak minus the
+    worker's RSS before the model was built), as ratios to stage 0 measured in the same run. Goal: stage 3 <= 0.55x.
+(a) billion: a >= 1.0B-parameter two-tower (ViT-g/14 towers at image size 56, context 16: 1.36B parameters) trains
+    2 steps under ZeRO-Infinity (ZeRO-3 built under zero.Init, optimizer state offloaded to local disk through
+    DeepSpeed's AdamW and libaio, sub_group_size 5e7); per-worker peak GiB and seconds per step.
+
+Every run goes through the platform's own pieces: the recipe loader, deepspeed_config/zero_section, build_module
+(zero.Init), optimizer_args, contrastive_step (feature cache when accumulating) and the logit-scale clamp, in a
+TorchTrainer on a local Ray. Inputs are random tensors made in each worker (no Ray Data): the point is the model
+state, not ingest. Nothing is checkpointed.
+
+    .venv/bin/python benchmarks/zero_memory.py [--part b|a|both] [--steps 3]
+
+Writes benchmarks/results/zero_memory.json (each part updates its own key). Part (a) needs about 9 GiB per worker
+and Debian's libaio-dev; run it when nothing else big is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "zero_memory.json"
+GiB = 1 << 30
+
+STAGE_MODEL = ["model.arch=ViT-B-32", "model.vision.image_size=64", "model.text.context_length=16"]
+BILLION_MODEL = ["model.arch=ViT-g-14", "model.vision.image_size=56", "model.text.context_length=16",
+                 "train.zero_stage=3", "train.offload_optimizer=nvme",
+                 "train.sub_group_size=50000000"]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_worker(config: dict) -> None:
+    """One Ray Train worker: build the engine as train/loop.py does, train `steps` steps on random inputs, report
+    (from rank 0) every rank's peak RSS, its RSS before building, and the seconds of each step."""
+    import resource
+    import time
+
+    import ray.train
+    import torch
+
+    recipe = config["recipe"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    from towerlab.config import resolve_batch
+    from towerlab.train.engine import deepspeed_config
+    from towerlab.train.loop import build_module, contrastive_step
+    from towerlab.train.zero import clamp_logit_scale, keep_loss_tensors_whole, optimizer_args
+
+    torch.set_num_threads(recipe.train.cpus_per_worker)
+    base = _rss()
+    plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
+    ds_config = deepspeed_config(recipe, plan)
+    module = build_module(recipe, rank, world, ds_config)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False,
+                                      **optimizer_args(recipe, module, config["steps"], ds_config))
+    keep_loss_tensors_whole(engine)
+    v, t = recipe.model.vision, recipe.model.text
+    g = torch.Generator().manual_seed(rank)
+    n = plan.micro_batch
+    micro = [{"image": torch.randn(n, 3, v.image_size, v.image_size, generator=g),
+              "text": torch.randint(3, t.vocab_size, (n, t.context_length), generator=g),
+              "label": torch.arange(n) + rank * n} for _ in range(plan.accumulation)]
+    times, losses = [], []
+    for step in range(config["steps"]):
+        t0 = time.perf_counter()
+        terms = contrastive_step(engine, micro, step)
+        clamp_logit_scale(engine)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(terms["loss"]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    mine = {"rank": rank, "peak_gib": peak / GiB, "base_gib": base / GiB, "step_s": times, "loss": losses,
+            "params": params}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:  # Ray Train V2 keeps metrics only with checkpoints: the (local) driver reads this file
+        tmp = config["out"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(everyone, f)
+        os.replace(tmp, config["out"])
+
+
+def run(overrides: list[str], steps: int, storage: str) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from towerlab.train.launch import init_ray
+    from towerlab.train.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "debug.yaml",
+                         ["train.workers=2", "data.global_batch=4", "eval.every=1000", *overrides])
+    init_ray(recipe.train.workers * recipe.train.cpus_per_worker + 1)
+    out = os.path.join(storage, f"workers-{len(os.listdir(storage))}.json")
+    trainer = TorchTrainer(
+        bench_worker, train_loop_config={"recipe": recipe, "steps": steps, "out": out},
+        scaling_config=ray.train.ScalingConfig(num_workers=recipe.train.workers, use_gpu=False,
+                                               resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"zero-{abs(hash(tuple(overrides)))}", storage_path=storage))
+    trainer.fit()
+    with open(out) as f:
+        workers = json.load(f)
+    return {
+        "params": workers[0]["params"],
+        "peak_gib_per_worker": max(w["peak_gib"] for w in workers),
+        "added_gib_per_worker": max(w["peak_gib"] - w["base_gib"] for w in workers),
+        "s_per_step": [round(s, 2) for s in workers[0]["step_s"]],
+        "loss": workers[0]["loss"],
+        "workers": workers,
+    }
+
+
+def part_b(steps: int, storage: str) -> dict:
+    out: dict = {"model": " ".join(STAGE_MODEL), "stages": {}}
+    for stage in (0, 2, 3):
+        r = run([*STAGE_MODEL, f"train.zero_stage={stage}"], steps, storage)
+        out["stages"][str(stage)] = {k: r[k] for k in ("params", "peak_gib_per_worker", "added_gib_per_worker",
+                                                       "s_per_step", "loss")}
+        print(f"ZeRO-{stage}: {r['params']:,} parameters, peak {r['peak_gib_per_worker']:.2f} GiB per worker "
+              f"({r['added_gib_per_worker']:.2f} GiB added by training), s/step {r['s_per_step']}", flush=True)
+    s0 = out["stages"]["0"]
+    for stage in ("2", "3"):
+        s = out["stages"][stage]
+        s["ratio_peak_to_stage0"] = round(s["peak_gib_per_worker"] / s0["peak_gib_per_worker"], 3)
+        s["ratio_added_to_stage0"] = round(s["added_gib_per_worker"] / s0["added_gib_per_worker"], 3)
+        print(f"ZeRO-{stage} / ZeRO-0 per worker: peak {s['ratio_peak_to_stage0']}x, added "
+              f"{s['ratio_added_to_stage0']}x", flush=True)
+    out["goal"] = "stage 3 <= 0.55x stage 0 per worker"
+    out["goal_met_peak"] = out["stages"]["3"]["ratio_peak_to_stage0"] <= 0.55
+    out["goal_met_added"] = out["stages"]["3"]["ratio_added_to_stage0"] <= 0.55
+    return out
+
+
+def part_a(steps: int, storage: str, nvme: str) -> dict:
+    r = run([*BILLION_MODEL, f"train.nvme_path={nvme}"], steps, storage)
+    print(f"ZeRO-Infinity: {r['params']:,} parameters, 2 CPU workers: peak {r['peak_gib_per_worker']:.2f} GiB per "
+          f"worker, s/step {r['s_per_step']}", flush=True)
+    return {"model": " ".join(BILLION_MODEL), "params": r["params"], "peak_gib_per_worker": r["peak_gib_per_worker"],
+            "added_gib_per_worker": r["added_gib_per_worker"], "s_per_step": r["s_per_step"], "loss": r["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["a", "b", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=3, help="steps per stage in part (b); part (a) always runs 2")
+    ap.add_argument("--nvme", default="/tmp/towerlab-nvme", help="directory for the offloaded optimizer state")
+    args = ap.parse_args()
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="zero-bench-") as storage:
+        if args.part in ("b", "both"):
+            result["stages"] = part_b(args.steps, storage)
+            _write(result)
+        if args.part in ("a", "both"):
+            result["billion"] = part_a(2, storage, args.nvme)
+            _write(result)
+
+
+def _write(result: dict) -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, OUT)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
