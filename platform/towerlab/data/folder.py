@@ -262,10 +262,11 @@ def cmd_prepare_images(args) -> int:
     t.add_row("records with several captions", f"{r.multi_caption_records} (up to {r.max_captions})")
     console.print(t)
     for line in r.examples:
-        console.print(f"  skipped: {line}", highlight=False)
+        console.print(f"  skipped: {line}", highlight=False, soft_wrap=True)
     for group in r.duplicate_image_examples:
         console.print(f"  same image: {', '.join(group)}", highlight=False)
     counts = ", ".join(f"{k}: {v}" for k, v in m.data["counts"].items())
     console.print(f"wrote {m.shard_format} shards to {m.root} ({counts}; {r.shards_written} shards written, "
-                  f"{r.shards_reused} kept from an earlier run; fingerprint {m.fingerprint[:12]})", highlight=False)
+                  f"{r.shards_reused} kept from an earlier run; fingerprint {m.fingerprint[:12]})", highlight=False,
+                  soft_wrap=True)
     return 0

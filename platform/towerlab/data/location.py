@@ -48,7 +48,7 @@ def resolve(path: str | os.PathLike) -> Location:
         return Location(pafs.LocalFileSystem(), local, local)
     try:
         fs, base = pafs.FileSystem.from_uri(text)
-    except (pafs.ArrowInvalid, ValueError, OSError) as arrow_error:
+    except (ValueError, OSError) as arrow_error:  # pyarrow.ArrowInvalid is a ValueError
         # schemes pyarrow has no native filesystem for (memory://, az://, ...) come through fsspec
         try:
             import fsspec

@@ -130,7 +130,7 @@ def expand_positives(batch: dict) -> dict:
     label = the image's id, so losses that take positives from labels (decoupled_softmax, sdm) treat the k captions
     of an image as its positives. A batch with one caption per image is returned as it is."""
     text = batch["text"]
-    if text.dim() != 3:
+    if text.ndim != 3:
         return batch
     k = text.shape[1]
     return {"image": batch["image"].repeat_interleave(k, dim=0), "text": text.reshape(-1, text.shape[-1]),
