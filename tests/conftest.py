@@ -63,3 +63,8 @@ def write_image_folder(root: Path, n: int = 40, size: int = 12, seed: int = 0) -
 @pytest.fixture
 def image_folder(tmp_path) -> dict:
     return write_image_folder(tmp_path / "src")
+
+
+@pytest.fixture
+def make_image_folder():
+    return write_image_folder
