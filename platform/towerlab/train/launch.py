@@ -62,6 +62,9 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
     if recipe.eval.zeroshot and not manifest.classes.get("prompts"):
         raise ConfigError(f"eval.zeroshot=true but {manifest.uri} has no class labels: set eval.zeroshot=false or "
                           "prepare it with a 'label' column in the captions file")
+    if not manifest.data["counts"].get("heldout"):
+        raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
+                          "above 0 (e.g. 0.1)")
     for s in manifest.data.get("skipped", []):
         print(f"warning: skipping shard {s['file']} ({s['rows']} rows): {s['problem']} (data.bad_shards=skip)")
 

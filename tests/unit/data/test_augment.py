@@ -121,3 +121,26 @@ def test_captions_per_image_only_for_multi_positive_losses(repo_root):
     assert captions_per_image(load_recipe(debug, ["data.captions_per_image=3"])) == 1  # clip picks one
     for loss in ("decoupled_softmax", "sdm"):
         assert captions_per_image(load_recipe(debug, ["data.captions_per_image=3", f"loss.name={loss}"])) == 3
+
+
+def test_recipe_and_manifest_must_agree(repo_root, image_folder, tmp_path):
+    from towerlab.data import read_manifest
+    from towerlab.train.launch import check_prepared
+    from towerlab.train.recipe import load_recipe
+
+    src = image_folder
+    debug = repo_root / "recipes" / "debug.yaml"
+    prepare_images(src["images"], src["csv"], tmp_path / "wds", fmt="webdataset")
+    m = read_manifest(tmp_path / "wds")
+    with pytest.raises(ConfigError, match="data.source=parquet but .* holds webdataset shards"):
+        check_prepared(load_recipe(debug, ["data.source=parquet"]), m)
+    check_prepared(load_recipe(debug, ["data.source=webdataset"]), m)
+    src["jsonl"].write_text("".join(f'{{"image": "{r["image"]}", "caption": "x"}}\n' for r in src["records"]))
+    prepare_images(src["images"], src["jsonl"], tmp_path / "nolabel")
+    with pytest.raises(ConfigError, match="eval.zeroshot=true but .* has no class labels"):
+        check_prepared(load_recipe(debug, ["data.source=parquet"]), read_manifest(tmp_path / "nolabel"))
+    check_prepared(load_recipe(debug, ["data.source=parquet", "eval.zeroshot=false"]),
+                   read_manifest(tmp_path / "nolabel"))
+    prepare_images(src["images"], src["csv"], tmp_path / "noheld", heldout=0)
+    with pytest.raises(ConfigError, match="no held-out records"):
+        check_prepared(load_recipe(debug, ["data.source=parquet"]), read_manifest(tmp_path / "noheld"))
