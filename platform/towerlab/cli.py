@@ -166,6 +166,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from towerlab.data import SOURCES, prepare
 
+    if args.source == "images":
+        from towerlab.data.folder import cmd_prepare_images
+
+        if not args.images or not args.captions:
+            raise ConfigError("`towerlab data prepare images` needs --images DIR and --captions FILE.csv|.jsonl")
+        return cmd_prepare_images(args)
     if args.source not in SOURCES:
         raise ConfigError(SOURCES.unknown_message(args.source))
     m = prepare(args.source, args.out, shards=args.shards, seed=args.seed, size=args.size)
@@ -223,11 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     dp = d.add_parser("prepare", help="write a built-in source as Parquet shards with a manifest")
-    dp.add_argument("source", help="digits | synthetic")
+    dp.add_argument("source", help="digits | synthetic | images (your own folder: --images, --captions)")
     dp.add_argument("--out", required=True, help="output directory")
     dp.add_argument("--shards", type=int, default=4)
     dp.add_argument("--seed", type=int, default=0)
     dp.add_argument("--size", type=int, default=None, help="rows (synthetic only)")
+    dp.add_argument("--images", help="images: the image folder (paths in the captions file are relative to it)")
+    dp.add_argument("--captions", help="images: a .csv (image, caption[, caption_2..., label]) or .jsonl file")
+    dp.add_argument("--format", choices=["parquet", "webdataset"], default="parquet", help="images: shard format")
+    dp.add_argument("--shard-size", type=int, default=1000, help="images: records per shard")
+    dp.add_argument("--strict", action="store_true", help="images: fail on the first bad records instead of "
+                    "skipping and counting them")
+    dp.add_argument("--heldout", type=float, default=0.1, help="images: held-out fraction for evaluation")
+    dp.add_argument("--prompt", default="a photo of a {}.", help="images: zero-shot prompt per label")
     dp.set_defaults(func=cmd_data_prepare)
 
     from towerlab.train.plan import add_parser as add_plan_parser

@@ -16,11 +16,18 @@ class AugmentConfig:
     random_resized_crop: bool = True
     crop_scale_min: float = 0.8  # lower bound of the crop's area fraction
     flip: bool = False  # off by default: a flipped digit or word is a different thing
+    colour_jitter: bool = False
+    colour_jitter_strength: float = 0.4  # brightness, contrast, saturation factors drawn from [1-s, 1+s]
+    caption_choice: bool = True  # a record with several captions: a random one each epoch (off: the first)
+    token_mask: bool = False
+    token_mask_prob: float = 0.15  # each word becomes <unk> with this probability
+    stopword_removal: bool = False
+    stopword_prob: float = 0.5  # each English stop word is dropped with this probability
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | synthetic | parquet
+    source: str = "digits"  # digits | synthetic | parquet | webdataset (the last two: data.path from prepare)
     path: Optional[str] = None  # directory of prepared shards; digits/synthetic are prepared there on demand
     global_batch: int = 256  # samples per optimizer step, over all workers
     micro_batch: Optional[int] = None  # per worker and forward pass; default global_batch / workers
@@ -28,6 +35,8 @@ class DataConfig:
     preprocess_concurrency: int = 1  # Ray Data actors/tasks decoding and augmenting
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic_size: int = 2048  # rows of the synthetic source
+    captions_per_image: int = 1  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
+    bad_shards: str = "error"  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Image encoding, decoding and augmentation (PIL + numpy), shared by shard writing, Ray Data and evaluation.
 
 Decoded images are float32 CHW in [-1, 1]. Augmentation is a random resized crop (area fraction in
-[crop_scale_min, 1], aspect ratio in [3/4, 4/3]) and an optional horizontal flip.
+[crop_scale_min, 1], aspect ratio in [3/4, 4/3]), an optional horizontal flip, and an optional colour jitter
+(brightness, contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], PIL's ImageEnhance).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from towerlab.config.schema import AugmentConfig
 
@@ -32,12 +33,20 @@ def _crop_box(w: int, h: int, scale_min: float, rng: np.random.Generator) -> tup
     return (left, top, left + cw, top + ch)
 
 
+def colour_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(float(rng.uniform(max(0.0, 1 - strength), 1 + strength)))
+    return img
+
+
 def decode(data: bytes, size: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     box = None
     if augment is not None and augment.random_resized_crop:
         box = _crop_box(img.width, img.height, augment.crop_scale_min, rng or np.random.default_rng())
     img = img.resize((size, size), Image.BILINEAR, box=box)
+    if augment is not None and augment.colour_jitter and augment.colour_jitter_strength > 0:
+        img = colour_jitter(img, augment.colour_jitter_strength, rng or np.random.default_rng())
     arr = np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
     if augment is not None and augment.flip and (rng or np.random.default_rng()).random() < 0.5:
         arr = arr[:, ::-1]

@@ -1,48 +1,69 @@
-"""The Ray Data pipeline: read_parquet over a split's shards -> decode + augment + tokenize in map_batches.
+"""The Ray Data pipeline: read_parquet or read_webdataset over a split's shards (a local directory or a URI, one
+code path through the manifest's pyarrow filesystem) -> decode + augment + tokenize in map_batches.
 
 Workers consume it with `get_dataset_shard("train").iter_torch_batches(...)`, reseeding their local shuffle buffer
-every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces. The same `Preprocessor` serves
-evaluation (without augmentation) on the worker, where the held-out split is small enough to read directly.
+every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces; `skip_batches` starts an epoch
+part-way (a resumed run). The same `Preprocessor` serves evaluation (without augmentation) on the worker, where the
+held-out split is small enough to read directly.
+
+With captions_per_image = k > 1, `text` is [B, k, L] (k captions of each image) and `id` identifies the image, so
+the training step can expand the batch into k positives per image (`expand_positives`).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from towerlab.config.schema import AugmentConfig, Recipe
+from towerlab.data.formats import read_rows, wds_row
 from towerlab.data.shards import Manifest
+from towerlab.data.text_augment import TokenAugment, captions_of, choose
 from towerlab.data.tokenizer import Tokenizer
 
 
 class Preprocessor:
-    """Turns a batch of {image: PNG bytes, caption: str, label: int} into model inputs (numpy)."""
+    """Turns a batch of {image: encoded bytes, caption: str, [captions], label: int, [id]} into model inputs
+    (numpy): image [B, 3, S, S], text [B, L] (or [B, k, L] with k captions per image), label, id."""
 
     def __init__(self, vocab: list[str], image_size: int, context_length: int, vocab_size: int,
-                 augment: AugmentConfig | None, seed: int | None = None):
+                 augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1):
         self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
         self.image_size = image_size
         self.augment = augment
+        self.k = captions_per_image
+        self.token_augment = TokenAugment(vocab[:vocab_size], augment)
         self.rng = np.random.default_rng(seed)
+
+    def texts(self, batch: dict) -> list[str]:
+        """k captions per row, flattened row-major."""
+        extra = batch.get("captions")
+        rows = [captions_of(c, None if extra is None else extra[i]) for i, c in enumerate(batch["caption"])]
+        return [t for caps in rows for t in choose(caps, self.k, self.augment, self.rng)]
 
     def __call__(self, batch: dict) -> dict:
         from towerlab.data.images import decode
 
         images = np.stack([decode(b, self.image_size, self.augment, self.rng) for b in batch["image"]])
-        return {
+        text = self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
+        n = len(images)
+        out = {
             "image": images,
-            "text": self.tokenizer.encode_batch(batch["caption"]),
+            "text": text.reshape(n, self.k, -1) if self.k > 1 else text,
             "label": np.asarray(batch["label"], dtype=np.int64),
         }
+        if "id" in batch:
+            out["id"] = np.asarray(batch["id"], dtype=np.int64)
+        return out
 
 
-def preprocessor(recipe: Recipe, manifest: Manifest, train: bool) -> Preprocessor:
+def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_image: int = 1) -> Preprocessor:
     return Preprocessor(manifest.vocab, recipe.model.vision.image_size, recipe.model.text.context_length,
                         recipe.model.text.vocab_size, recipe.data.augment if train else None,
-                        seed=None if train else 0)
+                        seed=None if train else 0, captions_per_image=captions_per_image if train else 1)
 
 
 # Below this many bytes of shards, the raw rows are read once and kept in Ray's object store: every epoch then
@@ -50,29 +71,67 @@ def preprocessor(recipe: Recipe, manifest: Manifest, train: bool) -> Preprocesso
 CACHE_RAW_BYTES = 256 << 20
 
 
-def train_dataset(recipe: Recipe, manifest: Manifest):
-    """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
+def read_split(manifest: Manifest, split: str):
+    """A split's shards as a lazy Ray Dataset of raw rows, whatever the shard format and wherever they live."""
     import ray.data
 
-    pre = preprocessor(recipe, manifest, train=True)
-    files = manifest.files("train")
-    ds = ray.data.read_parquet(files, columns=["image", "caption", "label"])
-    if sum(os.path.getsize(f) for f in files if os.path.exists(f)) < CACHE_RAW_BYTES:
+    files, fs = manifest.files(split), manifest.loc.fs
+    if manifest.shard_format == "webdataset":
+        return ray.data.read_webdataset(files, filesystem=fs, decoder=wds_row)
+    return ray.data.read_parquet(files, filesystem=fs, columns=manifest.columns)
+
+
+def _split_bytes(manifest: Manifest, split: str) -> int:
+    known = manifest.nbytes(split)
+    if known is not None:
+        return known
+    return sum(os.path.getsize(f) for f in manifest.files(split) if os.path.exists(f))
+
+
+def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 1):
+    """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
+    pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
+    ds = read_split(manifest, "train")
+    if _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
         ds = ds.materialize()
     return ds.map_batches(pre, batch_size=256, concurrency=recipe.data.preprocess_concurrency)
 
 
-def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int) -> Iterator[dict]:
-    """One epoch of torch batches from a worker's dataset shard, in an order seeded by (seed, epoch)."""
-    return shard.iter_torch_batches(
+def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
+    """One epoch of torch batches from a worker's dataset shard, in an order seeded by (seed, epoch). With
+    `skip_batches`, the epoch starts after that many batches (a run resumed mid-epoch; the same seed gives the same
+    local order, so the skipped batches are the ones already trained on up to Ray Data's block assignment)."""
+    batches = shard.iter_torch_batches(
         batch_size=micro_batch,
         drop_last=True,
         local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
         local_shuffle_seed=recipe.seed * 100_003 + epoch if recipe.data.shuffle_buffer else None,
     )
+    return itertools.islice(batches, skip_batches, None) if skip_batches else iter(batches)
+
+
+def split_columns(manifest: Manifest, split: str, columns: list[str]) -> dict[str, list]:
+    """Some columns of a whole (small) split, read through the dataset's filesystem in either format."""
+    out: dict[str, list] = {c: [] for c in columns}
+    for f in manifest.files(split):
+        part = read_rows(manifest.loc.fs, f, manifest.shard_format, columns)
+        for c in columns:
+            out[c].extend(part.get(c, [None] * len(part[columns[0]])))
+    return out
 
 
 def load_split(manifest: Manifest, split: str, pre: Preprocessor) -> dict[str, np.ndarray]:
     """A whole (small) split, preprocessed without augmentation: evaluation data."""
-    table = pq.ParquetDataset(manifest.files(split)).read(columns=["image", "caption", "label"])
-    return pre(table.to_pydict())
+    return pre(split_columns(manifest, split, [c for c in manifest.columns if c != "id"]))
+
+
+def expand_positives(batch: dict) -> dict:
+    """A batch with k captions per image ([B, k, L] text) as B*k image-caption pairs: each image repeated k times,
+    label = the image's id, so losses that take positives from labels (decoupled_softmax, sdm) treat the k captions
+    of an image as its positives. A batch with one caption per image is returned as it is."""
+    text = batch["text"]
+    if text.ndim != 3:
+        return batch
+    k = text.shape[1]
+    return {"image": batch["image"].repeat_interleave(k, dim=0), "text": text.reshape(-1, text.shape[-1]),
+            "label": batch["id"].repeat_interleave(k)}

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from towerlab.config.errors import ConfigError
+from towerlab.data.location import Location, resolve
 from towerlab.data.tokenizer import build_vocab
 
 MANIFEST = "manifest.json"
@@ -34,8 +35,26 @@ SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("caption", pa.s
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: Path  # the local directory (for a URI: the path inside its filesystem)
     data: dict[str, Any]
+    location: Location | None = None  # how to reach the files; None: the local directory `root`
+
+    @property
+    def loc(self) -> Location:
+        return self.location or resolve(self.root)
+
+    @property
+    def uri(self) -> str:
+        """What to hand to another process to find this dataset again (a local path or the URI)."""
+        return self.loc.display
+
+    @property
+    def shard_format(self) -> str:
+        return self.data.get("shard_format", "parquet")
+
+    @property
+    def columns(self) -> list[str]:
+        return self.data.get("columns", ["image", "caption", "label"])
 
     @property
     def fingerprint(self) -> str:
@@ -55,7 +74,12 @@ class Manifest:
     def files(self, split: str) -> list[str]:
         if split not in self.data["splits"]:
             raise ConfigError(f"{self.root}: no '{split}' split (has {', '.join(self.data['splits'])})")
-        return [str(self.root / s["file"]) for s in self.data["splits"][split]]
+        return [self.loc.path(s["file"]) for s in self.data["splits"][split]]
+
+    def nbytes(self, split: str) -> int | None:
+        """Total bytes of a split's shards when the manifest records them (prepare images does)."""
+        sizes = [s.get("bytes") for s in self.data["splits"].get(split, [])]
+        return None if None in sizes else sum(sizes)
 
 
 def sha256_file(path: Path) -> str:
@@ -112,27 +136,57 @@ def write_dataset(out: str | os.PathLike, source: str, splits: dict[str, list[di
     return Manifest(out, manifest)
 
 
-def read_manifest(path: str | os.PathLike, verify: bool = False) -> Manifest:
-    root = Path(path).absolute()
-    mpath = root / MANIFEST
-    if not mpath.is_file():
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(path: str | os.PathLike, verify: bool = False, bad_shards: str = "error") -> Manifest:
+    """The manifest of a prepared dataset (a local directory or a URI). With `verify`, every shard's sha256 is
+    checked: a missing or mismatching shard is a ConfigError naming it, or with bad_shards="skip" it is left out
+    (the manifest's counts shrink and data["skipped"] lists what was skipped and why)."""
+    loc = resolve(path)
+    mname = loc.name(MANIFEST)
+    if not loc.exists(MANIFEST):
         raise ConfigError(
-            f"no prepared dataset at '{root}' (missing {MANIFEST}): run `towerlab data prepare SOURCE --out {path}`"
+            f"no prepared dataset at '{loc.display}' (missing {MANIFEST}): run `towerlab data prepare SOURCE --out "
+            f"{path}` (or `towerlab data prepare images ...`)"
         )
     try:
-        data = json.loads(mpath.read_text())
+        data = json.loads(loc.read_bytes(MANIFEST))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{mpath} is corrupt ({e.msg} at line {e.lineno}): prepare the dataset again") from None
+        raise ConfigError(f"{mname} is corrupt ({e.msg} at line {e.lineno}): prepare the dataset again") from None
     if data.get("format") != FORMAT:
-        raise ConfigError(f"{mpath}: unknown format {data.get('format')!r} (expected {FORMAT}): prepare it again")
-    m = Manifest(root, data)
+        raise ConfigError(f"{mname}: unknown format {data.get('format')!r} (expected {FORMAT}): prepare it again")
+    if bad_shards not in ("error", "skip"):
+        raise ConfigError(f"data.bad_shards={bad_shards!r}: use error or skip")
+    root = Path(loc.base)
     if verify:
+        skipped = []
         for split, entries in data["splits"].items():
+            kept = []
             for e in entries:
-                f = root / e["file"]
-                if not f.is_file():
-                    raise ConfigError(f"shard {f} is missing: restore it or prepare the dataset again")
-                if sha256_file(f) != e["sha256"]:
-                    raise ConfigError(f"shard {f} does not match its checksum in {MANIFEST}: it is corrupt or was "
-                                      "changed; prepare the dataset again")
-    return m
+                problem = _shard_problem(loc, e)
+                if problem is None:
+                    kept.append(e)
+                elif bad_shards == "skip":
+                    skipped.append({"file": e["file"], "rows": e["rows"], "problem": problem})
+                    data["counts"][split] -= e["rows"]
+                else:
+                    raise ConfigError(f"shard {loc.name(e['file'])} {problem}; restore it, prepare the dataset "
+                                      "again, or set data.bad_shards=skip to train without it")
+            data["splits"][split] = kept
+        if skipped:
+            data["skipped"] = skipped
+    return Manifest(root, data, loc)
+
+
+def _shard_problem(loc: Location, entry: dict) -> str | None:
+    if not loc.exists(entry["file"]):
+        return "is missing"
+    h = hashlib.sha256()
+    with loc.fs.open_input_stream(loc.path(entry["file"])) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != entry["sha256"]:
+        return f"does not match its checksum in {MANIFEST} (corrupt or changed)"
+    return None

@@ -25,7 +25,7 @@ class Evaluator:
         _, group = np.unique(np.asarray(captions), return_inverse=True)
         self.groups = torch.from_numpy(group)
         prompts = classes["prompts"]
-        self.prompts_per_class = len(prompts[0])
+        self.prompts_per_class = len(prompts[0]) if prompts else 0
         self.prompt_tokens = torch.from_numpy(pre.tokenizer.encode_batch([p for ps in prompts for p in ps]))
 
     def _encode(self, model: ContrastiveModel, modality: str, x: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,11 @@ class Summary:
 def ensure_data(recipe: Recipe) -> Manifest:
     """The run's prepared shards; built-in sources are prepared on first use."""
     path = data_dir(recipe)
-    if recipe.data.source != "parquet" and not (path / "manifest.json").exists():
+    if recipe.data.source not in PREPARED and not (Path(path) / "manifest.json").exists():
         prepare(recipe.data.source, path, seed=0,
                 size=recipe.data.synthetic_size if recipe.data.source == "synthetic" else None)
-    manifest = read_manifest(path, verify=True)
+    manifest = read_manifest(path, verify=True, bad_shards=recipe.data.bad_shards)
+    check_prepared(recipe, manifest)
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     per_worker = manifest.count("train") // plan.world_size
     if per_worker < plan.per_worker:
@@ -47,6 +48,31 @@ def ensure_data(recipe: Recipe) -> Manifest:
                           f"worker per step but {path} gives each of {plan.world_size} workers only {per_worker}: "
                           "lower data.global_batch")
     return manifest
+
+
+PREPARED = ("parquet", "webdataset")  # data.source values that read data.path as prepared by `towerlab data prepare`
+MULTI_POSITIVE_LOSSES = ("decoupled_softmax", "sdm")  # losses that take several positives per image
+
+
+def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
+    """What the recipe expects of a prepared dataset agrees with its manifest."""
+    if recipe.data.source in PREPARED and manifest.shard_format != recipe.data.source:
+        raise ConfigError(f"data.source={recipe.data.source} but {manifest.uri} holds {manifest.shard_format} shards: "
+                          f"set data.source={manifest.shard_format}")
+    if recipe.eval.zeroshot and not manifest.classes.get("prompts"):
+        raise ConfigError(f"eval.zeroshot=true but {manifest.uri} has no class labels: set eval.zeroshot=false or "
+                          "prepare it with a 'label' column in the captions file")
+    if not manifest.data["counts"].get("heldout"):
+        raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
+                          "above 0 (e.g. 0.1)")
+    for s in manifest.data.get("skipped", []):
+        print(f"warning: skipping shard {s['file']} ({s['rows']} rows): {s['problem']} (data.bad_shards=skip)")
+
+
+def captions_per_image(recipe: Recipe) -> int:
+    """Captions per image in a training batch: data.captions_per_image for losses that take several positives,
+    else one (chosen at random among the record's captions when data.augment.caption_choice is on)."""
+    return recipe.data.captions_per_image if recipe.loss.name in MULTI_POSITIVE_LOSSES else 1
 
 
 def git_commit() -> str:
@@ -156,6 +182,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         all_tags = {"towerlab.git_commit": git_commit(), "towerlab.data_fingerprint": manifest.fingerprint,
                 "towerlab.data_source": recipe.data.source, "towerlab.run_name": recipe.name,
                 "towerlab.batch_plan": plan.describe()}
+        if manifest.data.get("skipped"):
+            all_tags["towerlab.data_skipped_shards"] = ",".join(x["file"] for x in manifest.data["skipped"])
         all_tags.update({f"towerlab.version.{k}": v for k, v in versions().items()})
         all_tags.update(tags or {})
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
@@ -182,7 +210,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
-                               "data_dir": str(manifest.root), "start_checkpoint": start_checkpoint},
+                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
@@ -191,7 +219,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                 failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                 callbacks=list(callbacks)),
-            datasets={"train": train_dataset(recipe, manifest)},
+            datasets={"train": train_dataset(recipe, manifest, captions_per_image(recipe))},
         )
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})

@@ -21,7 +21,7 @@ from towerlab import losses
 from towerlab.config import Recipe, resolve_batch
 from towerlab.data import read_manifest
 from towerlab.losses.feature_cache import feature_cache_backward
-from towerlab.data.pipeline import epoch_batches, load_split, preprocessor
+from towerlab.data.pipeline import epoch_batches, expand_positives, load_split, preprocessor, split_columns
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
 from towerlab.train.engine import deepspeed_config
@@ -84,9 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     manifest = read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
     heldout = load_split(manifest, "heldout", eval_pre)
-    import pyarrow.parquet as pq
-
-    captions = pq.ParquetDataset(manifest.files("heldout")).read(columns=["caption"])["caption"].to_pylist()
+    captions = split_columns(manifest, "heldout", ["caption"])["caption"]
     evaluate = Evaluator(recipe, heldout, captions, manifest.classes, eval_pre)
 
     shard = ray.train.get_dataset_shard("train")
@@ -154,6 +152,7 @@ def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Te
     """One optimizer step over this worker's micro-batches. With one micro-batch: forward, backward, step. With k,
     the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
     DeepSpeed steps at its accumulation boundary after the k-th backward."""
+    micro = [expand_positives(b) for b in micro]  # k captions per image -> k positive pairs per image
     inputs = [{"image": b["image"], "text": b["text"]} for b in micro]
     if len(micro) == 1:
         out = engine(inputs[0], labels=micro[0]["label"], step=step)

@@ -14,6 +14,8 @@ from typing import Sequence
 from towerlab import losses
 from towerlab.config import ConfigError, Recipe, Variant, load_structured, resolve_batch
 from towerlab.data import SOURCES
+from towerlab.data.checks import validate_data
+from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.train.plan import validate_scale
 
@@ -55,10 +57,11 @@ def preset_overrides(path: str | os.PathLike | None, name: str) -> list[str]:
 def validate(r: Recipe) -> None:
     """Checks across sections; each failure names the keys and what to change."""
     resolve_batch(r.data.global_batch, r.train.workers, r.data.micro_batch)
-    if r.data.source != "parquet" and r.data.source not in SOURCES:
-        raise ConfigError(f"data.source: {SOURCES.unknown_message(r.data.source)}, parquet")
-    if r.data.source == "parquet" and not r.data.path:
-        raise ConfigError("data.source=parquet needs data.path: a directory from `towerlab data prepare`")
+    if r.data.source not in ("parquet", "webdataset") and r.data.source not in SOURCES:
+        raise ConfigError(f"data.source: {SOURCES.unknown_message(r.data.source)}, parquet, webdataset")
+    if r.data.source in ("parquet", "webdataset") and not r.data.path:
+        raise ConfigError(f"data.source={r.data.source} needs data.path: a directory from `towerlab data prepare`")
+    validate_data(r.data)
     v = r.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size="
@@ -84,6 +87,8 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 
 
-def data_dir(r: Recipe) -> Path:
-    """Where the run's shards live: data.path, or data/<source> for a built-in source."""
+def data_dir(r: Recipe) -> Path | str:
+    """Where the run's shards live: data.path (a directory or a URI), or data/<source> for a built-in source."""
+    if r.data.path and is_uri(r.data.path):
+        return r.data.path
     return Path(r.data.path or Path("data") / r.data.source).absolute()
