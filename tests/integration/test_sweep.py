@@ -29,7 +29,7 @@ recipe: {repo_root}/recipes/debug.yaml
 overrides: [train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkpoint_every=10, optim.warmup_steps=2]
 space:
 {space}
-metric: eval/zeroshot_top1
+metric: eval/zeroshot/top1
 mode: max
 {extra}""")
     return str(p)
@@ -63,7 +63,7 @@ def test_asha_sweep_with_failures(repo_root, tmp_path, ray_cluster, mlflow_serve
     parent = _parent(client, "asha12")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best.optim.lr"] == "0.003"
-    assert "best/eval/zeroshot_top1" in parent.data.metrics
+    assert "best/eval/zeroshot/top1" in parent.data.metrics
     assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     kids = _children(client, parent.info.run_id)
     assert len(kids) == 12

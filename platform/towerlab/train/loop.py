@@ -18,18 +18,19 @@ from dataclasses import asdict
 import torch
 
 from towerlab import losses
-from towerlab.config import Recipe, resolve_batch
+from towerlab.config import Recipe, resolve_batch, to_yaml
 from towerlab.data import read_manifest
 from towerlab.losses.feature_cache import feature_cache_backward
-from towerlab.data.pipeline import epoch_batches, load_split, preprocessor
+from towerlab.data.pipeline import epoch_batches, preprocessor
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
 from towerlab.train.engine import deepspeed_config
-from towerlab.train.evaluate import Evaluator
+from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import ContrastiveTrainModule
 from towerlab.train.optim import build_optimizer
 
 CKPT_TAG = "ds"
+RECIPE_FILE = "recipe.yaml"
 
 
 def build_module(recipe: Recipe, rank: int, world_size: int) -> ContrastiveTrainModule:
@@ -83,11 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
     manifest = read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
-    heldout = load_split(manifest, "heldout", eval_pre)
-    import pyarrow.parquet as pq
-
-    captions = pq.ParquetDataset(manifest.files("heldout")).read(columns=["caption"])["caption"].to_pylist()
-    evaluate = Evaluator(recipe, heldout, captions, manifest.classes, eval_pre)
+    evaluate = Evaluators(recipe, manifest, eval_pre)
 
     shard = ray.train.get_dataset_shard("train")
     step, epoch = state["step"], state["epoch"]
@@ -114,8 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 metrics["train/epoch"] = epoch
-            if step % recipe.eval.every == 0 or last:
-                metrics.update({f"eval/{k}": v for k, v in evaluate(engine.module.model).items()})
+            metrics.update(evaluate(engine.module.model, step, last))
             if metrics:
                 run.log_metrics(metrics, step)
             if step % recipe.train.checkpoint_every == 0 or last:
@@ -123,6 +119,9 @@ def train_loop_per_worker(config: dict) -> None:
                 # epoch+1 when the epoch's batches are done is set on the next pass; a mid-epoch resume
                 # restarts the current epoch
                 engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step, "epoch": epoch})
+                if rank == 0:  # the checkpoint carries its recipe: `towerlab eval CHECKPOINT` needs nothing else
+                    with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
+                        f.write(to_yaml(recipe))
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
                 shutil.rmtree(tmp, ignore_errors=True)
             elif metrics:
@@ -132,6 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= total:
                 break
         epoch += 1
+    if rank == 0:
+        evaluate.log_plots(run, title=recipe.name)
 
 
 def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:

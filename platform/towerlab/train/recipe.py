@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 from towerlab import losses
-from towerlab.config import ConfigError, Recipe, Variant, load_structured, resolve_batch
+from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml, resolve_batch
 from towerlab.data import SOURCES
 from towerlab.models import arch_preset, archs
+from towerlab.train.evaluate import validate_evals
 
 VARIANTS = (
     Variant("loss", "name", registry=losses.LOSSES),
@@ -24,7 +25,11 @@ DEFAULTS = {"loss": {"name": "clip"}, "model": {"arch": "debug"}}
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Recipe:
-    recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=DEFAULTS)
+    base = dict(DEFAULTS)
+    if path is None or "evals" not in read_yaml(path):
+        # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
+        base["evals"] = DEFAULT_EVALS
+    recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
     validate(recipe)
     return recipe
 
@@ -56,6 +61,7 @@ def validate(r: Recipe) -> None:
             raise ConfigError(f"train.{key}={getattr(r.train, key)}: must be at least 1")
     if r.eval.every < 1:
         raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
+    validate_evals(r)
     if not r.name or "/" in r.name:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 
