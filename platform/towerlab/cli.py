@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list recipes").add_subparsers(dest="recipes_command", required=True)
     r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
+
+    from towerlab import cli_runs
+
+    cli_runs.register(sub)
     return p
 
 
