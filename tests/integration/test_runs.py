@@ -35,7 +35,7 @@ def sweep_runs(repo_root, tmp_path_factory, ray_cluster):
     (root / "sweep.yaml").write_text(f"""name: {SWEEP}
 recipe: {repo_root}/recipes/debug.yaml
 overrides: [train.steps=10, train.log_every=5, eval.every=5, train.checkpoint_every=10, optim.warmup_steps=2,
-            data.augment.random_resized_crop=false]
+            data.augment.random_resized_crop=false, data.deterministic=true]
 space:
   loss.name: {{grid: [clip, siglip]}}
 scheduler: {{name: none}}

@@ -28,6 +28,9 @@ class DataConfig:
     preprocess_concurrency: int = 1  # Ray Data actors/tasks decoding and augmenting
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic_size: int = 2048  # rows of the synthetic source
+    # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
+    # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
+    deterministic: bool = False
 
 
 @dataclass

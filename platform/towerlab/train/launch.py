@@ -93,6 +93,19 @@ def cpus_needed(recipe: Recipe) -> int:
     return recipe.train.workers * recipe.train.cpus_per_worker + recipe.data.preprocess_concurrency
 
 
+def ingest_config(recipe: Recipe):
+    """Ray Train's DataConfig: Ray Data's defaults, with block order kept when the recipe asks for determinism.
+    Call it before building the dataset: it also sets this process's DataContext, under which the driver reads
+    (and, for small data, materializes) the shards in file order."""
+    import ray.train
+    from ray.data import DataContext
+
+    if not recipe.data.deterministic:
+        return ray.train.DataConfig()
+    DataContext.get_current().execution_options.preserve_order = True
+    return ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options())
+
+
 def root_cause(e: BaseException) -> str:
     """The innermost cause's type and last line: what a user needs to see of a failed run."""
     while e.__cause__ is not None:
@@ -148,6 +161,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         from towerlab.train.loop import train_loop_per_worker
 
         init_ray(cpus_needed(recipe))
+        data_config = ingest_config(recipe)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
@@ -161,6 +175,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                 callbacks=list(callbacks)),
             datasets={"train": train_dataset(recipe, manifest)},
+            dataset_config=data_config,
         )
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})
