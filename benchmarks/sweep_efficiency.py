@@ -38,7 +38,7 @@ recipe: {ROOT}/recipes/debug.yaml
 overrides: [train.steps={steps}, train.log_every=5, eval.every=5, train.checkpoint_every={steps}]
 {SPACE}
 scheduler: {scheduler}
-metric: eval/zeroshot_top1
+metric: eval/zeroshot/top1
 mode: max
 """)
     return p

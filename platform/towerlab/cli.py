@@ -39,8 +39,8 @@ def _progress_poller(summary, total: int, stop: threading.Event) -> None:
             if "train/loss" in m:
                 step = max((x.step for x in client.get_metric_history(summary.run_id, "train/loss")), default=0)
                 info = f"loss {m['train/loss']:.3f}  scale {m.get('train/logit_scale', 0):.1f}"
-                if "eval/zeroshot_top1" in m:
-                    info += f"  zero-shot top-1 {m['eval/zeroshot_top1']:.1%}"
+                if "eval/zeroshot/top1" in m:
+                    info += f"  zero-shot top-1 {m['eval/zeroshot/top1']:.1%}"
                 bar.update(task, completed=step, info=info)
 
 
@@ -91,8 +91,8 @@ def print_summary(recipe, summary) -> None:
     t.add_row("MLflow run", summary.run_id)
     t.add_row("status", summary.status)
     t.add_row("steps", str(m.get("step", "-")))
-    for key in ("train/loss", "train/logit_scale", "train/samples_per_s", "eval/zeroshot_top1", "eval/zeroshot_top5",
-                "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
+    for key in ("train/loss", "train/logit_scale", "train/samples_per_s", "eval/zeroshot/top1", "eval/zeroshot/top5",
+                "eval/retrieval/recall_at_1_i2t", "eval/retrieval/recall_at_1_t2i"):
         if key in m:
             t.add_row(key, f"{m[key]:.4f}")
     console.print(t)
@@ -103,7 +103,7 @@ def print_summary(recipe, summary) -> None:
         console.print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
                       "http://127.0.0.1:5000 (experiment "
                       f"'{summary.experiment}', Model training > runs)")
-    console.print(f"zero-shot top-1: {m.get('eval/zeroshot_top1', float('nan')):.1%}")
+    console.print(f"zero-shot top-1: {m.get('eval/zeroshot/top1', float('nan')):.1%}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -146,7 +146,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.sweep:
         c = compare_sweep(uri, args.sweep, args.metric, args.mode)
     elif args.runs:
-        c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot_top1", args.mode or "max")
+        c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot/top1", args.mode or "max")
     else:
         raise ConfigError("give --sweep NAME or one or more MLflow run ids")
     t = Table("#", "run", "status", *c.keys, c.metric, "train/loss")
@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list recipes").add_subparsers(dest="recipes_command", required=True)
     r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
+
+    from towerlab import cli_runs
+
+    cli_runs.register(sub)
     return p
 
 

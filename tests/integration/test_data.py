@@ -45,7 +45,7 @@ def test_prepare_and_train_from_image_folder(repo_root, tmp_path, make_image_fol
         assert run.data.params["data.source"] == fmt
         losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
-        assert 0 <= run.data.metrics["eval/zeroshot_top1"] <= 1  # 4 classes from the label column
+        assert 0 <= run.data.metrics["eval/zeroshot/top1"] <= 1  # 4 classes from the label column
 
     # a shard corrupted after preparing: the run stops before Ray starts, naming it, exit 2
     shard = tmp_path / "data-parquet" / "train" / "part-00001.parquet"

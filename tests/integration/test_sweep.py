@@ -26,7 +26,7 @@ OVERRIDES = f"train.steps={STEPS}, train.log_every=5, eval.every=5, train.checkp
 
 
 def _sweep_file(tmp_path, repo_root, name: str, space: str, extra: str = "", overrides: str = OVERRIDES,
-                metric: str = "metric: eval/zeroshot_top1\nmode: max") -> str:
+                metric: str = "metric: eval/zeroshot/top1\nmode: max") -> str:
     p = tmp_path / f"{name}.yaml"
     p.write_text(f"""name: {name}
 recipe: {repo_root}/recipes/debug.yaml
@@ -66,7 +66,7 @@ def test_asha_sweep_with_failures(repo_root, tmp_path, ray_cluster, mlflow_serve
     parent = _parent(client, "asha12")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best.optim.lr"] == "0.003"
-    assert "best/eval/zeroshot_top1" in parent.data.metrics
+    assert "best/eval/zeroshot/top1" in parent.data.metrics
     assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     kids = _children(client, parent.info.run_id)
     assert len(kids) == 12

@@ -33,8 +33,8 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert run.data.params["loss.name"] == "clip" and run.data.params["train.steps"] == "10"
     assert run.data.params["model.vision.width"] == "32"  # the debug arch resolved into params
     assert run.data.params["data.source"] == "synthetic" and run.data.params["batch.accumulation"] == "2"
-    for key in ("train/loss", "train/logit_scale", "train/lr", "train/samples_per_s", "eval/zeroshot_top1",
-                "eval/zeroshot_top5", "eval/recall_at_1_i2t", "eval/recall_at_1_t2i"):
+    for key in ("train/loss", "train/logit_scale", "train/lr", "train/samples_per_s", "eval/zeroshot/top1",
+                "eval/zeroshot/top5", "eval/retrieval/recall_at_1_i2t", "eval/retrieval/recall_at_1_t2i"):
         assert key in run.data.metrics, key
     assert _history(client, run.info.run_id, "train/loss") == [5, 10]
     assert 0 < run.data.metrics["train/logit_scale"] <= 100

@@ -6,7 +6,9 @@ from towerlab.config.load import Variant, flatten, load_structured, parse_overri
 from towerlab.config.schema import (
     AugmentConfig,
     DataConfig,
+    DEFAULT_EVALS,
     EvalConfig,
+    EvaluatorConfig,
     ModelConfig,
     OptimConfig,
     Recipe,
@@ -17,7 +19,7 @@ from towerlab.config.schema import (
 )
 
 __all__ = [
-    "AugmentConfig", "BatchPlan", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "Recipe",
+    "AugmentConfig", "BatchPlan", "ConfigError", "DataConfig", "DEFAULT_EVALS", "EvalConfig", "EvaluatorConfig", "ModelConfig", "OptimConfig", "Recipe",
     "TextConfig", "TrackingConfig", "TrainConfig", "Variant", "VisionConfig", "flatten", "load_structured",
     "parse_overrides", "read_yaml", "resolve_batch", "to_dict", "to_yaml",
 ]

@@ -8,6 +8,7 @@ becomes a ConfigError naming the key path, what was expected and the closest val
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass
@@ -77,6 +78,11 @@ def _closest(name: str, candidates: Sequence[str]) -> str:
 
 def _keys_at(schema: DictConfig, path: str) -> list[str]:
     node = OmegaConf.select(schema, path) if path else schema
+    if node is None and "." in path:  # an entry of a dict of dataclasses (e.g. evals.NAME): its type's fields
+        parent = OmegaConf.select(schema, path.rpartition(".")[0])
+        element = parent._metadata.element_type if isinstance(parent, DictConfig) else None
+        if dataclasses.is_dataclass(element):
+            return [f.name for f in dataclasses.fields(element)]
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 

@@ -37,6 +37,9 @@ class DataConfig:
     synthetic_size: int = 2048  # rows of the synthetic source
     captions_per_image: int = 1  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
     bad_shards: str = "error"  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
+    # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
+    # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
+    deterministic: bool = False
 
 
 @dataclass
@@ -107,10 +110,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 50  # steps between evaluations (and one at the end)
-    zeroshot: bool = True
-    retrieval: bool = True
-    batch_size: int = 512
+    every: int = 50  # default steps between evaluations of every evaluator in `evals` (and one at the end)
+    batch_size: int = 512  # samples per forward pass when embedding evaluation data
+
+
+@dataclass
+class EvaluatorConfig:
+    """One entry of the recipe's `evals: {NAME: {...}}`; logged as eval/NAME/METRIC."""
+
+    type: str = "zeroshot"  # zeroshot | retrieval | geometry (see towerlab.train.evaluate.EVALUATORS)
+    every: Optional[int] = None  # steps between runs of this evaluator; default eval.every; always at the end
+    data: str = "heldout"  # a split of the run's data, or a directory of prepared shards (its heldout split)
+    max_samples: Optional[int] = None  # evaluate on the first N samples only
+    ks: list[int] = field(default_factory=list)  # top-K / recall@K; empty: zeroshot [1, 5], retrieval [1, 5, 10]
+    chunk: int = 1024  # queries per similarity block: memory O(chunk x N), not O(N x N)
 
 
 @dataclass
@@ -129,7 +142,13 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    evals: dict[str, EvaluatorConfig] = field(default_factory=dict)  # empty in a recipe file: DEFAULT_EVALS
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # named sets of overrides inside a recipe file, applied by the override preset=NAME (e.g. a `smoke` preset
     # that runs a cluster recipe tiny on one machine)
     presets: dict[str, Any] = field(default_factory=dict)
+
+
+# The evaluators of a recipe whose file declares no `evals` section.
+DEFAULT_EVALS = {"zeroshot": {"type": "zeroshot"}, "retrieval": {"type": "retrieval"},
+                 "geometry": {"type": "geometry"}}

@@ -1,6 +1,10 @@
-"""Evaluation: zero-shot classification and retrieval recall@K on embeddings."""
+"""Evaluation metrics on embeddings: zero-shot classification, retrieval recall@K and median rank, embedding
+geometry (modality gap, alignment, uniformity, effective rank), and the geometry plot. Tensors in, numbers out: the
+evaluators that embed data with a model live in towerlab.train.evaluate."""
 
-from towerlab.eval.retrieval import recall_at_k
+from towerlab.eval.geometry import alignment, effective_rank, geometry, modality_gap, uniformity
+from towerlab.eval.retrieval import first_hit_ranks, recall_at_k
 from towerlab.eval.zeroshot import class_embeddings, topk_accuracy
 
-__all__ = ["class_embeddings", "recall_at_k", "topk_accuracy"]
+__all__ = ["alignment", "class_embeddings", "effective_rank", "first_hit_ranks", "geometry", "modality_gap",
+           "recall_at_k", "topk_accuracy", "uniformity"]

@@ -1,32 +1,39 @@
-"""Image <-> text retrieval: recall@K in both directions, computed over chunks of queries so memory stays
-O(chunk x N). Several items may share a caption (digits repeat their templates), so a retrieved item counts as a hit
-when its caption equals the query's (`groups`: one id per distinct caption). Metric names spell recall@K as
+"""Image <-> text retrieval in both directions: recall@K and the median rank of the first correct item, computed
+over chunks of queries so memory stays O(chunk x N) and never O(N x N).
+
+Several items may share a caption (digits repeat their templates), so a retrieved item counts as a hit when its
+caption equals the query's (`groups`: one id per distinct caption). A query's rank is 1 + the number of keys scored
+strictly higher than its best-scoring correct key (ties go to the correct key). Metric names spell recall@K as
 recall_at_K: MLflow refuses '@' in metric names.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def _recall(queries: torch.Tensor, keys: torch.Tensor, q_groups: torch.Tensor, k_groups: torch.Tensor,
-            ks: tuple[int, ...], chunk: int) -> dict[int, float]:
-    hits = {k: 0 for k in ks}
+def first_hit_ranks(queries: torch.Tensor, keys: torch.Tensor, q_groups: torch.Tensor, k_groups: torch.Tensor,
+                    chunk: int = 1024) -> torch.Tensor:
+    """[Q] 1-based rank of each query's best correct key among all keys."""
+    ranks = []
     for start in range(0, queries.shape[0], chunk):
-        sims = queries[start : start + chunk] @ keys.T
-        top = sims.topk(min(max(ks), keys.shape[0]), dim=1).indices
-        match = k_groups[top] == q_groups[start : start + chunk, None]
-        for k in ks:
-            hits[k] += int(match[:, :k].any(dim=1).sum())
-    return {k: hits[k] / queries.shape[0] for k in ks}
+        sims = queries[start : start + chunk].float() @ keys.float().T
+        correct = k_groups[None, :] == q_groups[start : start + chunk, None]
+        best = sims.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
+        ranks.append((sims > best).sum(dim=1) + 1)
+    return torch.cat(ranks)
+
+
+def _summary(ranks: torch.Tensor, ks: tuple[int, ...], direction: str) -> dict[str, float]:
+    out = {f"recall_at_{k}_{direction}": int((ranks <= k).sum()) / len(ranks) for k in ks}
+    out[f"median_rank_{direction}"] = float(np.median(ranks.numpy()))
+    return out
 
 
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, groups: torch.Tensor,
-                ks: tuple[int, ...] = (1, 5), chunk: int = 1024) -> dict[str, float]:
+                ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Row i of both feature matrices is a pair; groups[i] identifies its caption."""
-    out = {}
-    for k, v in _recall(image_features, text_features, groups, groups, ks, chunk).items():
-        out[f"recall_at_{k}_i2t"] = v
-    for k, v in _recall(text_features, image_features, groups, groups, ks, chunk).items():
-        out[f"recall_at_{k}_t2i"] = v
-    return out
+    i2t = first_hit_ranks(image_features, text_features, groups, groups, chunk)
+    t2i = first_hit_ranks(text_features, image_features, groups, groups, chunk)
+    return _summary(i2t, tuple(ks), "i2t") | _summary(t2i, tuple(ks), "t2i")

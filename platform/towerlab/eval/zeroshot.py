@@ -1,5 +1,5 @@
 """Zero-shot classification: each class is the normalised mean of its prompt embeddings (CLIP's prompt
-ensembling); an image's prediction is the class with the highest cosine similarity.
+ensembling); an image's prediction is the class with the highest cosine similarity. Metrics: top{K} accuracy.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ def class_embeddings(prompt_features: torch.Tensor, prompts_per_class: int) -> t
 
 
 def topk_accuracy(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor,
-                  ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    logits = image_features @ classes.T
-    ranked = logits.topk(min(max(ks), classes.shape[0]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return {f"zeroshot_top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+                  ks: tuple[int, ...] = (1, 5), chunk: int = 1024) -> dict[str, float]:
+    kmax = min(max(ks), classes.shape[0])
+    hits = {k: 0 for k in ks}
+    for start in range(0, image_features.shape[0], chunk):
+        ranked = (image_features[start : start + chunk] @ classes.T).topk(kmax, dim=1).indices
+        correct = ranked == labels[start : start + chunk, None]
+        for k in ks:
+            hits[k] += int(correct[:, :k].any(dim=1).sum())
+    return {f"top{k}": hits[k] / image_features.shape[0] for k in ks}

@@ -47,7 +47,7 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    metric: str = "eval/zeroshot_top1"
+    metric: str = "eval/zeroshot/top1"
     mode: str = "max"  # max | min
     max_concurrent_trials: int = 1
     workers_per_trial: int = 2

@@ -44,11 +44,11 @@ def compare_sweep(uri: str, sweep: str, metric: str | None = None, mode: str | N
     keys = sorted(k[len("space."):] for k in p if k.startswith("space."))
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return _rows(children, keys, metric or p.get("metric", "eval/zeroshot_top1"), mode or p.get("mode", "max"),
+    return _rows(children, keys, metric or p.get("metric", "eval/zeroshot/top1"), mode or p.get("mode", "max"),
                  parent.info.run_id)
 
 
-def compare_runs(uri: str, run_ids: list[str], metric: str = "eval/zeroshot_top1", mode: str = "max") -> Comparison:
+def compare_runs(uri: str, run_ids: list[str], metric: str = "eval/zeroshot/top1", mode: str = "max") -> Comparison:
     client = _client(uri)
     runs = []
     for rid in run_ids:

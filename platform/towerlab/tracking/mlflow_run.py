@@ -33,6 +33,12 @@ class NoopRun:
     def end(self, status: str = "FINISHED") -> None:
         pass
 
+    def metric_keys(self, prefix: str = "") -> list[str]:
+        return []
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return []
+
 
 class MlflowRun(NoopRun):
     def __init__(self, uri: str, run_id: str):
@@ -83,6 +89,12 @@ class MlflowRun(NoopRun):
     def end(self, status: str = "FINISHED") -> None:
         assert status in TERMINAL, status
         self.client.set_terminated(self.run_id, status=status)
+
+    def metric_keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(prefix))
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status

@@ -1,49 +1,195 @@
-"""Evaluation of the model on the held-out split during training: zero-shot top-1/5 and retrieval recall@1/5.
+"""The recipe's declared evaluators (`evals: {NAME: {type, every, data, ...}}`), run during training and on saved
+checkpoints (`towerlab eval`). Each is logged as eval/NAME/METRIC.
 
-Every rank runs it (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs the result. The
-held-out split and the class prompts are encoded once per evaluation in chunks of eval.batch_size.
+Evaluator types live in the EVALUATORS registry: zeroshot (top-K with prompt ensembling), retrieval (both
+directions, recall@K and median rank) and geometry (modality gap, alignment, uniformity, effective rank, logit
+scale; plus a PNG plot at the end of the run). Evaluation data (a split of the run's data or another prepared
+directory) is read and preprocessed once, when the evaluators are built. Within one evaluation, every embedding
+(images, captions, class prompts) is computed once and shared by all evaluators that use the same data; nothing is
+kept across evaluations, since the weights change.
+
+Every rank runs the due evaluators (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs.
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from towerlab.config import Recipe
+from towerlab.config import ConfigError, Recipe
+from towerlab.config.schema import EvaluatorConfig
+from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor
-from towerlab.eval import class_embeddings, recall_at_k, topk_accuracy
+from towerlab.eval import class_embeddings, geometry, recall_at_k, topk_accuracy
+from towerlab.eval.plot import geometry_plot
 from towerlab.models import ContrastiveModel
+from towerlab.registry import Registry
+
+EVALUATORS: Registry[Callable[..., dict[str, float]]] = Registry("evaluator type")
+DEFAULT_KS = {"zeroshot": [1, 5], "retrieval": [1, 5, 10]}
 
 
-class Evaluator:
-    def __init__(self, recipe: Recipe, heldout: dict[str, np.ndarray], captions: list[str], classes: dict,
-                 pre: Preprocessor):
-        self.cfg = recipe.eval
-        self.images = torch.from_numpy(heldout["image"])
-        self.texts = torch.from_numpy(heldout["text"])
-        self.labels = torch.from_numpy(heldout["label"])
-        _, group = np.unique(np.asarray(captions), return_inverse=True)
-        self.groups = torch.from_numpy(group)
-        prompts = classes["prompts"]
-        self.prompts_per_class = len(prompts[0]) if prompts else 0
-        self.prompt_tokens = torch.from_numpy(pre.tokenizer.encode_batch([p for ps in prompts for p in ps]))
+@dataclass
+class EvalData:
+    """One evaluation dataset, preprocessed (no augmentation)."""
 
-    def _encode(self, model: ContrastiveModel, modality: str, x: torch.Tensor) -> torch.Tensor:
-        n = self.cfg.batch_size
-        return torch.cat([model.encode(modality, x[i : i + n]) for i in range(0, x.shape[0], n)])
+    key: str
+    image: torch.Tensor
+    text: torch.Tensor
+    labels: torch.Tensor
+    groups: torch.Tensor  # one id per distinct caption: retrieval hits
+    prompts: torch.Tensor  # tokenized class prompts, class-major
+    prompts_per_class: int
+
+
+class Embedder:
+    """The embeddings of one evaluation: each (data, input) is encoded once, in chunks of eval.batch_size."""
+
+    def __init__(self, model: ContrastiveModel, batch_size: int):
+        self.model, self.batch_size, self._cache = model, batch_size, {}
+
+    def __call__(self, data: EvalData, what: str) -> torch.Tensor:
+        key = (data.key, what)
+        if key not in self._cache:
+            x = getattr(data, what)
+            modality = "image" if what == "image" else "text"
+            n = self.batch_size
+            self._cache[key] = torch.cat([self.model.encode(modality, x[i : i + n]) for i in range(0, len(x), n)])
+        return self._cache[key]
+
+
+@EVALUATORS.register("zeroshot")
+def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+    """Zero-shot classification: top-K accuracy against prompt-ensembled class embeddings."""
+    if not data.prompts_per_class:  # captioned images without labels: nothing to classify
+        return {}
+    classes = class_embeddings(embed(data, "prompts"), data.prompts_per_class)
+    return topk_accuracy(embed(data, "image"), classes, data.labels, tuple(cfg.ks or DEFAULT_KS["zeroshot"]),
+                         cfg.chunk)
+
+
+@EVALUATORS.register("retrieval")
+def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+    """Image->text and text->image retrieval: recall@K and median rank."""
+    return recall_at_k(embed(data, "image"), embed(data, "text"), data.groups,
+                       tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
+
+
+@EVALUATORS.register("geometry")
+def geometry_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+    """Modality gap, alignment, uniformity and effective rank per modality, logit scale."""
+    return geometry(embed(data, "image"), embed(data, "text"), float(model.logit_scale.detach().exp()[0]),
+                    cfg.chunk)
+
+
+def validate_evals(recipe: Recipe) -> None:
+    """Checks of the `evals` section that need no data: known types, positive cadences and sizes."""
+    for name, cfg in recipe.evals.items():
+        where = f"evals.{name}"
+        if not name or "/" in name:
+            raise ConfigError(f"{where}: an evaluator name is non-empty without '/' (it becomes eval/NAME/METRIC)")
+        if cfg.type not in EVALUATORS:
+            raise ConfigError(f"{where}.type: {EVALUATORS.unknown_message(cfg.type)}")
+        for key in ("every", "max_samples", "chunk"):
+            v = getattr(cfg, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{where}.{key}={v}: must be at least 1")
+        if any(k < 1 for k in cfg.ks):
+            raise ConfigError(f"{where}.ks={cfg.ks}: every K must be at least 1")
+
+
+def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples: int | None) -> EvalData:
+    """`spec` is a split of the run's data (e.g. heldout) or a directory of prepared shards (its heldout split)."""
+    if spec in manifest.data["splits"]:
+        source, split = manifest, spec
+    elif (Path(spec) / "manifest.json").is_file():
+        source, split = read_manifest(spec), "heldout"
+    else:
+        raise ConfigError(f"evaluation data '{spec}': neither a split of {manifest.root} "
+                          f"({', '.join(manifest.data['splits'])}) nor a directory with a manifest.json "
+                          "(make one with `towerlab data prepare`)")
+    table = pq.ParquetDataset(source.files(split)).read(columns=["image", "caption", "label"])
+    if max_samples is not None:
+        table = table.slice(0, max_samples)
+    rows = table.to_pydict()
+    x = pre(rows)
+    _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
+    prompts = source.classes["prompts"]
+    return EvalData(
+        key=f"{source.root}:{split}:{max_samples}", image=torch.from_numpy(x["image"]),
+        text=torch.from_numpy(x["text"]), labels=torch.from_numpy(x["label"]), groups=torch.from_numpy(group),
+        prompts=torch.from_numpy(pre.tokenizer.encode_batch([p for ps in prompts for p in ps])),
+        prompts_per_class=len(prompts[0]) if prompts else 0)
+
+
+class Evaluators:
+    """All evaluators of a recipe. Call with the step: runs those due (and all at the last step)."""
+
+    def __init__(self, recipe: Recipe, manifest: Manifest, pre: Preprocessor):
+        validate_evals(recipe)
+        self.recipe = recipe
+        self.specs = dict(recipe.evals)
+        loaded: dict[tuple, EvalData] = {}
+        self.data: dict[str, EvalData] = {}
+        for name, cfg in self.specs.items():
+            key = (cfg.data, cfg.max_samples)
+            if key not in loaded:
+                loaded[key] = load_eval_data(cfg.data, manifest, pre, cfg.max_samples)
+            self.data[name] = loaded[key]
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.last_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def every(self, name: str) -> int:
+        return self.specs[name].every or self.recipe.eval.every
+
+    def due(self, step: int, last: bool = False) -> list[str]:
+        return [n for n in self.specs if last or step % self.every(n) == 0]
 
     @torch.no_grad()
-    def __call__(self, model: ContrastiveModel) -> dict[str, float]:
+    def __call__(self, model: ContrastiveModel, step: int, last: bool = False,
+                 names: list[str] | None = None) -> dict[str, float]:
+        names = self.due(step, last) if names is None else names
+        if not names:
+            return {}
         was_training = model.training
         model.eval()
         try:
-            img = self._encode(model, "image", self.images)
+            embed = Embedder(model, self.recipe.eval.batch_size)
             out: dict[str, float] = {}
-            if self.cfg.zeroshot:
-                cls = class_embeddings(self._encode(model, "text", self.prompt_tokens), self.prompts_per_class)
-                out.update(topk_accuracy(img, cls, self.labels))
-            if self.cfg.retrieval:
-                out.update(recall_at_k(img, self._encode(model, "text", self.texts), self.groups))
+            for name in names:
+                cfg, data = self.specs[name], self.data[name]
+                for metric, value in EVALUATORS.get(cfg.type)(cfg, data, embed, model).items():
+                    out[f"eval/{name}/{metric}"] = value
+                    self.history.setdefault(f"eval/{name}/{metric}", []).append((step, value))
+                if cfg.type == "geometry":
+                    self.last_embeddings[name] = (embed(data, "image"), embed(data, "text"))
             return out
         finally:
             model.train(was_training)
+
+    def log_plots(self, run, title: str = "") -> list[str]:
+        """One geometry PNG per geometry evaluator, logged to `run` (full history from MLflow when resumed)."""
+        paths = []
+        for name, cfg in self.specs.items():
+            if cfg.type != "geometry":
+                continue
+            prefix = f"eval/{name}/"
+            history: dict[str, dict[int, float]] = {}
+            for key in run.metric_keys(prefix):
+                history[key] = dict(run.history(key))
+            for key, points in self.history.items():
+                if key.startswith(prefix):
+                    history.setdefault(key, {}).update(points)
+            image, text = self.last_embeddings.get(name, (None, None))
+            with tempfile.TemporaryDirectory(prefix="towerlab-plot-") as d:
+                png = geometry_plot({k[len(prefix):]: sorted(v.items()) for k, v in history.items()}, image, text,
+                                    Path(d) / f"geometry_{name}.png", title=title or name)
+                run.log_artifact(str(png), "plots")
+            paths.append(f"plots/geometry_{name}.png")
+        return paths

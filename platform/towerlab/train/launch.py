@@ -59,9 +59,11 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
     if recipe.data.source in PREPARED and manifest.shard_format != recipe.data.source:
         raise ConfigError(f"data.source={recipe.data.source} but {manifest.uri} holds {manifest.shard_format} shards: "
                           f"set data.source={manifest.shard_format}")
-    if recipe.eval.zeroshot and not manifest.classes.get("prompts"):
-        raise ConfigError(f"eval.zeroshot=true but {manifest.uri} has no class labels: set eval.zeroshot=false or "
-                          "prepare it with a 'label' column in the captions file")
+    for name, ev in recipe.evals.items():
+        if ev.type == "zeroshot" and ev.data in manifest.data["splits"] and not manifest.classes.get("prompts"):
+            raise ConfigError(f"evals.{name} is a zero-shot evaluator but {manifest.uri} has no class labels: give the "
+                              "recipe an `evals:` section without it (e.g. evals: {retrieval: {type: retrieval}}) "
+                              "or prepare the data with a 'label' column in the captions file")
     if not manifest.data["counts"].get("heldout"):
         raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
                           "above 0 (e.g. 0.1)")
@@ -139,6 +141,19 @@ def cpus_needed(recipe: Recipe) -> int:
     return recipe.train.workers * recipe.train.cpus_per_worker + recipe.data.preprocess_concurrency
 
 
+def ingest_config(recipe: Recipe):
+    """Ray Train's DataConfig: Ray Data's defaults, with block order kept when the recipe asks for determinism.
+    Call it before building the dataset: it also sets this process's DataContext, under which the driver reads
+    (and, for small data, materializes) the shards in file order."""
+    import ray.train
+    from ray.data import DataContext
+
+    if not recipe.data.deterministic:
+        return ray.train.DataConfig()
+    DataContext.get_current().execution_options.preserve_order = True
+    return ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options())
+
+
 def root_cause(e: BaseException) -> str:
     """The innermost cause's type and last line: what a user needs to see of a failed run."""
     while e.__cause__ is not None:
@@ -207,6 +222,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         from towerlab.train.loop import train_loop_per_worker
 
         init_ray(cpus_needed(recipe))
+        data_config = ingest_config(recipe)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
@@ -220,6 +236,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                 callbacks=list(callbacks)),
             datasets={"train": train_dataset(recipe, manifest, captions_per_image(recipe))},
+            dataset_config=data_config,
         )
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})

@@ -18,19 +18,20 @@ from dataclasses import asdict
 import torch
 
 from towerlab import losses
-from towerlab.config import Recipe, resolve_batch
+from towerlab.config import Recipe, resolve_batch, to_yaml
 from towerlab.data import read_manifest
 from towerlab.losses.feature_cache import feature_cache_backward
-from towerlab.data.pipeline import epoch_batches, expand_positives, load_split, preprocessor, split_columns
+from towerlab.data.pipeline import epoch_batches, expand_positives, preprocessor
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
 from towerlab.train.engine import deepspeed_config
-from towerlab.train.evaluate import Evaluator
+from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import ContrastiveTrainModule
 from towerlab.train.zero import (clamp_logit_scale, construction, fix_logit_scale, keep_loss_tensors_whole,
                                  optimizer_args)
 
 CKPT_TAG = "ds"
+RECIPE_FILE = "recipe.yaml"
 
 
 def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None) -> ContrastiveTrainModule:
@@ -83,9 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
         run.log_metrics({"train/restored_step": state["step"]}, state["step"])
     manifest = read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
-    heldout = load_split(manifest, "heldout", eval_pre)
-    captions = split_columns(manifest, "heldout", ["caption"])["caption"]
-    evaluate = Evaluator(recipe, heldout, captions, manifest.classes, eval_pre)
+    evaluate = Evaluators(recipe, manifest, eval_pre)
 
     shard = ray.train.get_dataset_shard("train")
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
@@ -116,8 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 metrics["train/epoch"] = epoch
-            if step % recipe.eval.every == 0 or last:
-                metrics.update({f"eval/{k}": v for k, v in evaluate(engine.module.model).items()})
+            metrics.update(evaluate(engine.module.model, step, last))
             if metrics:
                 run.log_metrics(metrics, step)
             if step % recipe.train.checkpoint_every == 0 or last:
@@ -125,6 +123,9 @@ def train_loop_per_worker(config: dict) -> None:
                 # every rank writes its own ZeRO shard; Ray Train gathers all ranks' files into one checkpoint
                 engine.save_checkpoint(tmp, tag=CKPT_TAG,
                                        client_state={"step": step, "epoch": epoch, "batch": consumed})
+                if rank == 0:  # the checkpoint carries its recipe: `towerlab eval CHECKPOINT` needs nothing else
+                    with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
+                        f.write(to_yaml(recipe))
                 ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
                 shutil.rmtree(tmp, ignore_errors=True)
             elif metrics:
@@ -134,6 +135,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step >= total:
                 break
         epoch, skip = epoch + 1, 0
+    if rank == 0:
+        evaluate.log_plots(run, title=recipe.name)
 
 
 def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Sequence
 
 from towerlab import losses
-from towerlab.config import ConfigError, Recipe, Variant, load_structured, resolve_batch
+from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml, resolve_batch
 from towerlab.data import SOURCES
 from towerlab.data.checks import validate_data
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.train.plan import validate_scale
+from towerlab.train.evaluate import validate_evals
 
 VARIANTS = (
     Variant("loss", "name", registry=losses.LOSSES),
@@ -31,7 +32,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     chosen = [o.partition("=")[2] for o in overrides if o.startswith("preset=")]
     if chosen:
         overrides = [*preset_overrides(path, chosen[-1]), *(o for o in overrides if not o.startswith("preset="))]
-    recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=DEFAULTS)
+    base = dict(DEFAULTS)
+    if path is None or "evals" not in read_yaml(path):
+        # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
+        base["evals"] = DEFAULT_EVALS
+    recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
     validate(recipe)
     return recipe
 
@@ -83,6 +88,7 @@ def validate(r: Recipe) -> None:
     if r.eval.every < 1:
         raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
     validate_scale(r)
+    validate_evals(r)
     if not r.name or "/" in r.name:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 

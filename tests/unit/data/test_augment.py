@@ -137,10 +137,11 @@ def test_recipe_and_manifest_must_agree(repo_root, image_folder, tmp_path):
     check_prepared(load_recipe(debug, ["data.source=webdataset"]), m)
     src["jsonl"].write_text("".join(f'{{"image": "{r["image"]}", "caption": "x"}}\n' for r in src["records"]))
     prepare_images(src["images"], src["jsonl"], tmp_path / "nolabel")
-    with pytest.raises(ConfigError, match="eval.zeroshot=true but .* has no class labels"):
+    with pytest.raises(ConfigError, match="evals.zeroshot is a zero-shot evaluator but .* has no class labels"):
         check_prepared(load_recipe(debug, ["data.source=parquet"]), read_manifest(tmp_path / "nolabel"))
-    check_prepared(load_recipe(debug, ["data.source=parquet", "eval.zeroshot=false"]),
-                   read_manifest(tmp_path / "nolabel"))
+    no_zeroshot = tmp_path / "retrieval_only.yaml"
+    no_zeroshot.write_text(debug.read_text() + "\nevals: {retrieval: {type: retrieval}}\n")
+    check_prepared(load_recipe(no_zeroshot, ["data.source=parquet"]), read_manifest(tmp_path / "nolabel"))
     prepare_images(src["images"], src["csv"], tmp_path / "noheld", heldout=0)
     with pytest.raises(ConfigError, match="no held-out records"):
         check_prepared(load_recipe(debug, ["data.source=parquet"]), read_manifest(tmp_path / "noheld"))

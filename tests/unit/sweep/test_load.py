@@ -13,7 +13,7 @@ def _write(tmp_path, repo_root, body: str):
 
 def test_quickstart_loads_and_maps_to_tune(repo_root):
     s = load_sweep(repo_root / "sweeps" / "quickstart.yaml")
-    assert s.scheduler.name == "asha" and s.metric == "eval/zeroshot_top1"
+    assert s.scheduler.name == "asha" and s.metric == "eval/zeroshot/top1"
     space = param_space(s)
     assert space["loss.name"] == {"grid_search": ["clip", "siglip", "dcl"]}
     assert scheduler(s).__class__.__name__ == "AsyncHyperBandScheduler"

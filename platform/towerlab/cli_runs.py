@@ -1,0 +1,190 @@
+"""CLI commands that act on recorded runs: `towerlab eval` (the recipe's evaluators on a saved checkpoint),
+`towerlab reproduce` (rerun a run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
+Registered in cli.build_parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from towerlab.config import ConfigError
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _uri(flag: str | None) -> str:
+    from towerlab.tracking import check_reachable, resolve_uri
+
+    uri = resolve_uri(None, flag)
+    check_reachable(uri)
+    return uri
+
+
+def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str, float], int, str]:
+    """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path)."""
+    import torch
+
+    from towerlab.data.pipeline import preprocessor
+    from towerlab.train.checkpoint import load_model, resolve_target
+    from towerlab.train.evaluate import Evaluators
+    from towerlab.train.launch import ensure_data
+
+    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
+    t = resolve_target(target, uri)
+    model, step = load_model(t.checkpoint, t.recipe)
+    manifest = ensure_data(t.recipe)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    evaluators = Evaluators(t.recipe, manifest, preprocessor(t.recipe, manifest, train=False))
+    return evaluators(model, step, names=list(t.recipe.evals)), step, str(t.checkpoint)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    metrics, step, ckpt = evaluate_checkpoint(args.target, args.tracking_uri)
+    table = Table("metric", "value", title=f"{ckpt} (step {step})")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"checkpoint": ckpt, "step": step, "metrics": metrics}, indent=1))
+        os.replace(tmp, out)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from towerlab.train import reproduce
+
+    uri = _uri(args.tracking_uri)
+    plan = reproduce.plan(args.run_id, uri, args.name)
+    for m in plan.mismatches:
+        err.print(f"[yellow]warning:[/] {m}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]reproducing[/] run {plan.run_id} as [cyan]{plan.recipe.name}[/]")
+    summary = reproduce.run(plan, uri)
+    table = Table("metric", "recorded", "reproduced", "difference", title=f"run {plan.run_id} -> {summary.run_id}")
+    for k in sorted(plan.recorded_metrics):
+        if k.startswith(("train/loss", "eval/")) and k in summary.metrics:
+            a, b = plan.recorded_metrics[k], float(summary.metrics[k])
+            table.add_row(k, f"{a:.6f}", f"{b:.6f}", f"{b - a:+.2e}" if math.isfinite(a - b) else "-")
+    console.print(table)
+    return 0
+
+
+def ui_link(base: str, experiment_id: str) -> str:
+    """MLflow 3 opens an experiment in its GenAI view; the runs table (a sweep's children under its parent) is the
+    "Model training" view, reachable directly with workflowType=machine_learning."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import requests
+    from mlflow import MlflowClient
+
+    from towerlab.tracking import redact, resolve_uri
+
+    uri = resolve_uri(None, args.tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        exp = _experiment(MlflowClient(uri), args.experiment, uri)
+        console.print(ui_link(uri, exp.experiment_id), soft_wrap=True)
+        return 0
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no local MLflow store {uri}: train something first, or pass --tracking-uri")
+    exp = _experiment(MlflowClient(uri), args.experiment, uri)
+    if not _port_free(args.port):
+        raise ConfigError(f"port {args.port} on 127.0.0.1 is in use: pass --port with a free one")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    # its own process group: mlflow ui runs uvicorn and job workers, all stopped together below
+    proc = subprocess.Popen([str(mlflow if mlflow.exists() else "mlflow"), "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the UI as Ctrl-C does
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise ConfigError(f"mlflow ui exited with code {proc.returncode} for {redact(uri)}: see its output "
+                                  "above")
+            try:
+                if requests.get(f"{base}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise ConfigError(f"mlflow ui did not answer on {base} within 120 s")
+            time.sleep(0.5)
+        console.print(f"MLflow UI for experiment '{exp.name}' (runs table; Ctrl-C stops it):", highlight=False)
+        console.print(ui_link(base, exp.experiment_id), soft_wrap=True, highlight=False)
+        sys.stdout.flush()
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_group(proc)
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _experiment(client, name: str, uri: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ConfigError(f"no experiment '{name}' in {uri} (experiments: {names}): pass --experiment")
+    return exp
+
+
+def register(sub) -> None:
+    """Add the `eval` and `reproduce` subcommands to cli.build_parser's subparsers."""
+    e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint")
+    e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reproduce", help="rerun a run from its MLflow record (recipe, commit, data, versions)")
+    r.add_argument("run_id", help="MLflow run id")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, ./mlruns.db)")
+    r.add_argument("--name", help="name of the new run (default: NAME-repro-RUNID8)")
+    r.set_defaults(func=cmd_reproduce)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the runs-table link")
+    u.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, ./mlruns.db)")
+    u.add_argument("--experiment", default="towerlab", help="experiment to open (default: towerlab)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)

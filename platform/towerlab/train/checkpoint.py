@@ -1,0 +1,113 @@
+"""Finding and loading a run's saved checkpoints outside training (for `towerlab eval` and `towerlab reproduce`).
+
+A checkpoint is a Ray Train checkpoint directory under <train.storage_path>/<name>/ holding DeepSpeed's
+save_checkpoint output under the tag `ds` and the resolved recipe (recipe.yaml, written by rank 0). A target is a
+checkpoint directory, a run directory (its latest checkpoint) or an MLflow run id (its recipe artifact names the run
+directory, resolved from the current directory as training did).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from towerlab.config import ConfigError, Recipe
+from towerlab.models import ContrastiveModel
+from towerlab.train.launch import RUN_FILE
+from towerlab.train.loop import CKPT_TAG, RECIPE_FILE, build_module
+from towerlab.train.recipe import load_recipe
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Target:
+    checkpoint: Path
+    recipe: Recipe
+    run_id: str | None  # the MLflow run that wrote it, when known
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    # Ray Train names checkpoints checkpoint_<timestamp>: the name order is the time order
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CKPT_TAG).is_dir())
+    if not found:
+        raise ConfigError(f"{run_dir}: no checkpoint yet (train.checkpoint_every steps write one, and the last step)")
+    return found[-1]
+
+
+def recorded_recipe(uri: str, run_id: str) -> Recipe:
+    """The resolved recipe a run logged as its recipe.yaml artifact."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"no MLflow run '{run_id}' at {uri}: check the run id and --tracking-uri") from None
+    with tempfile.TemporaryDirectory(prefix="towerlab-recipe-") as d:
+        try:
+            path = client.download_artifacts(run_id, RECIPE_FILE, d)
+        except (MlflowException, OSError):
+            raise ConfigError(f"MLflow run '{run_id}' has no {RECIPE_FILE} artifact: it was not started by "
+                              "`towerlab train`") from None
+        return load_recipe(path)
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    f = run_dir / RUN_FILE
+    return json.loads(f.read_text())["mlflow_run_id"] if f.is_file() else None
+
+
+def resolve_target(target: str, uri: str | None) -> Target:
+    """`target`: a checkpoint directory, a run directory, or an MLflow run id (needs `uri`)."""
+    p = Path(target)
+    if p.is_dir():
+        ckpt = p if (p / CKPT_TAG).is_dir() else latest_checkpoint(p) if (p / RUN_FILE).is_file() else None
+        if ckpt is None:
+            raise ConfigError(f"{p}: neither a checkpoint directory (with {CKPT_TAG}/) nor a run directory "
+                              f"(with {RUN_FILE})")
+        run_id = run_id_of(ckpt.parent)
+        if (ckpt / RECIPE_FILE).is_file():
+            recipe = load_recipe(ckpt / RECIPE_FILE)
+        elif run_id and uri:
+            recipe = recorded_recipe(uri, run_id)
+        else:
+            raise ConfigError(f"{ckpt}: no {RECIPE_FILE} and no MLflow run to read it from (pass --tracking-uri)")
+        return Target(ckpt, recipe, run_id)
+    if not RUN_ID.match(target):
+        raise ConfigError(f"'{target}' is neither a directory (checkpoint or run) nor an MLflow run id (32 hex digits)")
+    if uri is None:
+        raise ConfigError(f"run id '{target}' needs a tracking store: pass --tracking-uri")
+    recipe = recorded_recipe(uri, target)
+    run_dir = Path(recipe.train.storage_path).absolute() / recipe.name
+    if run_id_of(run_dir) != target:
+        raise ConfigError(f"run '{target}' ({recipe.name}) has no checkpoints under {run_dir}: run this from the "
+                          "directory it was trained in, or pass its checkpoint directory instead")
+    return Target(latest_checkpoint(run_dir), recipe, target)
+
+
+def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]:
+    """The checkpoint's model in fp32 on CPU, and the step it was saved at."""
+    states_file = checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt"
+    if not states_file.is_file():
+        raise ConfigError(f"{checkpoint}: {states_file.name} missing: not a complete DeepSpeed checkpoint")
+    # DeepSpeed's checkpoints pickle more than tensors (client state, optimizer config): the file is ours
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    if recipe.train.zero_stage == 3:  # ZeRO-3 keeps only placeholders in module: rebuild from the partitions
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CKPT_TAG)
+    else:
+        weights = states["module"]
+    module = build_module(recipe, rank=0, world_size=1)
+    module.load_state_dict({k: v.float() for k, v in weights.items()})
+    module.model.eval()
+    return module.model, int(states.get("step", 0))
