@@ -1,4 +1,5 @@
-"""The `towerlab` command: train | sweep | compare | data prepare | recipes ls.
+"""The `towerlab` command: train | sweep | compare | data prepare | recipes ls (and, from cluster_cli.py, submit |
+jobs | k8s).
 
 User errors (ConfigError: a recipe typo, a wrong type, a missing file, an unreachable server) print one line and
 exit 2; a failed training run prints its cause and exits 1; anything else is a bug and keeps its traceback.
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list recipes").add_subparsers(dest="recipes_command", required=True)
     r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
+
+    from towerlab.cluster_cli import add_parsers as add_cluster_parsers
+
+    add_cluster_parsers(sub)  # submit, jobs, k8s
     return p
 
 
