@@ -42,11 +42,16 @@ unset RAY_ADDRESS
 # Every port a node listens on is chosen here, so two clusters (or a test session's) never collide on defaults.
 start_node() {  # name, ray start args...
   local name=$1; shift
-  setsid "$RAY" start --block --disable-usage-stats --node-ip-address=127.0.0.1 \
-    --node-manager-port="$(free_port)" --object-manager-port="$(free_port)" \
-    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
-    --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" \
-    "$@" > "$STATE/$name.log" 2>&1 < /dev/null &
+  local args=(--block --disable-usage-stats --node-ip-address=127.0.0.1
+    --node-manager-port="$(free_port)" --object-manager-port="$(free_port)"
+    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)"
+    --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" "$@")
+  (
+    # The nodes must not inherit this script's other descriptors: under `flock LOCK start.sh` they would hold
+    # the lock for as long as the cluster lives.
+    for fd in $(ls /proc/$BASHPID/fd); do [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done
+    exec setsid "$RAY" start "${args[@]}" > "$STATE/$name.log" 2>&1 < /dev/null
+  ) &
   echo "$!" >> "$STATE/pids"
 }
 

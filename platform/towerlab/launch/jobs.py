@@ -179,8 +179,11 @@ class Jobs:
         token = read_token(token_file)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         with self._errors():
+            import logging
+
             from ray.job_submission import JobSubmissionClient
 
+            logging.getLogger("ray").setLevel(logging.WARNING)  # not Ray's "uploading package" lines: ours say it
             self.client = JobSubmissionClient(self.address, headers=headers)
 
     @contextmanager
