@@ -164,6 +164,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
         # the recipe as it will run there: a batch that cannot divide over N x G workers fails here, not on the cluster
         recipe = load_recipe(args.file, [*args.overrides, *train_overrides(o)])
+        _warn_node_local_paths(args.file, [*args.overrides, *train_overrides(o)])
         if args.cpus_per_node is None:  # the workers' CPUs plus two for Ray Data and the raylet
             o.cpus_per_node = recipe.train.cpus_per_worker * max(o.gpus_per_node, 1) + 2
         docs = render_train(rel, recipe.name, o)
