@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -39,6 +40,12 @@ workers_per_trial: 1
     return proj
 
 
+def _lap(what: str, t0=[0.0]) -> None:  # noqa: B006 - the time of the previous lap
+    now = time.monotonic()
+    print(f"[test_submit] {what}: {now - t0[0]:.1f}s" if t0[0] else f"[test_submit] {what}")
+    t0[0] = now
+
+
 def _cluster_processes(state) -> list[psutil.Process]:
     """Every live process in the process groups of the cluster's nodes."""
     groups = {int(x) for x in (state / "pids").read_text().split()}
@@ -55,11 +62,13 @@ def _cluster_processes(state) -> list[psutil.Process]:
 def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_server):
     proj = _project(tmp_path, repo_root)
     state = tmp_path / "ray"
+    _lap("start")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HEAD_CPUS": "4", "WORKER_CPUS": "4"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run([str(repo_root / "cluster/local/start.sh"), str(state)], env=env, capture_output=True,
                            text=True, timeout=240)
     assert start.returncode == 0, start.stdout + start.stderr
+    _lap("cluster started")
     procs = _cluster_processes(state)
     try:
         assert "2 nodes" in start.stdout
@@ -85,6 +94,7 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         assert sid.startswith("towerlab-train-submitted-")
         assert "zero-shot top-1" in train.stdout  # the job's own output, streamed by --follow
         assert f"job {sid} SUCCEEDED" in train.stdout
+        _lap("train job")
 
         # a job that fails on the cluster (its data directory does not exist there): exit 1, one line
         bad = run_cli(["submit", "train", "recipes/debug.yaml", "name=nodata", "data.source=parquet",
@@ -93,12 +103,14 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
                       cwd=proj, env=clean, timeout=300)
         assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
         assert "FAILED" in bad.stderr and "towerlab jobs logs towerlab-train-nodata-" in bad.stderr
+        _lap("failing job")
         assert "/nonexistent/shards" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
         sweep = run_cli(["submit", "sweep", "sweeps/two.yaml", *cluster, "--tracking-uri", mlflow_server,
                          "--follow"], cwd=proj, env=clean, timeout=600)
         assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
         assert "2 trials, 0 failed" in sweep.stdout.replace("\n", " ")
+        _lap("sweep job")
 
         ls = run_cli(["jobs", "ls", *cluster], cwd=proj, env=clean)
         assert ls.returncode == 0 and sid in ls.stdout and "SUCCEEDED" in ls.stdout and "FAILED" in ls.stdout

@@ -183,7 +183,9 @@ class Jobs:
 
             from ray.job_submission import JobSubmissionClient
 
-            logging.getLogger("ray").setLevel(logging.WARNING)  # not Ray's "uploading package" lines: ours say it
+            # not Ray's "uploading package" and "websocket closed" lines (its SDK loggers are set to INFO)
+            for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             self.client = JobSubmissionClient(self.address, headers=headers)
 
     @contextmanager

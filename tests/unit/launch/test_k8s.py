@@ -65,7 +65,7 @@ def test_render_train_runs_the_recipe_on_n_by_g_workers(tmp_path, monkeypatch):
     spec = job["spec"]
     entry = shlex.split(spec["entrypoint"])
     assert entry[:5] == ["python", "-m", "towerlab.cli", "train", "recipes/debug.yaml"]
-    assert {"train.workers=32", "train.use_gpu=true", "train.storage_path=/mnt/checkpoints"} <= set(entry)
+    assert {"train.workers=32", "train.use_gpu=true", "train.storage_path=/mnt/shared/checkpoints"} <= set(entry)
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"] == {"mode": "token"}
@@ -79,6 +79,7 @@ def test_render_train_runs_the_recipe_on_n_by_g_workers(tmp_path, monkeypatch):
     assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "password"
     # the recipe's CPUs per worker x 8 GPUs, plus 2 for Ray Data and the raylet (debug: 1 CPU per worker)
     assert c["resources"]["limits"]["cpu"] == "10"
+    assert c["resources"]["limits"]["memory"] == "480Gi"  # 60Gi per GPU
 
 
 def test_render_refuses_a_batch_that_does_not_divide(tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import yaml
 
 PROJECT_DIR = "/home/ray/towerlab"
-CHECKPOINT_MOUNT = "/mnt/checkpoints"
+SHARED_MOUNT = "/mnt/shared"  # the PVC: checkpoints/ (and datasets, e.g. data.path=/mnt/shared/datasets/X)
 RAY_UID, RAY_GID = 1000, 100  # the `ray` user and `users` group of the rayproject/ray images
 
 
@@ -39,12 +39,12 @@ class K8sOptions:
     nodes: int = 1
     gpus_per_node: int = 0
     cpus_per_node: int = 8
-    memory_per_node: str = "32Gi"
+    memory_per_node: str = ""  # default: 60Gi per GPU, 32Gi for a CPU node
     image: str = ""
     namespace: str = "towerlab"
     tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000"
     mlflow_secret: str = "mlflow-credentials"  # keys: username, password
-    storage: str = "pvc://towerlab-checkpoints"  # pvc://CLAIM (mounted at /mnt/checkpoints) or s3://, gs:// URI
+    storage: str = "pvc://towerlab-shared"  # pvc://CLAIM (ReadWriteMany, at /mnt/shared) or s3://, gs:// URI
     redis_address: str = "redis.towerlab.svc.cluster.local:6379"
     redis_secret: str = "redis-password"  # key: password
     ttl_seconds: int = 3600
@@ -56,7 +56,7 @@ class K8sOptions:
 
     @property
     def storage_path(self) -> str:
-        return CHECKPOINT_MOUNT if self.pvc else self.storage.rstrip("/")
+        return f"{SHARED_MOUNT}/checkpoints" if self.pvc else self.storage.rstrip("/")
 
 
 def _quantity(n: float) -> str:
@@ -78,8 +78,8 @@ def _pod(o: K8sOptions, name: str, cpus: float, memory: str, gpus: int, ports: l
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # Ray's object store and NCCL use shared memory
     volumes: list[dict] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     if o.pvc:
-        mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
-        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": o.pvc}})
+        mounts.append({"name": "shared", "mountPath": SHARED_MOUNT})
+        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": o.pvc}})
     container = {
         "name": name, "image": o.image, "imagePullPolicy": "IfNotPresent", "workingDir": PROJECT_DIR,
         "env": _env(o), "resources": {"requests": dict(res), "limits": dict(res)},
@@ -108,6 +108,7 @@ def _head(o: K8sOptions) -> dict:
 
 def _worker_group(o: K8sOptions, group: str, replicas: int, min_replicas: int, max_replicas: int, gpus: int,
                   cpus: int, memory: str) -> dict:
+    memory = memory or (f"{60 * gpus}Gi" if gpus else "32Gi")
     return {"groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,
             "rayStartParams": {}, "template": _pod(o, "ray-worker", cpus, memory, gpus)}
 
