@@ -168,8 +168,8 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
         if args.cpus_per_node is None:  # the workers' CPUs plus two for Ray Data and the raylet
             o.cpus_per_node = recipe.train.cpus_per_worker * max(o.gpus_per_node, 1) + 2
         docs = render_train(rel, recipe.name, o)
-    header = (f"Rendered by `towerlab k8s render {rel}` (--nodes {o.nodes} --gpus-per-node {o.gpus_per_node}"
-              f"{' ' + ' '.join(args.overrides) if args.overrides else ''}); do not edit: render again.\n"
+    header = (f"Rendered by `towerlab k8s render {rel}` ({''.join(x + ' ' for x in args.overrides)}--nodes {o.nodes} "
+              f"--gpus-per-node {o.gpus_per_node}); do not edit: render again.\n"
               f"Validate: towerlab k8s validate FILE. Apply: kubectl apply -n {o.namespace} -f FILE")
     text = to_yaml(docs, header)
     problems = __import__("towerlab.launch.k8s.validate", fromlist=["validate_text"]).validate_text(text, "rendered")
