@@ -1,4 +1,5 @@
-"""The `towerlab` command: train | sweep | compare | data prepare | recipes ls.
+"""The `towerlab` command: train | sweep | compare | data prepare | recipes ls (and, from cluster_cli.py, submit |
+jobs | k8s).
 
 User errors (ConfigError: a recipe typo, a wrong type, a missing file, an unreachable server) print one line and
 exit 2; a failed training run prints its cause and exits 1; anything else is a bug and keeps its traceback.
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     from towerlab import cli_runs
 
     cli_runs.register(sub)
+
+    from towerlab.cluster_cli import add_parsers as add_cluster_parsers
+
+    add_cluster_parsers(sub)  # submit, jobs, k8s
     return p
 
 

@@ -1,0 +1,128 @@
+"""What `towerlab submit` sends (no cluster needed): the staged working_dir and package, the entrypoint, the token
+sources, and the one-line errors for a wrong address or tracking URI (Ray's real JobSubmissionClient against a
+closed port)."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+from importlib.metadata import version
+
+import pytest
+
+from towerlab.cli import main
+from towerlab.config import ConfigError
+from towerlab.launch.jobs import (Jobs, build_spec, check_tracking_uri, pinned_requirements, read_token, staged,
+                                  submission_id)
+
+
+def _project(tmp_path):
+    root = tmp_path / "proj"
+    for rel in ("recipes/debug.yaml", "sweeps/s.yaml", ".git/HEAD", ".venv/bin/python", "data/digits/part-0.parquet",
+                "results/run/ckpt", "mlruns/0/meta.yaml", "mlruns.db", "mlartifacts/1/a", "notes/data/keep.txt",
+                "recipes/__pycache__/x.pyc", "platform/towerlab/__init__.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    return root
+
+
+def _files(d):
+    return {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+
+
+def test_staged_working_dir_leaves_out_stores_data_and_results(tmp_path):
+    root = _project(tmp_path)
+    with staged(root) as (work, pkg):
+        assert _files(work) == {"recipes/debug.yaml", "sweeps/s.yaml", "notes/data/keep.txt"}
+        files = _files(pkg)
+        # the package keeps its own data/ subpackage: only the project root's data/ is excluded
+        assert {"__init__.py", "cli.py", "data/pipeline.py", "launch/jobs.py"} <= files
+        assert not any("__pycache__" in f for f in files)
+        staging = work.parent
+    assert not staging.exists()  # removed after the upload
+
+
+def test_build_spec_entrypoint_and_env(tmp_path):
+    root = _project(tmp_path)
+    spec = build_spec("train", "debug", str(root / "recipes/debug.yaml"), ["train.steps=5", "name=a b"], root,
+                      "http://mlflow:5000", now=0)
+    assert spec.submission_id == "towerlab-train-debug-19700101-000000"
+    assert shlex.split(spec.entrypoint) == ["python", "-m", "towerlab.cli", "train", "recipes/debug.yaml",
+                                            "train.steps=5", "name=a b", "--tracking-uri", "http://mlflow:5000",
+                                            "--no-progress"]
+    assert spec.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "pip" not in spec.runtime_env  # the cluster image provides the dependencies by default
+    sweep = build_spec("sweep", "Quick Start!", str(root / "sweeps/s.yaml"), [], root, "http://m:1", now=3661)
+    assert sweep.submission_id == "towerlab-sweep-quick-start-19700101-010101"
+    assert "--no-progress" not in sweep.entrypoint
+    with pytest.raises(ConfigError, match="outside the project directory"):
+        build_spec("train", "x", str(tmp_path / "elsewhere.yaml"), [], root, "http://m:1")
+
+
+def test_pinned_requirements_match_installed_versions():
+    pins = pinned_requirements()
+    import ray
+    import torch
+
+    assert f"ray[data,default,train,tune]=={ray.__version__}" in pins
+    assert f"torch=={torch.__version__}" in pins
+    assert f"mlflow=={version('mlflow')}" in pins
+    assert not any(p.startswith("pytest") for p in pins)  # test extras stay out
+    assert len(pins) == len(set(pins))
+
+
+def test_submission_id_is_readable():
+    assert submission_id("train", "digits_clip", now=86400 * 365) == "towerlab-train-digits-clip-19710101-000000"
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert read_token() is None
+    f = tmp_path / "token"
+    f.write_text("abc\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(f))
+    assert read_token() == "abc"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env")
+    assert read_token() == "env"  # RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH, as in Ray
+    g = tmp_path / "flag"
+    g.write_text("flag")
+    assert read_token(str(g)) == "flag"  # the flag wins
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_token(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("uri,match", [(None, "needs an MLflow tracking server"),
+                                       ("sqlite:///x.db", "this machine's disk"), ("mlruns", "this machine's disk"),
+                                       ("http://u:p@host:5000", "holds credentials")])
+def test_tracking_uri_must_be_a_server_without_credentials(uri, match):
+    with pytest.raises(ConfigError, match=match):
+        check_tracking_uri(uri)
+    assert check_tracking_uri("https://mlflow.example:443") == "https://mlflow.example:443"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_is_one_line(repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    port = _closed_port()
+    rc = main(["submit", "train", "recipes/debug.yaml", "--address", f"http://127.0.0.1:{port}",
+               "--tracking-uri", "http://127.0.0.1:5000"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"Ray dashboard at http://127.0.0.1:{port} is unreachable" in err and len(err.strip().splitlines()) <= 2
+    with pytest.raises(ConfigError, match="GCS port"):
+        Jobs("127.0.0.1:6379")
+
+
+def test_recipe_typo_fails_before_contacting_the_cluster(repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    rc = main(["submit", "train", "recipes/debug.yaml", "train.stepz=3", "--address", "http://127.0.0.1:1",
+               "--tracking-uri", "http://127.0.0.1:5000"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "unreachable" not in err
