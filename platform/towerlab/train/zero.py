@@ -47,6 +47,12 @@ def zero_section(r: Recipe) -> dict:
             zero["allgather_bucket_size"] = t.reduce_bucket_size
     if t.zero_stage == 3:
         zero.update({"stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD, "sub_group_size": t.sub_group_size,
+                     # DeepSpeed's defaults (1e9 elements) let every gathered parameter stay live for reuse in the
+                     # backward pass, up to the whole model per worker; bounded here like the buckets (on 2 CPU
+                     # workers the measured peak did not change with it: benchmarks/results/zero_memory.json)
+                     "stage3_max_live_parameters": t.reduce_bucket_size,
+                     "stage3_max_reuse_distance": t.reduce_bucket_size,
+                     "stage3_prefetch_bucket_size": t.reduce_bucket_size,
                      # towerlab saves with engine.save_checkpoint (shards) and exports with zero_to_fp32
                      "stage3_gather_16bit_weights_on_model_save": False})
     if t.offload_optimizer != "none":

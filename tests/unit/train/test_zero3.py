@@ -1,4 +1,4 @@
-"""ZeRO-3 against ZeRO-0 with two real gloo processes (DeepSpeed on CPU, no Ray): the debug two-tower built under
+"""ZeRO-3 (and ZeRO-2) against ZeRO-0 with two real gloo processes (DeepSpeed on CPU, no Ray): the debug two-tower built under
 deepspeed.zero.Init with per-block activation checkpointing trains to the same losses as ZeRO-0 without it, on the
 same seed and data (micro-batches of 4, so the feature cache accumulates 2 per step); the logit scale stays whole;
 a ZeRO-3 checkpoint (both ranks' shards in one directory, as Ray Train gathers them) round-trips model, optimizer and
@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, repo: str) -> None:
             "optim.lr=1e-2",
             "loss.max_logit_scale=10"]  # the scale starts at 1/0.07 = 14.29: the first clamp acts
     result: dict = {}
-    for stage, ckpt in ((0, False), (3, True)):
+    for stage, ckpt in ((0, False), (2, False), (3, True)):
         recipe = load_recipe(os.path.join(repo, "recipes", "debug.yaml"),
                              [*base, f"train.zero_stage={stage}", f"model.grad_checkpointing={str(ckpt).lower()}"])
         engine = _engine(recipe, rank, world)
@@ -130,8 +130,8 @@ def test_zero3_matches_zero0_and_checkpoint_round_trips(tmp_path, repo_root):
     # the logged loss is the mean over ranks: identical on both ranks
     assert r0["stage0"] == r1["stage0"] and r0["stage3"] == r1["stage3"]
     assert r0["stage0"][-1] < r0["stage0"][0]  # it trains
-    for a, b in zip(r0["stage0"], r0["stage3"]):
-        assert abs(a - b) < 1e-4, (r0["stage0"], r0["stage3"])
+    for a, b, c in zip(r0["stage0"], r0["stage2"], r0["stage3"]):
+        assert abs(a - b) < 1e-4 and abs(a - c) < 1e-4, (r0["stage0"], r0["stage2"], r0["stage3"])
     # ZeRO-3 really partitioned: each rank holds about half of the elements; the towers' tensors are empty views
     assert r0["numel_local"] + r1["numel_local"] >= r0["numel_total"] > 1.8 * r0["numel_local"]
     assert all(tuple(shape) == (0,) for shape in r0["partitioned"]), r0["partitioned"]
@@ -140,6 +140,8 @@ def test_zero3_matches_zero0_and_checkpoint_round_trips(tmp_path, repo_root):
     # be undone by the next step from the unclamped master), identically for both stages
     assert r0["scale0"][0] <= math.log(10) + 1e-6
     assert r0["scale3"][0] == pytest.approx(r0["scale0"][0], abs=1e-6)
+    assert r0["scale2"][0] == pytest.approx(r0["scale0"][0], abs=1e-6)
+    assert r0["scale2"][1] is None or r0["scale2"][1] == pytest.approx(r0["scale2"][0], abs=1e-6)
     assert r0["scale3"][1] == pytest.approx(r0["scale3"][0], abs=1e-6)
     # round trip: a fresh engine restored from the shards continues exactly as the original
     assert r0["client_step"] == STEPS and r0["lr_restored"] and r1["lr_restored"]
