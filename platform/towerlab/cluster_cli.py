@@ -102,7 +102,10 @@ def failure_line(jobs, sid: str) -> str:
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
     from towerlab.launch.jobs import Jobs
 
-    t = Table("submission id", "status", "started (UTC)", "entrypoint")
+    t = Table(title="jobs, newest first")
+    for col in ("submission id", "status", "started (UTC)"):  # whole, so an id can be copied into `jobs logs|stop`
+        t.add_column(col, no_wrap=True)
+    t.add_column("entrypoint", overflow="fold")
     for j in Jobs(args.address, args.token_file).list():
         start = dt.datetime.fromtimestamp(j.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") \
             if j.start_time else "-"

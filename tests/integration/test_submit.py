@@ -86,7 +86,8 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
         shared = tmp_path / "shared"
-        train = run_cli(["submit", "train", "recipes/debug.yaml", "name=submitted", f"data.path={shared}/synthetic",
+        train = run_cli(["submit", "train", "recipes/debug.yaml", "name=submitted", "train.steps=4", "eval.every=4",
+                         "train.log_every=2", "train.checkpoint_every=4", f"data.path={shared}/synthetic",
                          f"train.storage_path={shared}/results", *cluster,
                          "--tracking-uri", mlflow_server, "--follow"], cwd=proj, env=clean, timeout=600)
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
@@ -123,7 +124,7 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         exps = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(exps, "tags.`towerlab.run_name` = 'submitted'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert runs[0].data.params["train.steps"] == "10" and "eval/zeroshot_top1" in runs[0].data.metrics
+        assert runs[0].data.params["train.steps"] == "4" and "eval/zeroshot_top1" in runs[0].data.metrics
         parent = client.search_runs(exps, "tags.`towerlab.sweep` = 'two' and tags.`towerlab.role` = 'sweep'")
         assert len(parent) == 1 and parent[0].info.status == "FINISHED"
         kids = client.search_runs(exps, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
