@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.utils.data as tud
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64  # per consumer
@@ -140,7 +141,7 @@ def ray_data_run(recipe, manifest, epochs: int, out: Path) -> list[dict]:
     return [json.loads((out / f"ray-{r}.json").read_text()) for r in range(2)]
 
 
-class ShardRows:
+class ShardRows(tud.IterableDataset):
     """An IterableDataset over some Parquet shards: each DataLoader worker reads its files, shuffles its rows per
     epoch and yields preprocessed batches (the usual fast DataLoader layout for sharded data)."""
 
@@ -149,7 +150,6 @@ class ShardRows:
 
     def __iter__(self):
         import pyarrow.parquet as pq
-        import torch.utils.data as tud
 
         info = tud.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -162,6 +162,15 @@ class ShardRows:
 
 
 def _torch_consumer(files, recipe, manifest_dir, workers, epochs, q):
+    try:
+        q.put(_torch_consume(files, recipe, manifest_dir, workers, epochs))
+    except BaseException:
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def _torch_consume(files, recipe, manifest_dir, workers, epochs) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
@@ -187,7 +196,7 @@ def _torch_consumer(files, recipe, manifest_dir, workers, epochs, q):
                 continue
             waited += now - t
             samples += len(b["label"])
-    q.put({"samples": samples, "seconds": time.perf_counter() - start, "waiting_s": waited})
+    return {"samples": samples, "seconds": time.perf_counter() - start, "waiting_s": waited}
 
 
 def dataloader_run(recipe, manifest, procs: int, epochs: int) -> list[dict]:
@@ -202,6 +211,9 @@ def dataloader_run(recipe, manifest, procs: int, epochs: int) -> list[dict]:
     res = [q.get(timeout=600) for _ in ps]
     for p in ps:
         p.join()
+    for r in res:
+        if "error" in r:
+            raise RuntimeError(f"a DataLoader consumer failed:\n{r['error']}")
     return res
 
 
