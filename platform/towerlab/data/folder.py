@@ -82,7 +82,8 @@ def _validate(entries: list[Entry], images: Path, captions_file: Path, report: R
             if len(report.examples) < EXAMPLES:
                 report.examples.append(f"{captions_file.name} line {e.line}: {problem} ({e.image})")
             continue
-        good.append({"entry": e, "image": data, "sha256": hashlib.sha256(data).hexdigest()})
+        # the bytes are read again when their shard is written: holding every image would not fit for big folders
+        good.append({"entry": e, "path": path, "sha256": hashlib.sha256(data).hexdigest()})
     report.records, report.valid = len(entries), len(good)
     return good
 
@@ -106,13 +107,14 @@ def _duplicates(good: list[dict], report: Report) -> None:
 def _split(good: list[dict], heldout: float) -> dict[str, list[dict]]:
     """Held-out records by image hash order (whole groups of identical images); both splits keep file order."""
     target = round(len(good) * heldout)
+    per_hash = Counter(g["sha256"] for g in good)
     chosen: set[str] = set()
     taken = 0
-    for h in sorted({g["sha256"] for g in good}):
+    for h in sorted(per_hash):
         if taken >= target:
             break
         chosen.add(h)
-        taken += sum(g["sha256"] == h for g in good)
+        taken += per_hash[h]
     return {"train": [g for g in good if g["sha256"] not in chosen],
             "heldout": [g for g in good if g["sha256"] in chosen]}
 
@@ -130,6 +132,15 @@ def _fingerprint(captions_file: Path, good: list[dict], settings: dict) -> str:
         h.update(g["sha256"].encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _row(rec: dict, label_ids: dict[str, int]) -> dict:
+    e: Entry = rec["entry"]
+    data = rec["path"].read_bytes()
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise ConfigError(f"{rec['path']} changed while the dataset was being prepared: run the command again")
+    return {"id": e.line, "image": data, "caption": e.captions[0], "captions": e.captions,
+            "label": label_ids.get(e.label, -1)}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -200,15 +211,13 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
         entries[split] = []
         for k in range(0, len(recs), shard_size):
             rel = f"{split}/part-{k // shard_size:05d}.{EXTENSION[fmt]}"
-            rows = [{"id": r["entry"].line, "image": r["image"], "caption": r["entry"].captions[0],
-                     "captions": r["entry"].captions, "label": label_ids.get(r["entry"].label, -1)}
-                    for r in recs[k:k + shard_size]]
+            part = recs[k:k + shard_size]
             prev = known.get(rel)
-            reused = (prev is not None and prev.get("rows") == len(rows) and (out / rel).is_file()
+            reused = (prev is not None and prev.get("rows") == len(part) and (out / rel).is_file()
                       and sha256_file(out / rel) == prev["sha256"])
             if not reused:
-                write_shard(rows, out / rel, fmt)
-            entry = {"file": rel, "rows": len(rows), "sha256": prev["sha256"] if reused else sha256_file(out / rel),
+                write_shard([_row(r, label_ids) for r in part], out / rel, fmt)
+            entry = {"file": rel, "rows": len(part), "sha256": prev["sha256"] if reused else sha256_file(out / rel),
                      "bytes": (out / rel).stat().st_size}
             entries[split].append(entry)
             state["shards"][rel] = entry
