@@ -32,7 +32,7 @@ storage_path: {shared}/sweeps
 overrides: [train.steps=4, train.log_every=2, eval.every=4, train.checkpoint_every=4, data.path={shared}/synthetic]
 space:
   loss.temperature_init: {{grid: [0.05, 0.2]}}
-metric: eval/zeroshot_top1
+metric: eval/zeroshot/top1
 mode: max
 max_concurrent_trials: 2
 workers_per_trial: 1
@@ -86,6 +86,12 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
         shared = tmp_path / "shared"
+        # the sweep first, not followed: it runs beside the training job (worker start-ups overlap)
+        sweep_sub = run_cli(["submit", "sweep", "sweeps/two.yaml", *cluster, "--tracking-uri", mlflow_server],
+                            cwd=proj, env=clean, timeout=300)
+        assert sweep_sub.returncode == 0, sweep_sub.stdout[-3000:] + sweep_sub.stderr[-3000:]
+        sweep_id = sweep_sub.stdout.split("submitted ")[1].split()[0]
+        assert sweep_id.startswith("towerlab-sweep-two-")
         train = run_cli(["submit", "train", "recipes/debug.yaml", "name=submitted", "train.steps=4", "eval.every=4",
                          "train.log_every=2", "train.checkpoint_every=4", f"data.path={shared}/synthetic",
                          f"train.storage_path={shared}/results", *cluster,
@@ -107,8 +113,7 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         _lap("failing job")
         assert "/nonexistent/shards" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
-        sweep = run_cli(["submit", "sweep", "sweeps/two.yaml", *cluster, "--tracking-uri", mlflow_server,
-                         "--follow"], cwd=proj, env=clean, timeout=600)
+        sweep = run_cli(["jobs", "logs", sweep_id, "--follow", *cluster], cwd=proj, env=clean, timeout=600)
         assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
         assert "2 trials, 0 failed" in sweep.stdout.replace("\n", " ")
         _lap("sweep job")
@@ -124,7 +129,7 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         exps = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(exps, "tags.`towerlab.run_name` = 'submitted'")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert runs[0].data.params["train.steps"] == "4" and "eval/zeroshot_top1" in runs[0].data.metrics
+        assert runs[0].data.params["train.steps"] == "4" and "eval/zeroshot/top1" in runs[0].data.metrics
         parent = client.search_runs(exps, "tags.`towerlab.sweep` = 'two' and tags.`towerlab.role` = 'sweep'")
         assert len(parent) == 1 and parent[0].info.status == "FINISHED"
         kids = client.search_runs(exps, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
