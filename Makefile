@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.towerlab-installed
 # resolved together with other packages could pull a multi-GB CUDA build instead.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup demo test test-system test-unit bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: setup
 	$(BIN)/towerlab data prepare digits --out data/digits
 	$(BIN)/towerlab train recipes/digits_clip.yaml
 
-test: setup
+# Debian's Chromium for the MLflow UI test (headless); installed when missing (needs root and apt)
+test-system:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: setup test-system
 	$(BIN)/python -m pytest -q
 
 test-unit: setup

