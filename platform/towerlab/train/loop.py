@@ -156,7 +156,8 @@ def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Te
     the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
     DeepSpeed steps at its accumulation boundary after the k-th backward."""
     micro = [expand_positives(b) for b in micro]  # k captions per image -> k positive pairs per image
-    inputs = [{"image": b["image"], "text": b["text"]} for b in micro]
+    towers = engine.module.model.towers
+    inputs = [{m: b[m] for m in towers if m in b} for b in micro]  # image, text and (synthetic3) signal
     if len(micro) == 1:
         out = engine(inputs[0], labels=micro[0]["label"], step=step)
         engine.backward(out["loss"])

@@ -67,6 +67,11 @@ def validate(r: Recipe) -> None:
     if r.data.source in ("parquet", "webdataset") and not r.data.path:
         raise ConfigError(f"data.source={r.data.source} needs data.path: a directory from `towerlab data prepare`")
     validate_data(r.data)
+    towers = ["image", "text"] + (["signal"] if r.model.signal.dim else [])
+    missing = [m for m in r.loss.modalities if m not in towers]
+    if missing:
+        raise ConfigError(f"loss.modalities={list(r.loss.modalities)}: the model has no tower for {missing} (it has "
+                          f"{towers}); a 'signal' tower needs model.signal.dim > 0 and data.source=synthetic3")
     v = r.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size="
