@@ -85,3 +85,19 @@ def test_recipe_typo_is_one_line(repo_root, tmp_path):
     assert out.returncode == 2
     assert "unknown key 'optim.lrr'. Did you mean 'lr'?" in out.stderr.replace("\n", " ")
     assert "Traceback" not in out.stderr
+
+
+def test_three_towers_train_symile(repo_root, tmp_path, ray_cluster, mlflow_server):
+    """recipes/synthetic3.yaml: image, caption and signal towers trained together by Symile on 2 workers."""
+    out = run_cli(["train", str(repo_root / "recipes" / "synthetic3.yaml"), "name=three", "train.steps=30",
+                   "train.log_every=5", "eval.every=30", "--no-progress", "--tracking-uri", mlflow_server],
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    run, = client.search_runs([client.get_experiment_by_name("towerlab").experiment_id],
+                              "tags.`towerlab.run_name` = 'three'")
+    assert run.info.status == "FINISHED" and run.data.params["loss.modalities"] == "['image', 'text', 'signal']"
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    signal = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_signal")}
+    assert loss[30] < loss[5] and signal[30] < signal[5], (loss, signal)  # the signal tower learns too
+    assert run.data.metrics["eval/zeroshot/top1"] > 0.25  # 8 classes: chance is 0.125

@@ -64,11 +64,21 @@ class TextConfig:
 
 
 @dataclass
+class SignalConfig:
+    """A third tower for a vector modality, "signal" (an MLP): the 3-modality losses (symile, gram) train on it."""
+
+    dim: int = 0  # features per record; 0: no signal tower
+    width: int = 64
+    layers: int = 2
+
+
+@dataclass
 class ModelConfig:
     arch: str = "debug"  # an architecture file in towerlab/models/archs/ (see `towerlab recipes archs`)
     embed_dim: int = 32
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
     grad_checkpointing: bool = False
 
 

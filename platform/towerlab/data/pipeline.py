@@ -57,6 +57,8 @@ class Preprocessor:
         }
         if "id" in batch:
             out["id"] = np.asarray(batch["id"], dtype=np.int64)
+        if "signal" in batch:  # a third modality's feature vectors (synthetic3): no preprocessing
+            out["signal"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["signal"]])
         return out
 
 

@@ -31,6 +31,8 @@ from towerlab.data.tokenizer import build_vocab
 MANIFEST = "manifest.json"
 FORMAT = "towerlab-shards/1"
 SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64())])
+# a third modality of the built-in synthetic3 source: one float vector per record (see data/synthetic.py)
+SIGNAL = pa.field("signal", pa.list_(pa.float32()))
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def _write_split(rows: list[dict], root: Path, split: str, shards: int) -> list[
     entries = []
     for k in range(n):
         part = rows[k::n]  # round-robin keeps every shard's class mix alike
-        table = pa.Table.from_pylist(part, schema=SCHEMA)
+        table = pa.Table.from_pylist(part, schema=SCHEMA.append(SIGNAL) if part and "signal" in part[0] else SCHEMA)
         rel = f"{split}/part-{k:05d}.parquet"
         pq.write_table(table, root / rel)
         entries.append({"file": rel, "rows": len(part), "sha256": sha256_file(root / rel)})
@@ -111,6 +113,10 @@ def write_dataset(out: str | os.PathLike, source: str, splits: dict[str, list[di
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         entries = {split: _write_split(rows, tmp, split, shards) for split, rows in splits.items()}
+        first = next((rows[0] for rows in splits.values() if rows), {})
+        if "signal" in first:
+            extra = {"columns": ["image", "caption", "label", "signal"], "signal_dim": len(first["signal"]),
+                     **(extra or {})}
         vocab_text = [r["caption"] for r in splits.get("train", [])]
         vocab_text += [p for prompts in classes.get("prompts", []) for p in prompts]
         fingerprint = hashlib.sha256(

@@ -21,6 +21,14 @@ def _synthetic(seed: int = 0, size: int | None = None) -> tuple[dict, dict]:
     return synthetic.records(seed, size or 2048), synthetic.classes()
 
 
+@SOURCES.register("synthetic3", help="synthetic plus a third modality, 'signal' (16 floats): for 3-modality losses")
+def _synthetic3(seed: int = 0, size: int | None = None) -> tuple[dict, dict]:
+    return synthetic.records(seed, size or 2048, signal_dim=SIGNAL_DIM), synthetic.classes()
+
+
+SIGNAL_DIM = 16
+
+
 def prepare(source: str, out: str | os.PathLike, shards: int = 4, seed: int = 0, size: int | None = None) -> Manifest:
     """Write built-in source `source` as shards under `out` (replacing what is there, atomically)."""
     splits, classes = SOURCES.get(source)(seed=seed, size=size)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from towerlab.config.schema import ModelConfig
-from towerlab.models.towers import TextTower, VisionTower, normalize
+from towerlab.models.towers import SignalTower, TextTower, VisionTower, normalize
 
 
 class ContrastiveModel(nn.Module):
@@ -30,6 +30,8 @@ class ContrastiveModel(nn.Module):
         self.towers = nn.ModuleDict({"image": VisionTower(cfg.vision, cfg.embed_dim), "text": TextTower(cfg.text, cfg.embed_dim)})
         for tower in self.towers.values():
             tower.transformer.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.signal.dim:
+            self.towers["signal"] = SignalTower(cfg.signal, cfg.embed_dim)
         # shape [1], not []: DeepSpeed's parameter broadcast views every parameter as bytes, which 0-d tensors refuse
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature_init)),
                                         requires_grad=learn_temperature)
@@ -40,7 +42,7 @@ class ContrastiveModel(nn.Module):
         return normalize(self.towers[modality](x))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Normalised features for every modality present in `inputs` (keys: image, text)."""
+        """Normalised features for every modality present in `inputs` (keys: image, text, signal)."""
         return {m: self.encode(m, x) for m, x in inputs.items()}
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from towerlab.config.schema import TextConfig, VisionConfig
+from towerlab.config.schema import SignalConfig, TextConfig, VisionConfig
 
 
 class _ZeroBiasLinear(nn.Linear):
@@ -120,6 +120,21 @@ class TextTower(nn.Module):
         # padding id is 0, so the EOT position is the count of non-zero ids minus one
         eot = (tokens != 0).sum(dim=1).clamp(min=1) - 1
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+
+class SignalTower(nn.Module):
+    """An MLP over a feature vector (the "signal" modality): `layers` x (Linear, GELU) at `width`, then LayerNorm
+    and a projection, like the other towers' heads."""
+
+    def __init__(self, cfg: SignalConfig, embed_dim: int):
+        super().__init__()
+        dims = [cfg.dim] + [cfg.width] * cfg.layers
+        self.mlp = nn.Sequential(*(m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.GELU())))
+        self.ln_final = nn.LayerNorm(dims[-1])
+        self.proj = nn.Parameter(dims[-1] ** -0.5 * torch.randn(dims[-1], embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(self.mlp(x)) @ self.proj
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

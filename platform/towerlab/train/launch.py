@@ -38,7 +38,7 @@ def ensure_data(recipe: Recipe) -> Manifest:
     path = data_dir(recipe)
     if recipe.data.source not in PREPARED and not (Path(path) / "manifest.json").exists():
         prepare(recipe.data.source, path, seed=0,
-                size=recipe.data.synthetic_size if recipe.data.source == "synthetic" else None)
+                size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
     manifest = read_manifest(path, verify=True, bad_shards=recipe.data.bad_shards)
     check_prepared(recipe, manifest)
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
@@ -59,6 +59,11 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
     if recipe.data.source in PREPARED and manifest.shard_format != recipe.data.source:
         raise ConfigError(f"data.source={recipe.data.source} but {manifest.uri} holds {manifest.shard_format} shards: "
                           f"set data.source={manifest.shard_format}")
+    if recipe.model.signal.dim and recipe.model.signal.dim != manifest.data.get("signal_dim"):
+        raise ConfigError(f"model.signal.dim={recipe.model.signal.dim} but {manifest.uri} has "
+                          + (f"signals of {manifest.data['signal_dim']} features: set model.signal.dim="
+                             f"{manifest.data['signal_dim']}" if "signal_dim" in manifest.data else
+                             "no 'signal' column: use data.source=synthetic3, or set model.signal.dim=0"))
     for name, ev in recipe.evals.items():
         if ev.type == "zeroshot" and ev.data in manifest.data["splits"] and not manifest.classes.get("prompts"):
             raise ConfigError(f"evals.{name} is a zero-shot evaluator but {manifest.uri} has no class labels: give the "
@@ -250,7 +255,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         status = "KILLED"
         raise
     except Exception as e:
-        if close_on_error or run.status() == "RUNNING":  # not yet closed KILLED by a sweep that stopped it
+        info = run.client.get_run(run.run_id)
+        # not when a sweep already closed it KILLED (it stopped the trial), nor over the workers' own diagnosis
+        if (close_on_error or info.info.status == "RUNNING") and "towerlab.failure" not in info.data.tags:
             run.set_tags({"towerlab.failure": root_cause(e)})
         raise
     finally:

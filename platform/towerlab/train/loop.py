@@ -31,6 +31,7 @@ from towerlab.train.zero import (clamp_logit_scale, construction, fix_logit_scal
                                  optimizer_args)
 
 CKPT_TAG = "ds"
+FAILURE_TAG = "towerlab.failure"
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -105,8 +106,11 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             window_samples += plan.global_batch
             if not all(torch.isfinite(v) for v in terms.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: "
-                                         f"{ {k: float(v) for k, v in terms.items()} }; lower optim.lr or check the data")
+                error = FloatingPointError(f"non-finite loss at step {step}: "
+                                           f"{ {k: float(v) for k, v in terms.items()} }; lower optim.lr or check the data")
+                # said here, where the cause is known: through Ray Train and Tune it arrives wrapped
+                run.set_tags({FAILURE_TAG: f"FloatingPointError: {error}"[:500]})
+                raise error
             metrics: dict[str, float] = {}
             last = step == total
             if step % recipe.train.log_every == 0 or last:
@@ -156,7 +160,8 @@ def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Te
     the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
     DeepSpeed steps at its accumulation boundary after the k-th backward."""
     micro = [expand_positives(b) for b in micro]  # k captions per image -> k positive pairs per image
-    inputs = [{"image": b["image"], "text": b["text"]} for b in micro]
+    towers = engine.module.model.towers
+    inputs = [{m: b[m] for m in towers if m in b} for b in micro]  # image, text and (synthetic3) signal
     if len(micro) == 1:
         out = engine(inputs[0], labels=micro[0]["label"], step=step)
         engine.backward(out["loss"])

@@ -67,6 +67,16 @@ def validate(r: Recipe) -> None:
     if r.data.source in ("parquet", "webdataset") and not r.data.path:
         raise ConfigError(f"data.source={r.data.source} needs data.path: a directory from `towerlab data prepare`")
     validate_data(r.data)
+    lo = 1.0 / r.loss.max_logit_scale
+    if not lo <= r.loss.temperature_init <= 1.0:
+        # the logit scale 1/tau is clamped to [1, max_logit_scale] after every step (as CLIP does)
+        raise ConfigError(f"loss.temperature_init={r.loss.temperature_init}: the logit scale 1/tau is kept in "
+                          f"[1, loss.max_logit_scale={r.loss.max_logit_scale:g}], so use a tau in [{lo:g}, 1]")
+    towers = ["image", "text"] + (["signal"] if r.model.signal.dim else [])
+    missing = [m for m in r.loss.modalities if m not in towers]
+    if missing:
+        raise ConfigError(f"loss.modalities={list(r.loss.modalities)}: the model has no tower for {missing} (it has "
+                          f"{towers}); a 'signal' tower needs model.signal.dim > 0 and data.source=synthetic3")
     v = r.model.vision
     if v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size="

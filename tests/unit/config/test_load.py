@@ -38,6 +38,8 @@ def test_variant_schema_is_typed():
         (["model.vision.patch_size=5"], "not a multiple of model.vision.patch_size=5"),
         (["train.zero_stage=4"], "ZeRO stages are 0, 1, 2, 3"),
         (["trainsteps"], "not of the form key.path=value"),
+        (["loss.temperature_init=5"], "use a tau in [0.01, 1]"),
+        (["loss.modalities=[image,text,audio]"], "no tower for ['audio']"),
     ],
 )
 def test_bad_input_is_one_clear_line(override, expected):
