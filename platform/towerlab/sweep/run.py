@@ -75,7 +75,11 @@ def run_trial(config: dict, ctx: dict) -> None:
     # PBT: Tune must hold the trial's checkpoints to hand them to other trials, so every Train report (with its
     # checkpoint) is forwarded to tune.report from this thread while the TorchTrainer runs in another
     if start is not None:
-        kwargs |= {"mlflow_run_id": _trial_run_id(ctx, trial_id), "start_checkpoint": start.path}
+        # a copy of our own: the trial that made it goes on and deletes its older checkpoints (num_to_keep)
+        own = Path(ctx["trials_dir"]) / f"{name}-start"
+        if not own.exists():
+            start.to_directory(str(own))
+        kwargs |= {"mlflow_run_id": _trial_run_id(ctx, trial_id), "start_checkpoint": str(own)}
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     done, failure = threading.Event(), []
 
@@ -137,10 +141,11 @@ def _mlflow_callback(uri: str, parent_run_id: str):
                 f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
             for r in runs:
                 if r.info.status not in unless:
-                    if reason and "towerlab.failure" not in r.data.tags:  # the trial's own root cause is better
-                        client.set_tag(r.info.run_id, "towerlab.failure", reason[:500])
-                    elif "towerlab.failure" in r.data.tags:  # stopped, not failed: the workers' death was ours
+                    failure = r.data.tags.get("towerlab.failure")
+                    if reason is None and failure:  # stopped, not failed: the workers' death was ours
                         client.delete_tag(r.info.run_id, "towerlab.failure")
+                    elif reason and not failure:  # the workers' or the trial's own diagnosis is better
+                        client.set_tag(r.info.run_id, "towerlab.failure", reason[:500])
                     client.set_terminated(r.info.run_id, status=status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -242,7 +247,7 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                                             metric=sweep.metric, mode=sweep.mode),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks,
                                           # PBT clones checkpoints of other trials: keep a few (Tune warns at <= 2)
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=3)),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
             )
         results = tuner.fit()
         errors = sum(1 for r in results if r.error is not None)
