@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from towerlab.config import ConfigError, Recipe
 from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
-from towerlab.data.pipeline import Preprocessor
+from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import class_embeddings, geometry, recall_at_k, topk_accuracy
 from towerlab.eval.plot import geometry_plot
 from towerlab.models import ContrastiveModel
@@ -114,10 +113,10 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
         raise ConfigError(f"evaluation data '{spec}': neither a split of {manifest.root} "
                           f"({', '.join(manifest.data['splits'])}) nor a directory with a manifest.json "
                           "(make one with `towerlab data prepare`)")
-    table = pq.ParquetDataset(source.files(split)).read(columns=["image", "caption", "label"])
+    # through the dataset's own reader: Parquet or WebDataset shards, a local path or a URI
+    rows = split_columns(source, split, ["image", "caption", "label"])
     if max_samples is not None:
-        table = table.slice(0, max_samples)
-    rows = table.to_pydict()
+        rows = {k: v[:max_samples] for k, v in rows.items()}
     x = pre(rows)
     _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
     prompts = source.classes["prompts"]
