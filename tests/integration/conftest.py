@@ -26,6 +26,12 @@ BIN = Path(sys.executable).parent
 
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 52366}  # a random port must not fall on a Ray default
 
+# Ray reads RAY_AUTH_MODE once per process, when its config is first touched: a test module that imports Ray's job
+# SDK while pytest collects would fix this process at "disabled" before the ray_cluster fixture runs, and in-process
+# clients of the cluster would then be refused. So the session's token is chosen here, before any test module loads.
+SESSION_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+os.environ.update(SESSION_AUTH)
+
 
 def free_port() -> int:
     while True:
@@ -58,7 +64,7 @@ def ray_cluster(tmp_path_factory):
     (`ray stop` would stop every Ray on the machine, other test sessions' included).
     """
     port, dash = free_port(), free_port()
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = dict(SESSION_AUTH)
     env = {**os.environ, **auth}
     env.pop("RAY_ADDRESS", None)
     root = tmp_path_factory.mktemp("ray")

@@ -176,6 +176,8 @@ class Jobs:
 
     def __init__(self, address: str | None, token_file: str | None = None):
         self.address = _address(address)
+        # Ray's SDK prefers RAY_API_SERVER_ADDRESS over the address it is given: make it the one chosen here
+        os.environ["RAY_API_SERVER_ADDRESS"] = self.address
         token = read_token(token_file)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         with self._errors():
