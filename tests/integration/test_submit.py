@@ -86,12 +86,6 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
         shared = tmp_path / "shared"
-        # the sweep first, not followed: it runs beside the training job (worker start-ups overlap)
-        sweep_sub = run_cli(["submit", "sweep", "sweeps/two.yaml", *cluster, "--tracking-uri", mlflow_server],
-                            cwd=proj, env=clean, timeout=300)
-        assert sweep_sub.returncode == 0, sweep_sub.stdout[-3000:] + sweep_sub.stderr[-3000:]
-        sweep_id = sweep_sub.stdout.split("submitted ")[1].split()[0]
-        assert sweep_id.startswith("towerlab-sweep-two-")
         train = run_cli(["submit", "train", "recipes/debug.yaml", "name=submitted", "train.steps=4", "eval.every=4",
                          "train.log_every=2", "train.checkpoint_every=4", f"data.path={shared}/synthetic",
                          f"train.storage_path={shared}/results", *cluster,
@@ -113,7 +107,8 @@ def test_submit_train_and_sweep_to_local_cluster(repo_root, tmp_path, mlflow_ser
         _lap("failing job")
         assert "/nonexistent/shards" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
-        sweep = run_cli(["jobs", "logs", sweep_id, "--follow", *cluster], cwd=proj, env=clean, timeout=600)
+        sweep = run_cli(["submit", "sweep", "sweeps/two.yaml", *cluster, "--tracking-uri", mlflow_server,
+                         "--follow"], cwd=proj, env=clean, timeout=600)
         assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
         assert "2 trials, 0 failed" in sweep.stdout.replace("\n", " ")
         _lap("sweep job")
