@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_result
+
 import numpy as np
 import torch.utils.data as tud
 
@@ -290,12 +292,7 @@ def main() -> None:
         "settings": {**vars(args), "batch_per_consumer": BATCH, "cpu_count": os.cpu_count(),
                      "wall_s": {"ray_incl_startup": ray_wall, "torch": torch_wall}},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    print(f"wrote {write_result(result, path=args.out)}")
 
 
 if __name__ == "__main__":

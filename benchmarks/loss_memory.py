@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "loss_memory.json"
 D = 512
@@ -220,11 +222,7 @@ def main() -> None:
         "results": results,
         "goals": goals,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_result(doc, path=out)}")
 
 
 def report(row: dict) -> None:

@@ -15,11 +15,12 @@ Writes benchmarks/results/overhead.json. Goal: ratio >= 0.90.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_result
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -105,9 +106,7 @@ def main() -> None:
               "arch": args.arch, "global_batch": args.batch, "stack_steps": args.steps, "stack_windows": windows,
               "workers": recipe.train.workers, "zero_stage": recipe.train.zero_stage, "cpus": os.cpu_count(),
               "torch": torch.__version__}
-    out = ROOT / "benchmarks" / "results" / "overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_result(result, "overhead")
     print(f"full stack {stack_sps:.0f} samples/s, bare PyTorch {bare_sps:.0f} samples/s: ratio {ratio:.2f} "
           f"(goal >= 0.90); vs a bare loop on pre-decoded, unaugmented data ({bare_pre_sps:.0f} samples/s): "
           f"{stack_sps / bare_pre_sps:.2f} -> {out}")

@@ -12,12 +12,13 @@ best configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_result
 
 from mlflow import MlflowClient
 
@@ -81,9 +82,7 @@ def main() -> None:
     result = {"grid": grid, "asha": asha, "trial_steps_ratio": ratio, "same_best_config": same,
               "same_best_metric": same_metric, "goal": 0.40,
               "steps_per_trial": args.steps, "cpus": os.cpu_count()}
-    out = ROOT / "benchmarks" / "results" / "sweep_efficiency.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = write_result(result, "sweep_efficiency")
     print(f"ASHA used {asha['trial_steps']} trial-steps vs the grid's {grid['trial_steps']}: ratio {ratio:.2f} "
           f"(goal <= 0.40); same best config: {same}, same best metric: {same_metric} ({asha['best_config']} vs {grid['best_config']}); wall "
           f"{asha['wall_s']:.0f} s vs {grid['wall_s']:.0f} s; median trial start-up "

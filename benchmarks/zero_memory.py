@@ -26,6 +26,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from _results import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "zero_memory.json"
 GiB = 1 << 30
@@ -171,11 +173,7 @@ def main() -> None:
 
 
 def _write(result: dict) -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, OUT)
-    print(f"wrote {OUT}")
+    print(f"wrote {write_result(result, path=OUT)}")
 
 
 if __name__ == "__main__":

@@ -116,14 +116,17 @@ def _report_with_checkpoint(queue):
     return ReportWithCheckpoint()
 
 
+def _trial_runs(client, parent_run_id: str, trial_id: str) -> list:
+    """The MLflow child runs of one trial under the sweep's parent run (one, unless a run was restarted)."""
+    return client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                              f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
 def _trial_run_id(ctx: dict, trial_id: str) -> str | None:
     """The trial's MLflow child run, to continue across PBT hand-overs (None before its first start)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(ctx["tracking_uri"])
-    runs = client.search_runs([client.get_run(ctx["parent_run_id"]).info.experiment_id],
-                              f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = "
-                              f"'{ctx['parent_run_id']}'", max_results=1)
+    runs = _trial_runs(MlflowClient(ctx["tracking_uri"]), ctx["parent_run_id"], trial_id)
     return runs[0].info.run_id if runs else None
 
 
@@ -136,10 +139,7 @@ def _mlflow_callback(uri: str, parent_run_id: str):
 
         def _close(self, trial, status: str, unless: tuple[str, ...], reason: str | None = None) -> None:
             client = MlflowClient(uri)
-            runs = client.search_runs(
-                [client.get_run(parent_run_id).info.experiment_id],
-                f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
-            for r in runs:
+            for r in _trial_runs(client, parent_run_id, trial.trial_id):
                 if r.info.status not in unless:
                     failure = r.data.tags.get("towerlab.failure")
                     if reason is None and failure:  # stopped, not failed: the workers' death was ours

@@ -99,6 +99,9 @@ class MlflowRun(NoopRun):
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
 
 def open_run(uri: str | None, run_id: str | None) -> NoopRun:
     """The tracker a worker uses: MLflow on rank 0 (uri and run id given), a no-op elsewhere."""

@@ -255,9 +255,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         status = "KILLED"
         raise
     except Exception as e:
-        info = run.client.get_run(run.run_id)
         # not when a sweep already closed it KILLED (it stopped the trial), nor over the workers' own diagnosis
-        if (close_on_error or info.info.status == "RUNNING") and "towerlab.failure" not in info.data.tags:
+        if (close_on_error or run.status() == "RUNNING") and "towerlab.failure" not in run.tags():
             run.set_tags({"towerlab.failure": root_cause(e)})
         raise
     finally:
