@@ -200,6 +200,27 @@ def cmd_recipes_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes_params(args: argparse.Namespace) -> int:
+    """The model's parameter names (what model.freeze patterns match), shapes and whether they train."""
+    import torch
+
+    from towerlab.train.loop import build_module
+    from towerlab.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with torch.device("meta"):
+        model = build_module(recipe, rank=0, world_size=1, load_weights=False).model
+    t = Table("parameter", "shape", "trains")
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        t.add_row(name, "x".join(map(str, p.shape)), "yes" if p.requires_grad else "[red]frozen[/red]")
+    console.print(t)
+    console.print(f"{trainable:,} of {total:,} parameters train")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="towerlab", description="Contrastive multimodal pretraining on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,8 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
-    r = sub.add_parser("recipes", help="list recipes").add_subparsers(dest="recipes_command", required=True)
+    r = sub.add_parser("recipes", help="list recipes; a recipe's parameters").add_subparsers(
+        dest="recipes_command", required=True)
     r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
+    rp = r.add_parser("params", help="a recipe's parameter names, shapes and which train (for model.freeze)")
+    rp.add_argument("recipe", help="recipe YAML file")
+    rp.add_argument("overrides", nargs="*", help="dotted overrides")
+    rp.set_defaults(func=cmd_recipes_params)
 
     from towerlab import cli_runs
 

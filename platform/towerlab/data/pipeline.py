@@ -30,8 +30,14 @@ class Preprocessor:
     (numpy): image [B, 3, S, S], text [B, L] (or [B, k, L] with k captions per image), label, id."""
 
     def __init__(self, vocab: list[str], image_size: int, context_length: int, vocab_size: int,
-                 augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1):
-        self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
+                 augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1,
+                 pretrained_text: str = ""):
+        if pretrained_text:  # a pretrained text tower reads its own tokenizer's ids, not the data's vocabulary
+            from towerlab.models.pretrained import HFTokenizer
+
+            self.tokenizer = HFTokenizer(pretrained_text, context_length)
+        else:
+            self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
         self.image_size = image_size
         self.augment = augment
         self.k = captions_per_image
@@ -65,7 +71,8 @@ class Preprocessor:
 def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_image: int = 1) -> Preprocessor:
     return Preprocessor(manifest.vocab, recipe.model.vision.image_size, recipe.model.text.context_length,
                         recipe.model.text.vocab_size, recipe.data.augment if train else None,
-                        seed=None if train else 0, captions_per_image=captions_per_image if train else 1)
+                        seed=None if train else 0, captions_per_image=captions_per_image if train else 1,
+                        pretrained_text=recipe.model.text.pretrained)
 
 
 # Below this many bytes of shards, the raw rows are read once and kept in Ray's object store: every epoch then

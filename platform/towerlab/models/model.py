@@ -2,15 +2,20 @@
 
 The scale is stored as t' = log t so that it stays positive; `clamp_logit_scale` keeps t <= max after every
 optimizer step (CLIP clamps at 100). Its initial value comes from the loss's temperature_init (t = 1/tau).
+
+A tower is built from the recipe's sizes, or loaded pretrained (`model.{vision,text}.pretrained`, see
+pretrained.py); `model.freeze` patterns then switch off the gradients of the parameters they name.
 """
 
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
 
+from towerlab.config.errors import ConfigError
 from towerlab.config.schema import ModelConfig
 from towerlab.models.towers import SignalTower, TextTower, VisionTower, normalize
 
@@ -23,13 +28,16 @@ class ContrastiveModel(nn.Module):
         bias_init: float | None = None,
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
+        load_weights: bool = True,
     ):
+        """`load_weights=False` builds pretrained towers from their configuration only (names and shapes, e.g. on
+        the meta device to check freeze patterns without reading weights)."""
         super().__init__()
         if temperature_init <= 0:
             raise ValueError(f"loss.temperature_init={temperature_init}: must be > 0")
-        self.towers = nn.ModuleDict({"image": VisionTower(cfg.vision, cfg.embed_dim), "text": TextTower(cfg.text, cfg.embed_dim)})
+        self.towers = nn.ModuleDict({"image": _vision(cfg, load_weights), "text": _text(cfg, load_weights)})
         for tower in self.towers.values():
-            tower.transformer.grad_checkpointing = cfg.grad_checkpointing
+            tower.set_grad_checkpointing(cfg.grad_checkpointing)
         if cfg.signal.dim:
             self.towers["signal"] = SignalTower(cfg.signal, cfg.embed_dim)
         # shape [1], not []: DeepSpeed's parameter broadcast views every parameter as bytes, which 0-d tensors refuse
@@ -37,6 +45,7 @@ class ContrastiveModel(nn.Module):
                                         requires_grad=learn_temperature)
         self.logit_bias = nn.Parameter(torch.full((1,), float(bias_init))) if bias_init is not None else None
         self.max_log_scale = math.log(max_logit_scale)
+        freeze(self, cfg.freeze)
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         return normalize(self.towers[modality](x))
@@ -48,6 +57,39 @@ class ContrastiveModel(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+
+def _vision(cfg: ModelConfig, load_weights: bool) -> nn.Module:
+    if not cfg.vision.pretrained:
+        return VisionTower(cfg.vision, cfg.embed_dim)
+    from towerlab.models.pretrained import vision_tower
+
+    return vision_tower(cfg.vision.pretrained, cfg.embed_dim, cfg.vision.image_size, load_weights)
+
+
+def _text(cfg: ModelConfig, load_weights: bool) -> nn.Module:
+    if not cfg.text.pretrained:
+        return TextTower(cfg.text, cfg.embed_dim)
+    from towerlab.models.pretrained import text_tower
+
+    return text_tower(cfg.text.pretrained, cfg.embed_dim, load_weights)
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Turn off the gradients of every parameter whose name matches one of `patterns` (fnmatch); returns their
+    names. A pattern that matches nothing is an error: it is a typo, or the model is not the one meant."""
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(fnmatch(n, pat) for n in names):
+            towers = sorted({".".join(n.split(".")[:2]) for n in names if n.startswith("towers.")})
+            raise ConfigError(f"model.freeze: {pat!r} matches no parameter; names start with {', '.join(towers)} "
+                              "(list them with `towerlab recipes params RECIPE`)")
+    frozen = []
+    for n, p in model.named_parameters():
+        if any(fnmatch(n, pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(n)
+    return frozen
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

@@ -77,7 +77,14 @@ class Transformer(nn.Module):
         return x
 
 
-class VisionTower(nn.Module):
+class _Tower(nn.Module):
+    transformer: Transformer
+
+    def set_grad_checkpointing(self, on: bool) -> None:
+        self.transformer.grad_checkpointing = on
+
+
+class VisionTower(_Tower):
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
@@ -100,7 +107,7 @@ class VisionTower(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
 
-class TextTower(nn.Module):
+class TextTower(_Tower):
     """Causal transformer over token ids; the sequence is pooled at its last non-padding token (the EOT token)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):

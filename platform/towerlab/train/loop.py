@@ -35,14 +35,17 @@ FAILURE_TAG = "towerlab.failure"
 RECIPE_FILE = "recipe.yaml"
 
 
-def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None) -> ContrastiveTrainModule:
+def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None,
+                 load_weights: bool = True) -> ContrastiveTrainModule:
     """The model and loss; given the DeepSpeed config under ZeRO-3, built inside deepspeed.zero.Init so every
-    parameter is partitioned as its module is constructed (no worker holds the whole model)."""
+    parameter is partitioned as its module is constructed (no worker holds the whole model). `load_weights=False`:
+    pretrained towers get their architecture only (for counting parameters on the meta device)."""
     torch.manual_seed(recipe.seed)  # identical initial weights on every rank
     lc = recipe.loss
     with construction(recipe, ds_config):
         model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
-                                 learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale)
+                                 learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale,
+                                 load_weights=load_weights)
         loss_fn = losses.build(**asdict(lc))
         return ContrastiveTrainModule(model, loss_fn, rank, world_size)
 

@@ -109,7 +109,7 @@ def count_params(recipe: Recipe) -> tuple[int, int]:
     from towerlab.train.loop import build_module
 
     with torch.device("meta"):
-        module = build_module(recipe, rank=0, world_size=1)
+        module = build_module(recipe, rank=0, world_size=1, load_weights=False)
     total = sum(p.numel() for p in module.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())
     return total, largest

