@@ -100,7 +100,9 @@ def test_three_towers_train_symile(repo_root, tmp_path, ray_cluster, mlflow_serv
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     signal = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_signal")}
     assert loss[30] < loss[5] and signal[30] < signal[5], (loss, signal)  # the signal tower learns too
-    assert run.data.metrics["eval/zeroshot/top1"] > 0.25  # 8 classes: chance is 0.125
+    # 8 classes: chance is 0.125, with a standard deviation of 0.016 over the 409 held-out records; 30 steps on 2
+    # workers (whose block order Ray Data does not fix) have given 0.22 to 0.3
+    assert run.data.metrics["eval/zeroshot/top1"] > 0.18
 
 
 def test_lit_minilm_trains_with_the_text_tower_locked(repo_root, tmp_path, ray_cluster, mlflow_server):

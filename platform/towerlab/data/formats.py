@@ -87,13 +87,19 @@ def wds_row(sample: dict) -> dict:
             "captions": json.dumps(meta["captions"]), "label": int(meta["label"])}
 
 
-def read_rows(fs, path: str, fmt: str, columns: list[str]) -> dict[str, list]:
-    """A whole shard as columns (evaluation splits, tests), through the dataset's pyarrow filesystem."""
+def read_table(fs, path: str, fmt: str, columns: list[str]) -> pa.Table:
+    """A whole shard as an Arrow table of `columns` (those it has), through the dataset's pyarrow filesystem."""
     if fmt == "parquet":
         with fs.open_input_file(path) as f:
             names = pq.read_schema(f).names
-            table = pq.read_table(f, columns=[c for c in columns if c in names])
-        return table.to_pydict()
+            return pq.read_table(f, columns=[c for c in columns if c in names])
+    return pa.table(read_rows(fs, path, fmt, columns))
+
+
+def read_rows(fs, path: str, fmt: str, columns: list[str]) -> dict[str, list]:
+    """A whole shard as columns (evaluation splits, tests), through the dataset's pyarrow filesystem."""
+    if fmt == "parquet":
+        return read_table(fs, path, fmt, columns).to_pydict()
     out: dict[str, list] = {c: [] for c in columns}
     with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         sample: dict = {}
