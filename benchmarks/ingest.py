@@ -6,7 +6,8 @@ prepared by `prepare_images` into Parquet shards. Both sides run the same `Prepr
 flip, colour jitter, random caption choice, token masking) over the same rows and deliver micro-batches to 2
 consumers that do nothing else, so the number is the ingest ceiling a training step would see.
 
-- Ray Data: `train_dataset` (read_parquet -> map_batches on `--procs` preprocessing actors) split by Ray Train
+- Ray Data: `train_dataset` (the raw rows, read once: by the driver into the object store below 256 MiB of shards,
+  as here, else streamed by read_parquet; -> map_batches on `--procs` preprocessing actors) split by Ray Train
   across a TorchTrainer of 2 workers, each iterating `epoch_batches` (local shuffle buffer, reseeded per epoch).
 - torch: 2 consumer processes, each a DataLoader over its half of the shards with `--procs / 2` worker processes
   that read their Parquet files, shuffle rows per epoch and yield preprocessed batches.
