@@ -139,9 +139,12 @@ def test_pbt_hands_the_best_checkpoint_on(repo_root, tmp_path, ray_cluster, mlfl
     temperature perturbed (x0.8 or x1.2), in its same MLflow child run."""
     # train/loss, not zero-shot accuracy: at scale 1 the loss stays near log(batch) while the other's falls
     f = _sweep_file(tmp_path, repo_root, "pbt2", "  loss.temperature_init: {grid: [0.05, 1.0]}\n",
+                    # synch: both trials are compared at step 10 whatever their start-up times (asynchronous, the
+                    # slow one was once handed the other's final step-30 checkpoint and had nothing left to train)
                     "scheduler: {name: pbt, perturbation_interval: 10, quantile_fraction: 0.5, "
-                    "resample_probability: 0.0}\nmax_concurrent_trials: 2\nworkers_per_trial: 1\n",
-                    overrides="train.steps=30, train.log_every=5, eval.every=10, train.checkpoint_every=10, "
+                    "resample_probability: 0.0, synch: true}\nmax_concurrent_trials: 2\nworkers_per_trial: 1\n",
+                    # one comparison, at step 10 (each synchronous pause restarts both trials' Train runs: ~25 s)
+                    overrides="train.steps=20, train.log_every=5, eval.every=10, train.checkpoint_every=10, "
                               "optim.warmup_steps=2, loss.learn_temperature=false",
                     metric="metric: train/loss\nmode: min")
     out = run_cli(["sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=900)
@@ -156,4 +159,4 @@ def test_pbt_hands_the_best_checkpoint_on(repo_root, tmp_path, ray_cluster, mlfl
     scales = {m.step: m.value for m in client.get_metric_history(hot.info.run_id, "train/logit_scale")}
     assert abs(scales[min(scales)] - 1.0) < 1e-4  # it started at its own temperature
     # ... and after the hand-over trains at 1/(0.05 x 0.8 or 1.2) = 16.7 or 25, up to the last step
-    assert max(scales) == 30 and min(abs(scales[30] - 1 / (0.05 * p)) for p in (0.8, 1.2)) < 1e-3, scales
+    assert max(scales) == 20 and min(abs(scales[20] - 1 / (0.05 * p)) for p in (0.8, 1.2)) < 1e-3, scales

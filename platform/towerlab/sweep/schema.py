@@ -37,6 +37,10 @@ class SchedulerConfig:
     perturbation_interval: int = 10
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
+    # pbt: wait at every interval until all running trials reach it, then compare (Tune's synchronous PBT). Off, a
+    # trial compares with whatever the others last reported, so one that is slow to start can be handed a checkpoint
+    # from a trial that has already finished, and has nothing left to train
+    synch: bool = False
 
 
 @dataclass

@@ -46,5 +46,5 @@ def scheduler(sweep: SweepConfig):
         mutation = domain(kind, values, False)
         return PopulationBasedTraining(
             time_attr="step", perturbation_interval=s.perturbation_interval, quantile_fraction=s.quantile_fraction,
-            resample_probability=s.resample_probability, hyperparam_mutations={PBT_KEY: mutation})
+            resample_probability=s.resample_probability, hyperparam_mutations={PBT_KEY: mutation}, synch=s.synch)
     return None

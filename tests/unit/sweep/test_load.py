@@ -60,10 +60,10 @@ def test_pbt_perturbs_the_temperature(tmp_path, repo_root):
     s = load_sweep(_write(tmp_path, repo_root,
                           "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
                           "space: {loss.temperature_init: {grid: [0.02, 0.5]}, optim.lr: {grid: [0.001]}}\n"
-                          "scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.5}\n"))
+                          "scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.5, synch: true}\n"))
     pbt = scheduler(s)
     assert type(pbt).__name__ == "PopulationBasedTraining"
-    assert pbt._perturbation_interval == 5 and pbt._quantile_fraction == 0.5
+    assert pbt._perturbation_interval == 5 and pbt._quantile_fraction == 0.5 and pbt._synch
     # only the temperature is perturbed, anywhere between the grid's extremes (the grid is the initial population)
     (key, dom), = pbt._hyperparam_mutations.items()
     assert key == "loss.temperature_init" and (dom.lower, dom.upper) == (0.02, 0.5)
