@@ -65,8 +65,7 @@ def recipe_for(data_dir: Path, procs: int, image_size: int):
     return load_recipe(None, [
         "data.source=parquet", f"data.path={data_dir}", f"data.global_batch={2 * BATCH}", "data.shuffle_buffer=512",
         f"data.preprocess_concurrency={procs}", f"model.vision.image_size={image_size}", "model.vision.patch_size=8",
-        "data.augment.flip=true", "data.augment.colour_jitter=true", "data.augment.token_mask=true",
-        "eval.zeroshot=false"])
+        "data.augment.flip=true", "data.augment.colour_jitter=true", "data.augment.token_mask=true"])
 
 
 def stage_costs(recipe, manifest, n: int = 300) -> dict[str, float]:

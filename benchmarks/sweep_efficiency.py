@@ -28,7 +28,7 @@ from towerlab.sweep.run import run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = """space:
   loss.name: {grid: [clip, siglip]}
-  loss.temperature_init: {grid: [0.01, 0.05, 0.2, 1.0, 3.0]}
+  loss.temperature_init: {grid: [0.01, 0.05, 0.2, 0.5, 1.0]}
 """
 
 

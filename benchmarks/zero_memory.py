@@ -60,7 +60,7 @@ def bench_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from towerlab.config import resolve_batch
-    from towerlab.train.engine import deepspeed_config
+    from towerlab.train.engine import deepspeed_config, release_shm_name
     from towerlab.train.loop import build_module, contrastive_step
     from towerlab.train.zero import clamp_logit_scale, keep_loss_tensors_whole, optimizer_args
 
@@ -73,6 +73,7 @@ def bench_worker(config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False,
                                       **optimizer_args(recipe, module, config["steps"], ds_config))
     keep_loss_tensors_whole(engine)
+    release_shm_name()
     v, t = recipe.model.vision, recipe.model.text
     g = torch.Generator().manual_seed(rank)
     n = plan.micro_batch

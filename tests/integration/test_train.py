@@ -16,8 +16,15 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def _shm_buffers() -> set[str]:
+    import glob
+
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_server):
     recipe = str(repo_root / "recipes" / "debug.yaml")
+    shm_before = _shm_buffers()
     # micro-batch 16 x 2 workers: 2 micro-batches per step through the feature cache
     first = run_cli(["train", recipe, "name=itest", "train.steps=10", "data.micro_batch=16", "--no-progress",
                      "--tracking-uri", mlflow_server], cwd=tmp_path)
@@ -55,6 +62,8 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
     assert _history(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
+    # DeepSpeed's CPU backend leaves a 69 MB /dev/shm file per worker behind unless the loop unlinks it
+    assert _shm_buffers() - shm_before == set()
 
 
 def test_failing_run_is_marked_failed(repo_root, tmp_path, ray_cluster, mlflow_server):

@@ -101,15 +101,17 @@ def _split_bytes(manifest: Manifest, split: str) -> int:
 
 def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 1):
     """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
+    import ray.data
+
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
     if _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
-        import ray.data
-
         fs, fmt = manifest.loc.fs, manifest.shard_format
         ds = ray.data.from_arrow([read_table(fs, f, fmt, manifest.columns) for f in manifest.files("train")])
     else:
         ds = read_split(manifest, "train")
-    return ds.map_batches(pre, batch_size=256, concurrency=recipe.data.preprocess_concurrency)
+    # tasks, at most preprocess_concurrency at once (Ray 2.51 deprecated map_batches' `concurrency` for this)
+    return ds.map_batches(pre, batch_size=256,
+                          compute=ray.data.TaskPoolStrategy(size=recipe.data.preprocess_concurrency))
 
 
 def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batches: int = 0) -> Iterator[dict]:

@@ -8,6 +8,9 @@ engine.backward(..., scale_wrt_gas=False).
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from towerlab.config import BatchPlan, Recipe
 from towerlab.train.zero import aio_section, zero_section
 
@@ -32,3 +35,23 @@ def deepspeed_config(r: Recipe, plan: BatchPlan) -> dict:
     if aio_section(r):
         cfg["aio"] = aio_section(r)
     return cfg
+
+
+def release_shm_name() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU backend, once every rank has mapped every buffer.
+
+    With all ranks on one machine, DeepSpeed's CPU communication backend maps a 69 MB file per rank,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (for its shared-memory allreduce),
+    and never unlinks it: every run leaked 69 MB of RAM per worker until reboot (4.2 GB after a day of tests here,
+    enough to tip a 1B-parameter benchmark into Ray's OOM killer). Each rank maps all the others' files while
+    DeepSpeed initialises, so after a barrier the names can go; the mappings live until the processes exit, however
+    they exit (a SIGKILLed worker included)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))

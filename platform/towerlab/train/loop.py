@@ -24,7 +24,7 @@ from towerlab.losses.feature_cache import feature_cache_backward
 from towerlab.data.pipeline import epoch_batches, expand_positives, preprocessor
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
-from towerlab.train.engine import deepspeed_config
+from towerlab.train.engine import deepspeed_config, release_shm_name
 from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import ContrastiveTrainModule
 from towerlab.train.zero import (clamp_logit_scale, construction, fix_logit_scale, keep_loss_tensors_whole,
@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
         model=module, config=ds_config, dist_init_required=False,
         **optimizer_args(recipe, module, total, ds_config))
     keep_loss_tensors_whole(engine)
+    release_shm_name()
 
     # data position: epoch and the micro-batches of it already consumed (a mid-epoch resume skips them)
     state = {"step": 0, "epoch": 0, "batch": 0}
