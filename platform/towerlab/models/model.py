@@ -75,21 +75,18 @@ def _text(cfg: ModelConfig, load_weights: bool) -> nn.Module:
     return text_tower(cfg.text.pretrained, cfg.embed_dim, load_weights)
 
 
-def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Turn off the gradients of every parameter whose name matches one of `patterns` (fnmatch); returns their
-    names. A pattern that matches nothing is an error: it is a typo, or the model is not the one meant."""
-    names = [n for n, _ in model.named_parameters()]
+def freeze(model: nn.Module, patterns: list[str]) -> None:
+    """Turn off the gradients of every parameter whose name matches one of `patterns` (fnmatch). A pattern that
+    matches nothing is an error: it is a typo, or the model is not the one meant."""
+    params = dict(model.named_parameters())
     for pat in patterns:
-        if not any(fnmatch(n, pat) for n in names):
-            towers = sorted({".".join(n.split(".")[:2]) for n in names if n.startswith("towers.")})
+        matched = [p for n, p in params.items() if fnmatch(n, pat)]
+        if not matched:
+            towers = sorted({".".join(n.split(".")[:2]) for n in params if n.startswith("towers.")})
             raise ConfigError(f"model.freeze: {pat!r} matches no parameter; names start with {', '.join(towers)} "
                               "(list them with `towerlab recipes params RECIPE`)")
-    frozen = []
-    for n, p in model.named_parameters():
-        if any(fnmatch(n, pat) for pat in patterns):
+        for p in matched:
             p.requires_grad_(False)
-            frozen.append(n)
-    return frozen
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:

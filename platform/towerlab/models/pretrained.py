@@ -42,12 +42,12 @@ def parse(spec: str, key: str, allowed: tuple[str, ...]) -> tuple[str, str]:
     return loader, name
 
 
-def resolve_hf(name: str, key: str = "pretrained") -> str:
+def resolve_hf(name: str) -> str:
     """Where transformers should load NAME from: a local directory, a packaged model's directory, or the Hub id."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
     if name in PACKAGED:
-        module, fn, pip_name = PACKAGED[name]
+        module, fn, _ = PACKAGED[name]
         try:
             return str(getattr(importlib.import_module(module), fn)())
         except ImportError:
@@ -67,6 +67,17 @@ def _hf_call(what, name: str, key: str, **kwargs):
         hint = f"; or `pip install {PACKAGED[name][2]}`, which ships it" if name in PACKAGED else ""
         raise ConfigError(f"{key}=hf:{name}: cannot load it ({str(e).splitlines()[0]}); give a local directory "
                           f"saved with save_pretrained, or a Hub id on a machine that can download{hint}") from None
+
+
+def _hf_encoder(name: str, key: str, load_weights: bool) -> nn.Module:
+    """The Hugging Face encoder without its pooler (the towers pool themselves: a pooler would hold parameters that
+    never get a gradient); with load_weights=False its architecture only (names and shapes, e.g. on the meta
+    device)."""
+    from transformers import AutoConfig, AutoModel
+
+    if load_weights:
+        return _hf_call(AutoModel, name, key, add_pooling_layer=False)
+    return AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
 
 
 def pooling_mode(path: str) -> str:
@@ -98,13 +109,7 @@ class _Pretrained(nn.Module):
 class HFTextTower(_Pretrained):
     def __init__(self, name: str, embed_dim: int, load_weights: bool = True, key: str = "model.text.pretrained"):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        # no pooler: the tower pools itself (BERT's pooler would be parameters that never get a gradient)
-        if load_weights:
-            self.encoder = _hf_call(AutoModel, name, key, add_pooling_layer=False)
-        else:  # the architecture only (names and shapes), e.g. on the meta device
-            self.encoder = AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
+        self.encoder = _hf_encoder(name, key, load_weights)
         self.pad_id = int(self.encoder.config.pad_token_id or 0)
         self.pooling = pooling_mode(resolve_hf(name))
         hidden = self.encoder.config.hidden_size
@@ -126,12 +131,7 @@ class HFTextTower(_Pretrained):
 class HFVisionTower(_Pretrained):
     def __init__(self, name: str, embed_dim: int, load_weights: bool = True, key: str = "model.vision.pretrained"):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        if load_weights:
-            self.encoder = _hf_call(AutoModel, name, key, add_pooling_layer=False)
-        else:
-            self.encoder = AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
+        self.encoder = _hf_encoder(name, key, load_weights)
         hidden = self.encoder.config.hidden_size
         self.proj = nn.Parameter(hidden**-0.5 * torch.randn(hidden, embed_dim))
 
