@@ -59,24 +59,30 @@ def bench_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # noqa: F401  (imported before the baseline: "added" is the training state, not the import)
     import torch.distributed as dist
 
     from towerlab.config import resolve_batch
-    from towerlab.train.engine import deepspeed_config, release_shm_name
+    from towerlab.train.engine import deepspeed_config, initialize_engine
     from towerlab.train.loop import build_module, contrastive_step
-    from towerlab.train.zero import clamp_logit_scale, keep_loss_tensors_whole, optimizer_args
+    from towerlab.train.zero import clamp_logit_scale
 
     torch.set_num_threads(recipe.train.cpus_per_worker)
     base = _rss()
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     ds_config = deepspeed_config(recipe, plan)
+    phases = {}
+
+    def mark(name):  # RSS now and the high-water mark so far, to show where the peak is reached
+        phases[name] = {"rss_gib": round(_rss() / GiB, 3),
+                        "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 3)}
+
+    mark("start")
     module = build_module(recipe, rank, world, ds_config)
+    mark("built")
     params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-    engine, *_ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False,
-                                      **optimizer_args(recipe, module, config["steps"], ds_config))
-    keep_loss_tensors_whole(engine)
-    release_shm_name()
+    engine, *_ = initialize_engine(recipe, module, ds_config, config["steps"])
+    mark("initialized")
     v, t = recipe.model.vision, recipe.model.text
     g = torch.Generator().manual_seed(rank)
     n = plan.micro_batch
@@ -90,9 +96,10 @@ def bench_worker(config: dict) -> None:
         clamp_logit_scale(engine)
         times.append(time.perf_counter() - t0)
         losses.append(float(terms["loss"]))
+        mark(f"step{step}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     mine = {"rank": rank, "peak_gib": peak / GiB, "base_gib": base / GiB, "step_s": times, "loss": losses,
-            "params": params}
+            "params": params, "phases": phases}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:  # Ray Train V2 keeps metrics only with checkpoints: the (local) driver reads this file

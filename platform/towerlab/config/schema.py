@@ -122,8 +122,14 @@ class TrainConfig:
     offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO-Offload / ZeRO-Infinity; DeepSpeed's CPU Adam)
     offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
     nvme_path: str = "/tmp/towerlab-nvme"  # local disk for nvme offload (needs Debian's libaio-dev)
-    sub_group_size: int = 1_000_000_000  # ZeRO-3 optimizer step granularity; small (5e7) bounds offload buffers
-    reduce_bucket_size: int = 50_000_000  # elements per gradient bucket (DeepSpeed's 5e8 is a 2 GiB fp32 buffer)
+    # ZeRO-3 optimizer step granularity: the optimizer's temporaries (and with offload, its buffers) are one
+    # sub-group's size. DeepSpeed's 1e9 made them a whole partition: +0.55 GiB per worker for a 151M model on 2
+    # workers (benchmarks/zero_memory.py). 5e7 is what ZeRO-Infinity needs at 1B+ (part (a) there).
+    sub_group_size: int = 5_000_000
+    # elements per gradient bucket, and under ZeRO-3 the bound on gathered (live, prefetched) parameters. DeepSpeed's
+    # 5e8 is a 2 GiB fp32 buffer; 5e7 cost 0.2 GiB per worker more than 5e6 there, at the same speed on CPU
+    # (HF Transformers' "auto" uses hidden_size**2: 2M for ViT-g/14)
+    reduce_bucket_size: int = 5_000_000
     export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
 
 

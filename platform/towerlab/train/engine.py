@@ -1,4 +1,4 @@
-"""The DeepSpeed configuration a recipe implies.
+"""The DeepSpeed configuration a recipe implies, and the engine built from it (`initialize_engine`).
 
 fp32 on CPU (bf16 matmuls are slow there and DeepSpeed refuses fp16 on CPU), bf16 on GPU. DeepSpeed knows the
 accumulation count only to place its step boundary: the gradients of each micro-batch come from the feature cache
@@ -35,6 +35,23 @@ def deepspeed_config(r: Recipe, plan: BatchPlan) -> dict:
     if aio_section(r):
         cfg["aio"] = aio_section(r)
     return cfg
+
+
+def initialize_engine(r: Recipe, module, ds_config: dict, total_steps: int):
+    """deepspeed.initialize as every towerlab worker calls it, and what must follow it: the loss's tensors kept
+    whole under ZeRO-3, the optimizer's master weights aliased where DeepSpeed copies them needlessly, and the
+    CPU backend's shared-memory name released. Returns (engine, optimizer, lr_scheduler)."""
+    import deepspeed
+
+    from towerlab.train.zero import keep_loss_tensors_whole, optimizer_args, share_master_weights
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, config=ds_config, dist_init_required=False,
+        **optimizer_args(r, module, total_steps, ds_config))
+    keep_loss_tensors_whole(engine)
+    share_master_weights(engine)
+    release_shm_name()
+    return engine, optimizer, scheduler
 
 
 def release_shm_name() -> None:

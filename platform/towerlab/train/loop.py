@@ -24,11 +24,10 @@ from towerlab.losses.feature_cache import feature_cache_backward
 from towerlab.data.pipeline import epoch_batches, expand_positives, preprocessor
 from towerlab.models import ContrastiveModel
 from towerlab.tracking import NoopRun, open_run
-from towerlab.train.engine import deepspeed_config, release_shm_name
+from towerlab.train.engine import deepspeed_config, initialize_engine
 from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import ContrastiveTrainModule
-from towerlab.train.zero import (clamp_logit_scale, construction, fix_logit_scale, keep_loss_tensors_whole,
-                                 optimizer_args)
+from towerlab.train.zero import clamp_logit_scale, construction, fix_logit_scale
 
 CKPT_TAG = "ds"
 FAILURE_TAG = "towerlab.failure"
@@ -58,19 +57,13 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if recipe.train.use_gpu else "cpu")
-    import deepspeed
-
     if not recipe.train.use_gpu:
         torch.set_num_threads(recipe.train.cpus_per_worker)
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     total = recipe.train.steps
     ds_config = deepspeed_config(recipe, plan)
     module = build_module(recipe, rank, world, ds_config)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, config=ds_config, dist_init_required=False,
-        **optimizer_args(recipe, module, total, ds_config))
-    keep_loss_tensors_whole(engine)
-    release_shm_name()
+    engine, optimizer, scheduler = initialize_engine(recipe, module, ds_config, total)
 
     # data position: epoch and the micro-batches of it already consumed (a mid-epoch resume skips them)
     state = {"step": 0, "epoch": 0, "batch": 0}

@@ -11,9 +11,9 @@ accumulation x workers), the negatives each sample sees per step, and the per-wo
 
 Parameters are counted on the meta device, so planning a 1.4B model allocates nothing. The byte counts per
 parameter (ZeRO paper, Rajbhandari et al. 2020, with DeepSpeed's bookkeeping): bf16 params 2, grads 2 + 4 (fp32
-accumulation), optimizer 12 (fp32 master, Adam m and v); fp32 params 4, grads 4, optimizer 8 (torch AdamW at stage
-0) or 12 (DeepSpeed keeps an fp32 partition copy at stages 1-3). These are estimates; benchmarks/zero_memory.py
-measures the real peaks.
+accumulation), optimizer 12 (fp32 master, Adam m and v); fp32 params 4, grads 4, optimizer 8 (Adam m and v) or 12
+at stages 1-2 and with an offloaded optimizer (a separate fp32 partition copy; under ZeRO-3 towerlab aliases it to
+the parameters). These are estimates; benchmarks/zero_memory.py measures the real peaks.
 """
 
 from __future__ import annotations
@@ -115,16 +115,18 @@ def count_params(recipe: Recipe) -> tuple[int, int]:
     return total, largest
 
 
-def _bytes_per_param(prec: str, stage: int) -> tuple[int, int, int]:
+def _bytes_per_param(prec: str, stage: int, master_aliased: bool) -> tuple[int, int, int]:
     if prec == "bf16":
         return 2, 6, 12
-    return 4, 4, 8 if stage == 0 else 12
+    # fp32: Adam's two moments, plus under ZeRO 1-2 DeepSpeed's fp32 master copy; ZeRO-3 without optimizer offload
+    # has none (towerlab aliases it to the parameters: zero.share_master_weights)
+    return 4, 4, 8 if stage == 0 or master_aliased else 12
 
 
 def model_states(recipe: Recipe, params: int, largest: int, stage: int, world: int,
                  gpus_per_node: int = 8) -> ModelStates:
     prec = precision(recipe)
-    pb, gb, ob = _bytes_per_param(prec, stage)
+    pb, gb, ob = _bytes_per_param(prec, stage, stage == 3 and recipe.train.offload_optimizer == "none")
     p = params * pb / (world if stage >= 3 else 1)
     g = params * gb / (world if stage >= 2 else 1)
     o = params * ob / (world if stage >= 1 else 1)

@@ -34,12 +34,9 @@ def _batch(recipe, rank: int, world: int, step: int) -> list[dict]:
 
 
 def _engine(recipe, rank: int, world: int):
-    import deepspeed
-
     from towerlab.config import resolve_batch
-    from towerlab.train.engine import deepspeed_config
+    from towerlab.train.engine import deepspeed_config, initialize_engine
     from towerlab.train.loop import build_module
-    from towerlab.train.zero import keep_loss_tensors_whole, optimizer_args
 
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     cfg = deepspeed_config(recipe, plan)
@@ -48,9 +45,7 @@ def _engine(recipe, rank: int, world: int):
         # the 1-element logit scale, which must stay whole
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 1
     module = build_module(recipe, rank, world, cfg)
-    engine, *_ = deepspeed.initialize(model=module, config=cfg, dist_init_required=False,
-                                      **optimizer_args(recipe, module, 10, cfg))
-    keep_loss_tensors_whole(engine)
+    engine, *_ = initialize_engine(recipe, module, cfg, 10)
     return engine
 
 
@@ -93,6 +88,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, repo: str) -> None:
             result["partitioned"] = [tuple(p.shape) for p in engine.module.model.towers.parameters()][:3]
             result["numel_local"] = sum(p.ds_tensor.numel() for p in engine.module.parameters())
             result["numel_total"] = sum(p.ds_numel for p in engine.module.parameters())
+            opt = engine.optimizer  # fp32: the optimizer's master partitions are the parameter partitions
+            result["master_aliased"] = all(
+                m.untyped_storage().data_ptr() == lp.untyped_storage().data_ptr()
+                for lp, m in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat))
             ckdir = os.path.join(out_dir, "ckpt")
             engine.save_checkpoint(ckdir, tag="ds", client_state={"step": STEPS})
             dist.barrier()
@@ -138,6 +137,7 @@ def test_zero3_matches_zero0_and_checkpoint_round_trips(tmp_path, repo_root):
     assert r0["numel_local"] + r1["numel_local"] >= r0["numel_total"] > 1.8 * r0["numel_local"]
     assert all(tuple(shape) == (0,) for shape in r0["partitioned"]), r0["partitioned"]
     assert r0["scale_whole"] and r1["scale_whole"]
+    assert r0["master_aliased"] and r1["master_aliased"]  # ... and the parity above holds with them aliased
     # the clamp reached both the parameter and DeepSpeed's fp32 master copy (clamping the parameter alone would
     # be undone by the next step from the unclamped master), identically for both stages
     assert r0["scale0"][0] <= math.log(10) + 1e-6
