@@ -1,8 +1,11 @@
-"""ZeRO memory on this machine: peak memory per Ray Train worker (2 CPU workers, DeepSpeed over gloo, fp32).
+"""ZeRO memory on this machine: peak memory per Ray Train worker (CPU workers, DeepSpeed over gloo, fp32).
 
 (b) stages: the same two-tower model (ViT-B/32-class towers at a small image size, ~150M parameters) trained a few
-    steps under ZeRO stages 0, 2 and 3; per-worker peak RSS, and the part of it the training added (peak minus the
-    worker's RSS before the model was built), as ratios to stage 0 measured in the same run. Goal: stage 3 <= 0.55x.
+    steps under ZeRO stages 0, 2 and 3, on 2 workers and again on 4 (2 samples per worker either way); per-worker
+    peak RSS, and the part of it the training added (peak minus the worker's RSS before the model was built), as
+    ratios to stage 0 on as many workers, measured in the same run. Goal: stage 3 <= 0.55x. Each worker's RSS and
+    high-water mark after building, after deepspeed.initialize and after every step are kept (`phases`): where the
+    peak is reached.
 (a) billion: a >= 1.0B-parameter two-tower (ViT-g/14 towers at image size 56, context 16: 1.36B parameters) trains
     2 steps under ZeRO-Infinity (ZeRO-3 built under zero.Init, optimizer state offloaded to local disk through
     DeepSpeed's AdamW and libaio, sub_group_size 5e7); per-worker peak GiB and seconds per step.
@@ -15,10 +18,10 @@ Every run goes through the platform's own pieces: the recipe loader, deepspeed_c
 TorchTrainer on a local Ray. Inputs are random tensors made in each worker (no Ray Data): the point is the model
 state, not ingest. Nothing is checkpointed.
 
-    .venv/bin/python benchmarks/zero_memory.py [--part b|a|both] [--steps 3]
+    .venv/bin/python benchmarks/zero_memory.py [--part b|a|both] [--steps 3] [--workers 2,4]
 
-Writes benchmarks/results/zero_memory.json (each part updates its own key). Part (a) needs about 9 GiB per worker
-and Debian's libaio-dev; run it when nothing else big is running.
+Writes benchmarks/results/zero_memory.json (each part updates its own keys: `stages` for 2 workers, `stages_4_workers`,
+`billion`). Part (a) needs about 9 GiB per worker and Debian's libaio-dev; run it when nothing else big is running.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def bench_worker(config: dict) -> None:
         os.replace(tmp, config["out"])
 
 
-def run(overrides: list[str], steps: int, storage: str) -> dict:
+def run(overrides: list[str], steps: int, storage: str, workers: int = 2) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -117,41 +120,42 @@ def run(overrides: list[str], steps: int, storage: str) -> dict:
     from towerlab.train.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml",
-                         ["train.workers=2", "data.global_batch=4", "eval.every=1000", *overrides])
+                         [f"train.workers={workers}", f"data.global_batch={2 * workers}", "eval.every=1000",
+                          *overrides])
     init_ray(recipe.train.workers * recipe.train.cpus_per_worker + 1)
     out = os.path.join(storage, f"workers-{len(os.listdir(storage))}.json")
     trainer = TorchTrainer(
         bench_worker, train_loop_config={"recipe": recipe, "steps": steps, "out": out},
         scaling_config=ray.train.ScalingConfig(num_workers=recipe.train.workers, use_gpu=False,
                                                resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"zero-{abs(hash(tuple(overrides)))}", storage_path=storage))
+        run_config=ray.train.RunConfig(name=f"zero-{workers}w-{abs(hash(tuple(overrides)))}", storage_path=storage))
     trainer.fit()
     with open(out) as f:
-        workers = json.load(f)
+        reports = json.load(f)
     return {
-        "params": workers[0]["params"],
-        "peak_gib_per_worker": max(w["peak_gib"] for w in workers),
-        "added_gib_per_worker": max(w["peak_gib"] - w["base_gib"] for w in workers),
-        "s_per_step": [round(s, 2) for s in workers[0]["step_s"]],
-        "loss": workers[0]["loss"],
-        "workers": workers,
+        "params": reports[0]["params"],
+        "peak_gib_per_worker": max(w["peak_gib"] for w in reports),
+        "added_gib_per_worker": max(w["peak_gib"] - w["base_gib"] for w in reports),
+        "s_per_step": [round(s, 2) for s in reports[0]["step_s"]],
+        "loss": reports[0]["loss"],
+        "phases": reports[0]["phases"],
     }
 
 
-def part_b(steps: int, storage: str) -> dict:
-    out: dict = {"model": " ".join(STAGE_MODEL), "stages": {}}
+def part_b(steps: int, storage: str, workers: int) -> dict:
+    out: dict = {"model": " ".join(STAGE_MODEL), "workers": workers, "stages": {}}
     for stage in (0, 2, 3):
-        r = run([*STAGE_MODEL, f"train.zero_stage={stage}"], steps, storage)
+        r = run([*STAGE_MODEL, f"train.zero_stage={stage}"], steps, storage, workers)
         out["stages"][str(stage)] = {k: r[k] for k in ("params", "peak_gib_per_worker", "added_gib_per_worker",
-                                                       "s_per_step", "loss")}
-        print(f"ZeRO-{stage}: {r['params']:,} parameters, peak {r['peak_gib_per_worker']:.2f} GiB per worker "
+                                                       "s_per_step", "loss", "phases")}
+        print(f"{workers} workers, ZeRO-{stage}: {r['params']:,} parameters, peak {r['peak_gib_per_worker']:.2f} GiB per worker "
               f"({r['added_gib_per_worker']:.2f} GiB added by training), s/step {r['s_per_step']}", flush=True)
     s0 = out["stages"]["0"]
     for stage in ("2", "3"):
         s = out["stages"][stage]
         s["ratio_peak_to_stage0"] = round(s["peak_gib_per_worker"] / s0["peak_gib_per_worker"], 3)
         s["ratio_added_to_stage0"] = round(s["added_gib_per_worker"] / s0["added_gib_per_worker"], 3)
-        print(f"ZeRO-{stage} / ZeRO-0 per worker: peak {s['ratio_peak_to_stage0']}x, added "
+        print(f"{workers} workers, ZeRO-{stage} / ZeRO-0 per worker: peak {s['ratio_peak_to_stage0']}x, added "
               f"{s['ratio_added_to_stage0']}x", flush=True)
     out["goal"] = "stage 3 <= 0.55x stage 0 per worker"
     out["goal_met_peak"] = out["stages"]["3"]["ratio_peak_to_stage0"] <= 0.55
@@ -171,16 +175,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["a", "b", "both"], default="both")
     ap.add_argument("--steps", type=int, default=3, help="steps per stage in part (b); part (a) always runs 2")
+    ap.add_argument("--workers", default="2,4", help="worker counts for part (b), comma-separated")
     ap.add_argument("--nvme", default="/tmp/towerlab-nvme", help="directory for the offloaded optimizer state")
     args = ap.parse_args()
     # glibc returns freed blocks above this size to the system at once. Its default threshold adapts upwards, and
     # ZeRO-3's gather/free cycles then fragment the heap: the 1.37B run of part (a) grew to 10 GiB per worker and was
     # OOM-killed; with 128 KiB it peaked at 7.5 GiB. Inherited by the local Ray's workers, started below.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    counts = [int(n) for n in args.workers.split(",")]
+    from towerlab.train.launch import init_ray
+
+    init_ray(max(counts) + 1)  # one local Ray for every run: room for the most workers (1 CPU each) asked for
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as storage:
-        if args.part in ("b", "both"):
-            result["stages"] = {**part_b(args.steps, storage), "malloc_mmap_threshold": _mmap_threshold()}
+        for n in counts if args.part in ("b", "both") else []:
+            key = "stages" if n == 2 else f"stages_{n}_workers"
+            result[key] = {**part_b(args.steps, storage, n), "malloc_mmap_threshold": _mmap_threshold()}
             _write(result)
         if args.part in ("a", "both"):
             result["billion"] = {**part_a(2, storage, args.nvme), "malloc_mmap_threshold": _mmap_threshold()}
