@@ -11,14 +11,16 @@
     DeepSpeed's AdamW and libaio, sub_group_size 5e7); per-worker peak GiB and seconds per step.
 
 Both parts run with MALLOC_MMAP_THRESHOLD_=131072 (set below unless given): without it, glibc's heap fragmentation
-under ZeRO-3 costs about 1 GiB per worker in (b) and pushed (a) past this machine's memory.
+under ZeRO-3 costs about 1 GiB per worker in (b) and pushed (a) past this machine's memory. It costs time, as every
+large tensor then comes fresh from the kernel: `--glibc-default` runs (b) without it (JSON key `..._glibc_default`)
+to show both sides.
 
 Every run goes through the platform's own pieces: the recipe loader, deepspeed_config/zero_section, build_module
 (zero.Init), optimizer_args, contrastive_step (feature cache when accumulating) and the logit-scale clamp, in a
 TorchTrainer on a local Ray. Inputs are random tensors made in each worker (no Ray Data): the point is the model
 state, not ingest. Nothing is checkpointed.
 
-    .venv/bin/python benchmarks/zero_memory.py [--part b|a|both] [--steps 3] [--workers 2,4]
+    .venv/bin/python benchmarks/zero_memory.py [--part b|a|both] [--steps 3] [--workers 2,4] [--glibc-default]
 
 Writes benchmarks/results/zero_memory.json (each part updates its own keys: `stages` for 2 workers, `stages_4_workers`,
 `billion`). Part (a) needs about 9 GiB per worker and Debian's libaio-dev; run it when nothing else big is running.
@@ -176,24 +178,29 @@ def main() -> None:
     ap.add_argument("--part", choices=["a", "b", "both"], default="both")
     ap.add_argument("--steps", type=int, default=3, help="steps per stage in part (b); part (a) always runs 2")
     ap.add_argument("--workers", default="2,4", help="worker counts for part (b), comma-separated")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc settings alone")
     ap.add_argument("--nvme", default="/tmp/towerlab-nvme", help="directory for the offloaded optimizer state")
     args = ap.parse_args()
     # glibc returns freed blocks above this size to the system at once. Its default threshold adapts upwards, and
     # ZeRO-3's gather/free cycles then fragment the heap: the 1.37B run of part (a) grew to 10 GiB per worker and was
     # OOM-killed; with 128 KiB it peaked at 7.5 GiB. Inherited by the local Ray's workers, started below.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    if args.glibc_default:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    else:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     counts = [int(n) for n in args.workers.split(",")]
     from towerlab.train.launch import init_ray
 
     init_ray(max(counts) + 1)  # one local Ray for every run: room for the most workers (1 CPU each) asked for
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    suffix = "_glibc_default" if args.glibc_default else ""
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as storage:
         for n in counts if args.part in ("b", "both") else []:
-            key = "stages" if n == 2 else f"stages_{n}_workers"
+            key = ("stages" if n == 2 else f"stages_{n}_workers") + suffix
             result[key] = {**part_b(args.steps, storage, n), "malloc_mmap_threshold": _mmap_threshold()}
             _write(result)
         if args.part in ("a", "both"):
-            result["billion"] = {**part_a(2, storage, args.nvme), "malloc_mmap_threshold": _mmap_threshold()}
+            result["billion" + suffix] = {**part_a(2, storage, args.nvme), "malloc_mmap_threshold": _mmap_threshold()}
             _write(result)
 
 
