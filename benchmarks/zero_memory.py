@@ -150,8 +150,9 @@ def part_b(steps: int, storage: str, workers: int) -> dict:
         r = run([*STAGE_MODEL, f"train.zero_stage={stage}"], steps, storage, workers)
         out["stages"][str(stage)] = {k: r[k] for k in ("params", "peak_gib_per_worker", "added_gib_per_worker",
                                                        "s_per_step", "loss", "phases")}
-        print(f"{workers} workers, ZeRO-{stage}: {r['params']:,} parameters, peak {r['peak_gib_per_worker']:.2f} GiB per worker "
-              f"({r['added_gib_per_worker']:.2f} GiB added by training), s/step {r['s_per_step']}", flush=True)
+        print(f"{workers} workers, ZeRO-{stage}: {r['params']:,} parameters, peak {r['peak_gib_per_worker']:.2f} GiB "
+              f"per worker ({r['added_gib_per_worker']:.2f} GiB added by training), s/step {r['s_per_step']}",
+              flush=True)
     s0 = out["stages"]["0"]
     for stage in ("2", "3"):
         s = out["stages"][stage]
@@ -181,16 +182,16 @@ def main() -> None:
     ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc settings alone")
     ap.add_argument("--nvme", default="/tmp/towerlab-nvme", help="directory for the offloaded optimizer state")
     args = ap.parse_args()
+    from towerlab.train.launch import MMAP_THRESHOLD, init_ray
+
     # glibc returns freed blocks above this size to the system at once. Its default threshold adapts upwards, and
     # ZeRO-3's gather/free cycles then fragment the heap: the 1.37B run of part (a) grew to 10 GiB per worker and was
-    # OOM-killed; with 128 KiB it peaked at 7.5 GiB. Inherited by the local Ray's workers, started below.
+    # OOM-killed; with 128 KiB it peaked at 7.2 GiB. Inherited by the local Ray's workers, started below.
     if args.glibc_default:
         os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     else:
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     counts = [int(n) for n in args.workers.split(",")]
-    from towerlab.train.launch import init_ray
-
     init_ray(max(counts) + 1)  # one local Ray for every run: room for the most workers (1 CPU each) asked for
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     suffix = "_glibc_default" if args.glibc_default else ""

@@ -105,6 +105,9 @@ def versions() -> dict[str, str]:
     return out
 
 
+MMAP_THRESHOLD = "131072"  # bytes: glibc's own starting value, fixed (see allocator_env)
+
+
 def allocator_env(recipe: Recipe) -> None:
     """ZeRO-3 on CPU workers, on a local Ray that towerlab starts: fix glibc's mmap threshold at 128 KiB (unless the
     user set it), so every large tensor goes back to the system when freed. glibc's adaptive default keeps the
@@ -114,7 +117,7 @@ def allocator_env(recipe: Recipe) -> None:
     when a process starts, so it is set before Ray starts and every Ray process inherits it; a running cluster
     needs it in the environment of `ray start`."""
     if recipe.train.zero_stage == 3 and not recipe.train.use_gpu and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
 
 
 def init_ray(min_cpus: int) -> None:

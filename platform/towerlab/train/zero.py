@@ -131,10 +131,9 @@ def keep_loss_tensors_whole(engine) -> None:
         missing[0].all_gather(param_list=missing)
 
 
-def share_master_weights(engine) -> int:
+def share_master_weights(engine) -> None:
     """ZeRO-3 without optimizer offload, master weights in the parameters' own dtype (fp32 training): make each
-    sub-group's optimizer master partition an alias of the parameter partition instead of a second copy. Returns
-    the bytes freed on this rank.
+    sub-group's optimizer master partition an alias of the parameter partition instead of a second copy.
 
     DeepSpeed means to alias them in that case (stage3.py: "those in fp32_partitioned_groups are aliases") but
     tests it by comparing a torch.device with the accelerator's device name, a str, which is never equal; so it
@@ -144,15 +143,12 @@ def share_master_weights(engine) -> int:
     opt = engine.optimizer
     if engine.zero_optimization_stage() != 3 or not hasattr(opt, "fp32_partitioned_groups_flat") or \
             getattr(opt, "offload_optimizer", False):
-        return 0
-    freed = 0
+        return
     for lp, master in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
         if lp is None or master.numel() == 0 or lp.dtype != master.dtype or lp.device != master.device \
                 or lp.shape != master.shape or master.untyped_storage().data_ptr() == lp.untyped_storage().data_ptr():
             continue
-        freed += master.untyped_storage().nbytes()
         master.data = lp.data  # same values: DeepSpeed cloned the master from this partition at initialisation
-    return freed
 
 
 def logit_scale_is_whole(engine) -> bool:

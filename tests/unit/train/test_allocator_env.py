@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from towerlab.train.launch import allocator_env
+from towerlab.train.launch import MMAP_THRESHOLD, allocator_env
 from towerlab.train.recipe import load_recipe
 
 VAR = "MALLOC_MMAP_THRESHOLD_"
@@ -21,7 +21,7 @@ def clean_env(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["train.zero_stage=3"], "131072"),
+    (["train.zero_stage=3"], MMAP_THRESHOLD),
     (["train.zero_stage=2"], None),
     (["train.zero_stage=0"], None),
 ])
