@@ -105,7 +105,7 @@ def ray_data_run(recipe, manifest, epochs: int, out: Path) -> list[dict]:
     from ray.train.torch import TorchTrainer
 
     from towerlab.data.pipeline import train_dataset
-    from towerlab.train.launch import cpus_needed, init_ray
+    from towerlab.train.ray_env import cpus_needed, init_ray
 
     def consume(config):
         import json as _json

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 from towerlab import losses
-from towerlab.train.launch import ensure_data, train
-from towerlab.train.loop import build_module
+from towerlab.train.dataset import ensure_data
+from towerlab.train.driver import train
+from towerlab.train.module import build_module
 from towerlab.train.optim import build_optimizer
 from towerlab.train.recipe import load_recipe
 from towerlab.data.pipeline import preprocessor

@@ -68,9 +68,11 @@ def bench_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from towerlab.config import resolve_batch
-    from towerlab.train.engine import deepspeed_config, initialize_engine
-    from towerlab.train.loop import build_module, contrastive_step
-    from towerlab.train.zero import clamp_logit_scale
+    from towerlab.train.deepspeed_config import deepspeed_config
+    from towerlab.train.engine import initialize_engine
+    from towerlab.train.module import build_module
+    from towerlab.train.step import contrastive_step
+    from towerlab.train.engine import clamp_logit_scale
 
     torch.set_num_threads(recipe.train.cpus_per_worker)
     base = _rss()
@@ -118,7 +120,7 @@ def run(overrides: list[str], steps: int, storage: str, workers: int = 2) -> dic
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from towerlab.train.launch import init_ray
+    from towerlab.train.ray_env import init_ray
     from towerlab.train.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml",
@@ -182,7 +184,7 @@ def main() -> None:
     ap.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc settings alone")
     ap.add_argument("--nvme", default="/tmp/towerlab-nvme", help="directory for the offloaded optimizer state")
     args = ap.parse_args()
-    from towerlab.train.launch import MMAP_THRESHOLD, init_ray
+    from towerlab.train.ray_env import MMAP_THRESHOLD, init_ray
 
     # glibc returns freed blocks above this size to the system at once. Its default threshold adapts upwards, and
     # ZeRO-3's gather/free cycles then fragment the heap: the 1.37B run of part (a) grew to 10 GiB per worker and was

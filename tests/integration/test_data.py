@@ -66,7 +66,7 @@ def test_epochs_on_two_workers_see_every_sample_once(tmp_path, make_image_folder
 
     from towerlab.data.folder import prepare_images
     from towerlab.data.pipeline import train_dataset
-    from towerlab.train.launch import init_ray
+    from towerlab.train.ray_env import init_ray
     from towerlab.train.recipe import load_recipe
 
     src = make_image_folder(tmp_path / "src", n=60)

@@ -142,7 +142,7 @@ def test_lit_minilm_trains_with_the_text_tower_locked(repo_root, tmp_path, ray_c
     for k, v in encoder.items():
         assert torch.equal(v, shipped[k].float()), k
     # what trains moved away from its seeded initial value (the same seed builds the same initial weights)
-    from towerlab.train.loop import build_module
+    from towerlab.train.module import build_module
     from towerlab.train.recipe import load_recipe
 
     initial = dict(build_module(load_recipe(repo_root / "recipes" / "digits_lit_minilm.yaml"), 0, 1)

@@ -252,30 +252,3 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
     _write_json(out / MANIFEST, manifest)
     (out / STATE).unlink()
     return Manifest(out, manifest), report
-
-
-def cmd_prepare_images(args) -> int:
-    """The CLI front: prepare, then print the report (rich) and where the shards are."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    m, r = prepare_images(args.images, args.captions, args.out, fmt=args.format, shard_size=args.shard_size,
-                          strict=args.strict, heldout=args.heldout, prompt=args.prompt)
-    t = Table("check", "count", title=f"{args.captions}: {r.records} records")
-    t.add_row("valid", str(r.valid))
-    for kind, n in r.problems.items():
-        t.add_row(kind, str(n))
-    t.add_row("duplicate images (same bytes)", str(r.duplicate_images))
-    t.add_row("captions shared by several images", str(r.duplicate_captions))
-    t.add_row("records with several captions", f"{r.multi_caption_records} (up to {r.max_captions})")
-    console.print(t)
-    for line in r.examples:
-        console.print(f"  skipped: {line}", highlight=False, soft_wrap=True)
-    for group in r.duplicate_image_examples:
-        console.print(f"  same image: {', '.join(group)}", highlight=False)
-    counts = ", ".join(f"{k}: {v}" for k, v in m.data["counts"].items())
-    console.print(f"wrote {m.shard_format} shards to {m.root} ({counts}; {r.shards_written} shards written, "
-                  f"{r.shards_reused} kept from an earlier run; fingerprint {m.fingerprint[:12]})", highlight=False,
-                  soft_wrap=True)
-    return 0

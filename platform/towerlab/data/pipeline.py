@@ -22,7 +22,7 @@ from towerlab.config.schema import AugmentConfig, Recipe
 from towerlab.data.formats import read_rows, read_table, wds_row
 from towerlab.data.shards import Manifest
 from towerlab.data.text_augment import TokenAugment, captions_of, choose
-from towerlab.data.tokenizer import Tokenizer
+from towerlab.data.tokenizer import HFTokenizer, Tokenizer
 
 
 class Preprocessor:
@@ -33,8 +33,6 @@ class Preprocessor:
                  augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1,
                  pretrained_text: str = ""):
         if pretrained_text:  # a pretrained text tower reads its own tokenizer's ids, not the data's vocabulary
-            from towerlab.models.pretrained import HFTokenizer
-
             self.tokenizer = HFTokenizer(pretrained_text, context_length)
         else:
             self.tokenizer = Tokenizer(vocab, context_length, vocab_size)

@@ -1,7 +1,11 @@
-"""A word-level tokenizer whose vocabulary is built from the captions at shard-writing time and stored in the
+"""The tokenizers of the data pipeline and the zero-shot prompts.
+
+`Tokenizer`: a word-level tokenizer whose vocabulary is built from the captions at shard-writing time and stored in the
 manifest, so training, evaluation and a reproduced run all map words to the same ids.
 
 Ids: 0 pad, 1 unknown word, 2 end of text (the text tower pools there), then the words by decreasing frequency.
+
+`HFTokenizer`: a pretrained text tower's own tokenizer (`model.text.pretrained: hf:NAME`), loaded through hub.py.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from towerlab.hub import hf_call, parse
 
 PAD, UNK, EOT = 0, 1, 2
 SPECIALS = ["<pad>", "<unk>", "<eot>"]
@@ -45,3 +51,28 @@ class Tokenizer:
 
     def encode_batch(self, texts: Iterable[str]) -> np.ndarray:
         return np.stack([self.encode(t) for t in texts])
+
+
+class HFTokenizer:
+    """A pretrained text tower's own tokenizer, padded to the recipe's context_length; loaded on first use, so the
+    pipeline's preprocessor stays cheap to pickle to Ray Data's workers."""
+
+    def __init__(self, spec: str, context_length: int):
+        _, self.name = parse(spec, "model.text.pretrained", ("hf",))
+        self.context_length = context_length
+        self._tok = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tok": None}
+
+    def encode_batch(self, texts) -> np.ndarray:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = hf_call(AutoTokenizer, self.name, "model.text.pretrained")
+        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                        return_tensors="np")
+        return out["input_ids"].astype(np.int64)
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]

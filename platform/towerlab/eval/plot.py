@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from towerlab.util import atomic_path
+
 PANELS = (("modality_gap", "modality gap"), ("alignment", "alignment"), ("uniformity", "uniformity"),
           ("effective_rank", "effective rank"), ("logit_scale", "logit scale"))
 
@@ -50,8 +52,7 @@ def geometry_plot(history: Mapping[str, Sequence[tuple[int, float]]], image: tor
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out

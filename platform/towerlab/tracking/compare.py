@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from towerlab.config.errors import ConfigError
+from towerlab.tracking import tags as T
 
 
 @dataclass
@@ -29,7 +30,7 @@ def _client(uri: str):
 def find_sweep(uri: str, sweep: str):
     client = _client(uri)
     parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                 f"tags.`towerlab.sweep` = '{sweep}' and tags.`towerlab.role` = 'sweep'",
+                                 f"tags.`{T.SWEEP}` = '{sweep}' and tags.`{T.ROLE}` = 'sweep'",
                                  order_by=["attributes.start_time DESC"])
     if not parents:
         raise ConfigError(f"no sweep '{sweep}' in the tracking store {uri}: check --tracking-uri and the name "

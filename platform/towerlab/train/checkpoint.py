@@ -1,6 +1,9 @@
-"""Finding and loading a run's saved checkpoints outside training (for `towerlab eval` and `towerlab reproduce`).
+"""A run's checkpoints: their layout and file names, writing one from the workers (`save_checkpoint`), finding and
+loading them outside training (for `towerlab eval` and `towerlab reproduce`), and consolidating ZeRO shards into one
+fp32 state dict (`export_fp32`).
 
-A checkpoint is a Ray Train checkpoint directory under <train.storage_path>/<name>/ holding DeepSpeed's
+A run directory <train.storage_path>/<name>/ holds RUN_FILE (its MLflow run id) and Ray Train's checkpoint_*
+directories. A checkpoint is a Ray Train checkpoint directory under <train.storage_path>/<name>/ holding DeepSpeed's
 save_checkpoint output under the tag `ds` and the resolved recipe (recipe.yaml, written by rank 0). A target is a
 checkpoint directory, a run directory (its latest checkpoint) or an MLflow run id (its recipe artifact names the run
 directory, resolved from the current directory as training did).
@@ -11,18 +14,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from towerlab.config import ConfigError, Recipe
+from towerlab.config import ConfigError, Recipe, to_yaml
 from towerlab.models import ContrastiveModel
-from towerlab.train.launch import RUN_FILE
-from towerlab.train.loop import CKPT_TAG, RECIPE_FILE, build_module
+from towerlab.train.module import build_module
 from towerlab.train.recipe import load_recipe
 
+CKPT_TAG = "ds"  # DeepSpeed's save_checkpoint tag: <checkpoint>/ds/ holds every rank's shard
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, beside the shards and as the MLflow run's artifact
+RUN_FILE = "towerlab_run.json"  # in the run directory: the MLflow run id (and the redacted tracking URI)
+FP32_FILE = "pytorch_model_fp32.pt"  # export_fp32's consolidated state dict, logged under the artifact path model/
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -111,3 +118,41 @@ def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]
     module.load_state_dict({k: v.float() for k, v in weights.items()})
     module.model.eval()
     return module.model, int(states.get("step", 0))
+
+
+def save_checkpoint(engine, recipe: Recipe, rank: int, client_state: dict, report) -> None:
+    """Every rank writes its own ZeRO shard into a temporary directory; `report(ray.train.Checkpoint)` hands it to
+    Ray Train, which gathers all ranks' files into one checkpoint. Rank 0 adds the recipe, so `towerlab eval
+    CHECKPOINT` needs nothing else."""
+    from ray.train import Checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="towerlab-ckpt-")
+    try:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client_state)
+        if rank == 0:
+            with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
+                f.write(to_yaml(recipe))
+        report(Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_fp32(checkpoint, run, tag: str = CKPT_TAG) -> str:
+    """Consolidate a ZeRO-2/3 checkpoint (every rank's shard) into one fp32 state dict with DeepSpeed's
+    zero_to_fp32 and log it to `run` as the artifact model/pytorch_model_fp32.pt. Returns the artifact path."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with checkpoint.as_directory() as d:
+        state = get_fp32_state_dict_from_zero_checkpoint(d, tag=tag)
+    out = tempfile.mkdtemp(prefix="towerlab-fp32-")
+    try:
+        tmp = os.path.join(out, FP32_FILE + ".tmp")
+        torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, os.path.join(out, FP32_FILE))
+        run.log_artifact(os.path.join(out, FP32_FILE), "model")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return f"model/{FP32_FILE}"

@@ -10,46 +10,30 @@ DeepSpeed is imported here, inside the worker, never on the driver.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict
 
 import torch
 
-from towerlab import losses
-from towerlab.config import Recipe, resolve_batch, to_yaml
+from towerlab.config import Recipe, resolve_batch
 from towerlab.data import read_manifest
-from towerlab.losses.feature_cache import feature_cache_backward
-from towerlab.data.pipeline import epoch_batches, expand_positives, preprocessor
-from towerlab.models import ContrastiveModel
+from towerlab.data.pipeline import epoch_batches, preprocessor
 from towerlab.tracking import NoopRun, open_run
-from towerlab.train.engine import deepspeed_config, initialize_engine
+from towerlab.tracking.tags import FAILURE
+from towerlab.train.checkpoint import CKPT_TAG, save_checkpoint
+from towerlab.train.deepspeed_config import deepspeed_config
+from towerlab.train.engine import clamp_logit_scale, fix_logit_scale, initialize_engine
 from towerlab.train.evaluate import Evaluators
-from towerlab.train.module import ContrastiveTrainModule
-from towerlab.train.zero import clamp_logit_scale, construction, fix_logit_scale
-
-CKPT_TAG = "ds"
-FAILURE_TAG = "towerlab.failure"
-RECIPE_FILE = "recipe.yaml"
-
-
-def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None,
-                 load_weights: bool = True) -> ContrastiveTrainModule:
-    """The model and loss; given the DeepSpeed config under ZeRO-3, built inside deepspeed.zero.Init so every
-    parameter is partitioned as its module is constructed (no worker holds the whole model). `load_weights=False`:
-    pretrained towers get their architecture only (for counting parameters on the meta device)."""
-    torch.manual_seed(recipe.seed)  # identical initial weights on every rank
-    lc = recipe.loss
-    with construction(recipe, ds_config):
-        model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
-                                 learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale,
-                                 load_weights=load_weights)
-        loss_fn = losses.build(**asdict(lc))
-        return ContrastiveTrainModule(model, loss_fn, rank, world_size)
+from towerlab.train.module import build_module
+from towerlab.train.step import contrastive_step, mean_over_ranks
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """What Ray Train runs on every worker. `config` holds the resolved `recipe`, the MLflow `tracking_uri` and
+    `run_id` (rank 0 logs to it), the prepared `data_dir` (its manifest; the rows arrive through Ray Data's
+    dataset shard "train") and an optional `start_checkpoint` (population-based training's hand-over).
+
+    Resumes from this run's latest Ray Train checkpoint when there is one, skipping the micro-batches of the
+    interrupted epoch already trained on; raises FloatingPointError (tagged on the MLflow run) on a non-finite loss."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -106,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
                 error = FloatingPointError(f"non-finite loss at step {step}: "
                                            f"{ {k: float(v) for k, v in terms.items()} }; lower optim.lr or check the data")
                 # said here, where the cause is known: through Ray Train and Tune it arrives wrapped
-                run.set_tags({FAILURE_TAG: f"FloatingPointError: {error}"[:500]})
+                run.set_tags({FAILURE: f"FloatingPointError: {error}"[:500]})
                 raise error
             metrics: dict[str, float] = {}
             last = step == total
@@ -120,15 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics:
                 run.log_metrics(metrics, step)
             if step % recipe.train.checkpoint_every == 0 or last:
-                tmp = tempfile.mkdtemp(prefix="towerlab-ckpt-")
-                # every rank writes its own ZeRO shard; Ray Train gathers all ranks' files into one checkpoint
-                engine.save_checkpoint(tmp, tag=CKPT_TAG,
-                                       client_state={"step": step, "epoch": epoch, "batch": consumed})
-                if rank == 0:  # the checkpoint carries its recipe: `towerlab eval CHECKPOINT` needs nothing else
-                    with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
-                        f.write(to_yaml(recipe))
-                ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
-                shutil.rmtree(tmp, ignore_errors=True)
+                save_checkpoint(engine, recipe, rank, {"step": step, "epoch": epoch, "batch": consumed},
+                                lambda ckpt: ray.train.report({"step": step, **metrics}, checkpoint=ckpt))
             elif metrics:
                 ray.train.report({"step": step, **metrics})
             if metrics:
@@ -138,41 +115,3 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, skip = epoch + 1, 0
     if rank == 0:
         evaluate.log_plots(run, title=recipe.name)
-
-
-def mean_over_ranks(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each rank's loss covers its own rows; the logged loss is the global batch's, i.e. the mean over ranks."""
-    import torch.distributed as dist
-
-    keys = sorted(terms)
-    vec = torch.stack([terms[k].float().reshape(()) for k in keys])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(vec)
-        vec /= dist.get_world_size()
-    return dict(zip(keys, vec.tolist()))
-
-
-def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Tensor]:
-    """One optimizer step over this worker's micro-batches. With one micro-batch: forward, backward, step. With k,
-    the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
-    DeepSpeed steps at its accumulation boundary after the k-th backward."""
-    micro = [expand_positives(b) for b in micro]  # k captions per image -> k positive pairs per image
-    towers = engine.module.model.towers
-    inputs = [{m: b[m] for m in towers if m in b} for b in micro]  # image, text and (synthetic3) signal
-    if len(micro) == 1:
-        out = engine(inputs[0], labels=micro[0]["label"], step=step)
-        engine.backward(out["loss"])
-        engine.step()
-        return {k: v.detach() for k, v in out.items()}
-    module: ContrastiveTrainModule = engine.module
-    labels = torch.cat([b["label"] for b in micro])  # the cache concatenates micro-batches in this order
-
-    def backward(surrogate: torch.Tensor, i: int, last: bool) -> None:
-        engine.backward(surrogate, scale_wrt_gas=False)  # the surrogate already carries the full gradient
-        engine.step()  # counts the micro-step; updates only at the k-th
-
-    # encode through the engine's forward: under ZeRO-3 a direct call of the module left the gradients of the
-    # accumulated micro-batches wrong (seen: ZeRO-3 losses diverged from ZeRO-0 from the second step)
-    encode = lambda x: engine(x, features_only=True)  # noqa: E731
-    return feature_cache_backward(encode, inputs, lambda f: module.loss(f, labels, step),
-                                  params=module.loss_parameters(), backward_fn=backward)

@@ -2,15 +2,21 @@
 temperatures). Its forward runs one contrastive step on a micro-batch: embed, all-gather with gradient, loss.
 
 Everything that touches parameters happens inside forward, so ZeRO-3's hooks have gathered them.
+`build_module` builds it from a recipe (inside deepspeed.zero.Init under ZeRO-3).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import nn
 
+from towerlab import losses
+from towerlab.config import Recipe
 from towerlab.losses.gather import all_gather_with_grad, gather_no_grad
 from towerlab.models import ContrastiveModel
+from towerlab.train.engine import construction
 
 
 class ContrastiveTrainModule(nn.Module):
@@ -41,3 +47,18 @@ class ContrastiveTrainModule(nn.Module):
         if features_only:
             return self.model(inputs)
         return self.loss(self.model(inputs), labels, step)
+
+
+def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | None = None,
+                 load_weights: bool = True) -> ContrastiveTrainModule:
+    """The model and loss; given the DeepSpeed config under ZeRO-3, built inside deepspeed.zero.Init so every
+    parameter is partitioned as its module is constructed (no worker holds the whole model). `load_weights=False`:
+    pretrained towers get their architecture only (for counting parameters on the meta device)."""
+    torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+    lc = recipe.loss
+    with construction(recipe, ds_config):
+        model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init,
+                                 learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale,
+                                 load_weights=load_weights)
+        loss_fn = losses.build(**asdict(lc))
+        return ContrastiveTrainModule(model, loss_fn, rank, world_size)

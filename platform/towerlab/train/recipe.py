@@ -17,7 +17,7 @@ from towerlab.data import SOURCES
 from towerlab.data.checks import validate_data
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
-from towerlab.train.plan import validate_scale
+from towerlab.train.memory import validate_scale
 from towerlab.train.evaluate import validate_evals
 
 VARIANTS = (
@@ -106,7 +106,7 @@ def validate(r: Recipe) -> None:
 
 def validate_pretrained(r: Recipe) -> None:
     """Pretrained towers and freezing: loader names, what they exclude, and freeze patterns that match."""
-    from towerlab.models.pretrained import LOADERS, parse
+    from towerlab.hub import LOADERS, parse
 
     m = r.model
     if m.text.pretrained:

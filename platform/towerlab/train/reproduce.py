@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from towerlab.config import ConfigError, Recipe
-from towerlab.train.checkpoint import recorded_recipe
-from towerlab.train.launch import RUN_FILE, Summary, ensure_data, git_commit, train, versions
+from towerlab.tracking import tags as T
+from towerlab.tracking.provenance import git_commit, versions
+from towerlab.train.checkpoint import RUN_FILE, recorded_recipe
+from towerlab.train.dataset import ensure_data
+from towerlab.train.driver import Summary, train
 
-VERSION_TAG = "towerlab.version."
+VERSION_TAG = T.VERSION_PREFIX
 
 
 @dataclass
@@ -40,7 +43,7 @@ def plan(run_id: str, uri: str, name: str | None = None) -> Plan:
     mismatches = []
     now = {"git commit": git_commit(), "data fingerprint": ensure_data(recipe).fingerprint}
     now |= {f"{k} version": v for k, v in versions().items()}
-    was = {"git commit": tags.get("towerlab.git_commit"), "data fingerprint": tags.get("towerlab.data_fingerprint")}
+    was = {"git commit": tags.get(T.GIT_COMMIT), "data fingerprint": tags.get(T.DATA_FINGERPRINT)}
     was |= {f"{k[len(VERSION_TAG):]} version": v for k, v in tags.items() if k.startswith(VERSION_TAG)}
     for what, recorded_value in was.items():
         if recorded_value is None:
@@ -51,4 +54,4 @@ def plan(run_id: str, uri: str, name: str | None = None) -> Plan:
 
 
 def run(p: Plan, uri: str, on_start: Callable[[Summary], None] | None = None) -> Summary:
-    return train(p.recipe, tracking_uri=uri, on_start=on_start, tags={"towerlab.reproduces": p.run_id})
+    return train(p.recipe, tracking_uri=uri, on_start=on_start, tags={T.REPRODUCES: p.run_id})

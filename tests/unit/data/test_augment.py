@@ -114,7 +114,7 @@ def test_data_section_checks(repo_root, override, message):
 
 
 def test_captions_per_image_only_for_multi_positive_losses(repo_root):
-    from towerlab.train.launch import captions_per_image
+    from towerlab.train.dataset import captions_per_image
     from towerlab.train.recipe import load_recipe
 
     debug = repo_root / "recipes" / "debug.yaml"
@@ -125,7 +125,7 @@ def test_captions_per_image_only_for_multi_positive_losses(repo_root):
 
 def test_recipe_and_manifest_must_agree(repo_root, image_folder, tmp_path):
     from towerlab.data import read_manifest
-    from towerlab.train.launch import check_prepared
+    from towerlab.train.dataset import check_prepared
     from towerlab.train.recipe import load_recipe
 
     src = image_folder

@@ -8,8 +8,8 @@ from towerlab.config import ConfigError
 from towerlab.data import synthetic
 from towerlab.data.pipeline import load_split, preprocessor
 from towerlab.data.sources import prepare
-from towerlab.train.launch import check_prepared
-from towerlab.train.loop import build_module
+from towerlab.train.dataset import check_prepared
+from towerlab.train.module import build_module
 from towerlab.train.recipe import load_recipe
 
 

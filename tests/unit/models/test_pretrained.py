@@ -9,7 +9,8 @@ import torch
 
 from towerlab.config import ConfigError
 from towerlab.models import ContrastiveModel
-from towerlab.models.pretrained import HFTokenizer, text_tower, vision_tower
+from towerlab.data.tokenizer import HFTokenizer
+from towerlab.models.pretrained import text_tower, vision_tower
 from towerlab.train.optim import param_groups
 from towerlab.train.recipe import load_recipe
 

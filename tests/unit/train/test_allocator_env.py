@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from towerlab.train.launch import MMAP_THRESHOLD, allocator_env
+from towerlab.train.ray_env import MMAP_THRESHOLD, allocator_env
 from towerlab.train.recipe import load_recipe
 
 VAR = "MALLOC_MMAP_THRESHOLD_"

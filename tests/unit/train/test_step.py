@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from towerlab.config import resolve_batch
-from towerlab.train.engine import deepspeed_config
-from towerlab.train.loop import build_module, contrastive_step
+from towerlab.train.deepspeed_config import deepspeed_config
+from towerlab.train.module import build_module
+from towerlab.train.step import contrastive_step
 from towerlab.train.recipe import load_recipe
 
 pytestmark = pytest.mark.slow

@@ -35,8 +35,9 @@ def _batch(recipe, rank: int, world: int, step: int) -> list[dict]:
 
 def _engine(recipe, rank: int, world: int):
     from towerlab.config import resolve_batch
-    from towerlab.train.engine import deepspeed_config, initialize_engine
-    from towerlab.train.loop import build_module
+    from towerlab.train.deepspeed_config import deepspeed_config
+    from towerlab.train.engine import initialize_engine
+    from towerlab.train.module import build_module
 
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     cfg = deepspeed_config(recipe, plan)
@@ -59,11 +60,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, repo: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
 
-    from towerlab.train.loop import contrastive_step, mean_over_ranks
+    from towerlab.train.step import contrastive_step, mean_over_ranks
     from towerlab.train.recipe import load_recipe
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from towerlab.train.zero import clamp_logit_scale, logit_scale_is_whole
+    from towerlab.train.engine import clamp_logit_scale, logit_scale_is_whole
 
     base = ["train.workers=2", "data.global_batch=16", "data.micro_batch=4", "optim.warmup_steps=1",
             "optim.lr=1e-2"]

@@ -1,22 +1,20 @@
 """The cluster commands of `towerlab`: `submit train|sweep` and `jobs ls|logs|stop` (Ray Jobs API), `k8s
-render|validate` (KubeRay manifests). Registered in cli.py's parser by `add_parsers`; kept apart from cli.py
-because they validate recipes and sweeps here (the cli layer) before handing plain values to towerlab.launch.
+render|validate` (KubeRay manifests). Recipes and sweeps are validated here, before anything reaches the cluster; towerlab.cluster gets plain values.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from towerlab.cli import console, err
 from towerlab.config import ConfigError
-
-console = Console()
-err = Console(stderr=True)
+from towerlab.util import atomic_write
 
 
 def _load(kind: str, file: str, overrides: list[str]):
@@ -33,14 +31,12 @@ def _load(kind: str, file: str, overrides: list[str]):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import os
-
-    from towerlab.launch.jobs import Jobs, build_spec, check_tracking_uri
+    from towerlab.cluster.jobs import Jobs, build_spec, check_tracking_uri
 
     project = Path(args.project_dir).resolve()
     name, recipe_uri = _load(args.kind, args.file, args.overrides)
     if args.kind == "sweep":  # the sweep's recipe must travel with the job too
-        from towerlab.launch.jobs import relative_to_project
+        from towerlab.cluster.jobs import relative_to_project
         from towerlab.sweep.load import load_sweep, recipe_path
 
         relative_to_project(recipe_path(load_sweep(args.file, args.overrides), args.file), project, "the recipe")
@@ -100,7 +96,7 @@ def failure_line(jobs, sid: str) -> str:
 
 
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
-    from towerlab.launch.jobs import Jobs
+    from towerlab.cluster.jobs import Jobs
 
     t = Table(title="jobs, newest first")
     for col in ("submission id", "status", "started (UTC)"):  # whole, so an id can be copied into `jobs logs|stop`
@@ -115,7 +111,7 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
-    from towerlab.launch.jobs import Jobs
+    from towerlab.cluster.jobs import Jobs
 
     jobs = Jobs(args.address, args.token_file)
     if args.follow:
@@ -125,7 +121,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_stop(args: argparse.Namespace) -> int:
-    from towerlab.launch.jobs import Jobs
+    from towerlab.cluster.jobs import Jobs
 
     jobs = Jobs(args.address, args.token_file)
     stopped = jobs.stop(args.id)
@@ -135,11 +131,9 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    import os
-
     from towerlab.config import read_yaml
-    from towerlab.launch.jobs import relative_to_project
-    from towerlab.launch.k8s.render import K8sOptions, default_image, render_sweep, render_train, to_yaml, \
+    from towerlab.cluster.jobs import relative_to_project
+    from towerlab.cluster.k8s.render import K8sOptions, default_image, render_sweep, render_train, to_yaml, \
         train_overrides
 
     if args.nodes < 1 or args.gpus_per_node < 0:
@@ -175,15 +169,15 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
               f"--gpus-per-node {o.gpus_per_node}); do not edit: render again.\n"
               f"Validate: towerlab k8s validate FILE. Apply: kubectl apply -n {o.namespace} -f FILE")
     text = to_yaml(docs, header)
-    problems = __import__("towerlab.launch.k8s.validate", fromlist=["validate_text"]).validate_text(text, "rendered")
+    from towerlab.cluster.k8s.validate import validate_text
+
+    problems = validate_text(text, "rendered")
     if problems:  # a bug of the renderer, not of the user
         raise RuntimeError("rendered manifest does not validate: " + "; ".join(problems))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        atomic_write(out, text)
         err.print(f"wrote {out} ({', '.join(d['kind'] + ' ' + d['metadata']['name'] for d in docs)})", highlight=False)
     else:
         sys.stdout.write(text)
@@ -191,7 +185,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_validate(args: argparse.Namespace) -> int:
-    from towerlab.launch.k8s.validate import validate_file
+    from towerlab.cluster.k8s.validate import validate_file
 
     bad = 0
     for f in args.files:
@@ -209,7 +203,7 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="file holding Ray's auth token (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH)")
 
 
-def add_parsers(sub) -> None:
+def register(sub) -> None:
     """Register `submit`, `jobs` and `k8s` under the top-level parser's subcommands."""
     s = sub.add_parser("submit", help="run a training or sweep on a Ray cluster (Ray Jobs API)")
     ssub = s.add_subparsers(dest="kind", required=True)

@@ -1,6 +1,5 @@
 """CLI commands that act on recorded runs: `towerlab eval` (the recipe's evaluators on a saved checkpoint),
 `towerlab reproduce` (rerun a run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
-Registered in cli.build_parser.
 """
 
 from __future__ import annotations
@@ -10,19 +9,15 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from towerlab.cli import console, err
 from towerlab.config import ConfigError
-
-console = Console()
-err = Console(stderr=True)
+from towerlab.util import atomic_write, port_free, wait_until
 
 
 def _uri(flag: str | None) -> str:
@@ -40,7 +35,7 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str
     from towerlab.data.pipeline import preprocessor
     from towerlab.train.checkpoint import load_model, resolve_target
     from towerlab.train.evaluate import Evaluators
-    from towerlab.train.launch import ensure_data
+    from towerlab.train.dataset import ensure_data
 
     uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
     t = resolve_target(target, uri)
@@ -58,10 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(k, f"{v:.4f}")
     console.print(table)
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"checkpoint": ckpt, "step": step, "metrics": metrics}, indent=1))
-        os.replace(tmp, out)
+        atomic_write(args.json, json.dumps({"checkpoint": ckpt, "step": step, "metrics": metrics}, indent=1))
     return 0
 
 
@@ -89,15 +81,6 @@ def ui_link(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
     import requests
     from mlflow import MlflowClient
@@ -112,7 +95,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"no local MLflow store {uri}: train something first, or pass --tracking-uri")
     exp = _experiment(MlflowClient(uri), args.experiment, uri)
-    if not _port_free(args.port):
+    if not port_free(args.port):
         raise ConfigError(f"port {args.port} on 127.0.0.1 is in use: pass --port with a free one")
     mlflow = Path(sys.executable).parent / "mlflow"
     # its own process group: mlflow ui runs uvicorn and job workers, all stopped together below
@@ -121,19 +104,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the UI as Ctrl-C does
     base = f"http://127.0.0.1:{args.port}"
     try:
-        deadline = time.time() + 120
-        while True:
+        def up() -> bool:
             if proc.poll() is not None:
                 raise ConfigError(f"mlflow ui exited with code {proc.returncode} for {redact(uri)}: see its output "
                                   "above")
             try:
-                if requests.get(f"{base}/health", timeout=2).ok:
-                    break
+                return requests.get(f"{base}/health", timeout=2).ok
             except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise ConfigError(f"mlflow ui did not answer on {base} within 120 s")
-            time.sleep(0.5)
+                return False
+
+        if not wait_until(up, timeout=120):
+            raise ConfigError(f"mlflow ui did not answer on {base} within 120 s")
         console.print(f"MLflow UI for experiment '{exp.name}' (runs table; Ctrl-C stops it):", highlight=False)
         console.print(ui_link(base, exp.experiment_id), soft_wrap=True, highlight=False)
         sys.stdout.flush()
@@ -170,7 +151,7 @@ def _experiment(client, name: str, uri: str):
 
 
 def register(sub) -> None:
-    """Add the `eval` and `reproduce` subcommands to cli.build_parser's subparsers."""
+    """`eval`, `reproduce` and `ui` under the top-level parser's subcommands."""
     e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint")
     e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")

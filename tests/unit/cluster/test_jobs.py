@@ -12,7 +12,7 @@ import pytest
 
 from towerlab.cli import main
 from towerlab.config import ConfigError
-from towerlab.launch.jobs import (Jobs, build_spec, check_tracking_uri, pinned_requirements, read_token, staged,
+from towerlab.cluster.jobs import (Jobs, build_spec, check_tracking_uri, pinned_requirements, read_token, staged,
                                   submission_id)
 
 
@@ -36,7 +36,7 @@ def test_staged_working_dir_leaves_out_stores_data_and_results(tmp_path):
         assert _files(work) == {"recipes/debug.yaml", "sweeps/s.yaml", "notes/data/keep.txt"}
         files = _files(pkg)
         # the package keeps its own data/ subpackage: only the project root's data/ is excluded
-        assert {"__init__.py", "cli.py", "data/pipeline.py", "launch/jobs.py"} <= files
+        assert {"__init__.py", "cli/__init__.py", "data/pipeline.py", "cluster/jobs.py"} <= files
         assert not any("__pycache__" in f for f in files)
         staging = work.parent
     assert not staging.exists()  # removed after the upload

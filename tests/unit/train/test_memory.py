@@ -7,7 +7,7 @@ import pytest
 
 from towerlab.cli import main
 from towerlab.config import ConfigError
-from towerlab.train.plan import (
+from towerlab.train.memory import (
     activation_bytes, count_params, loss_bytes, model_states, parse_bytes, plan_memory,
 )
 from towerlab.train.recipe import load_recipe
@@ -105,7 +105,7 @@ def test_scale_settings_are_checked(repo_root, overrides, message):
 
 
 def test_zero3_offload_config(repo_root):
-    from towerlab.train.engine import deepspeed_config
+    from towerlab.train.deepspeed_config import deepspeed_config
 
     r = load_recipe(repo_root / "recipes" / "debug.yaml", ["train.zero_stage=3", "train.offload_optimizer=nvme",
                                                              "train.nvme_path=/tmp/x", "train.sub_group_size=50000000"])

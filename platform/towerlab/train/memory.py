@@ -1,4 +1,4 @@
-"""The batch and memory planner behind `towerlab plan` and the check `towerlab train` runs before starting Ray.
+"""The batch and memory estimator behind `towerlab plan` and the check `towerlab train` runs before starting Ray.
 
 For a recipe (and a worker count and device memory) it states: the batch plan (global batch = micro-batch x
 accumulation x workers), the negatives each sample sees per step, and the per-worker memory of
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from towerlab.config import BatchPlan, ConfigError, Recipe, resolve_batch
-from towerlab.train.engine import precision
+from towerlab.train.deepspeed_config import precision
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -106,7 +106,7 @@ def count_params(recipe: Recipe) -> tuple[int, int]:
     meta device (no memory). The largest layer is what ZeRO-3 gathers at once (DeepSpeed's model_to_params)."""
     import torch
 
-    from towerlab.train.loop import build_module
+    from towerlab.train.module import build_module
 
     with torch.device("meta"):
         module = build_module(recipe, rank=0, world_size=1, load_weights=False)
@@ -266,72 +266,3 @@ def negatives(recipe: Recipe, batch: BatchPlan) -> list[tuple[str, str]]:
     if recipe.loss.name in SYMMETRIC_FAMILIES_ONE_MATRIX:
         pairs = pairs[:1]
     return [(f"{a} -> {b}", f"{batch.negatives:,}") for a, b in pairs]
-
-
-def render(recipe: Recipe, plan: MemoryPlan, console) -> None:
-    from rich.table import Table
-
-    b = plan.batch
-    lines = [f"[bold]plan for '{recipe.name}'[/]",
-             f"model: {recipe.model.arch}, {plan.params:,} parameters (largest layer {plan.largest_layer:,})",
-             f"batch: global {b.global_batch:,} = micro-batch {b.micro_batch} x accumulation {b.accumulation} x "
-             f"{b.world_size} workers; precision {plan.precision}"]
-    for direction, n in negatives(recipe, b):
-        lines.append(f"negatives ({recipe.loss.name}), {direction}: {n} per sample per step (plain accumulation "
-                     f"would see {b.micro_batch * b.world_size - 1:,})")
-    for line in lines:
-        console.print(line, soft_wrap=True, highlight=False)
-
-    st = Table(title="model states per worker by ZeRO stage", caption="offloaded: moved to host RAM or NVMe")
-    for col in ("stage", "params", "grads", "optimizer", "own total", "DeepSpeed estimate", "offloaded"):
-        st.add_column(col, justify="right")
-    for s in plan.stages:
-        mark = " *" if s.stage == plan.stage else ""
-        st.add_row(f"{s.stage}{mark}", gib(s.params), gib(s.grads), gib(s.optimizer),
-                   gib(s.params + s.grads + s.optimizer), gib(s.deepspeed) if s.deepspeed is not None else "-",
-                   gib(s.offloaded))
-    console.print(st)
-
-    other = Table(title="activations (one micro-batch) and loss per worker")
-    other.add_column("part")
-    other.add_column("bytes", justify="right")
-    for k, v in plan.activations.items():
-        other.add_row(f"activations, {'with' if k == 'checkpointed' else 'without'} checkpointing"
-                      + (" *" if (k == "checkpointed") == plan.checkpointing else ""), gib(v))
-    for k, v in plan.loss.items():
-        other.add_row(f"loss, {k} matrix" + (" *" if (k == "tiled") == plan.tiled else ""), gib(v))
-    console.print(other)
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    limit = gib(plan.device_memory) if plan.device_memory is not None else "-"
-    console.print(f"per worker (the * rows): {gib(plan.per_worker)} of {limit} ({plan.device_memory_source}): "
-                  f"{verdict}", soft_wrap=True, highlight=False)
-    for n in plan.notes:
-        console.print(f"note: {n}", soft_wrap=True, highlight=False)
-
-
-def cmd_plan(args) -> int:
-    from towerlab.cli import console
-    from towerlab.train.recipe import load_recipe
-
-    overrides = list(args.overrides)
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
-    if args.gpu_memory is not None:
-        parse_bytes(args.gpu_memory, "--gpu-memory")
-        overrides += [f"train.device_memory={args.gpu_memory}", "train.use_gpu=true"]
-    recipe = load_recipe(args.recipe, overrides)
-    plan = plan_memory(recipe, args.gpus_per_node)
-    render(recipe, plan, console)
-    return 0 if plan.fits else 1
-
-
-def add_parser(sub) -> None:
-    """`towerlab plan RECIPE [--workers N] [--gpu-memory 80GiB] [overrides]`."""
-    p = sub.add_parser("plan", help="batch plan, negatives and per-worker memory by ZeRO stage (exit 1: "
-                                    "it cannot fit)")
-    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/pretrain_g14_large_batch.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.micro_batch=64")
-    p.add_argument("--workers", type=int, help="plan for N workers (train.workers)")
-    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (sets train.use_gpu and device_memory)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for DeepSpeed's estimators")
-    p.set_defaults(func=cmd_plan)

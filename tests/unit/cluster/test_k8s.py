@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from towerlab.cli import main
-from towerlab.launch.k8s.validate import KINDS, SCHEMA_DIR, extract_schema, schema, validate_doc, validate_file
+from towerlab.cluster.k8s.validate import KINDS, SCHEMA_DIR, extract_schema, schema, validate_doc, validate_file
 
 ROOT = Path(__file__).resolve().parents[3]
 SHARED = ROOT.parent / "shared" / "schemas" / "kuberay"

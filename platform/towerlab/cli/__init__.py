@@ -1,0 +1,45 @@
+"""The `towerlab` command. One module per command group: train.py (train, plan, recipes), sweep.py (sweep,
+compare), runs.py (eval, reproduce, ui), data.py (data prepare), cluster.py (submit, jobs, k8s). Library modules
+never import this package; it imports them, inside the commands, so `towerlab --help` starts fast.
+
+User errors (ConfigError: a recipe typo, a wrong type, a missing file, an unreachable server) print one line and
+exit 2; a failed training run prints its cause and exits 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from towerlab.config import ConfigError
+
+console = Console(stderr=False)  # results
+err = Console(stderr=True)  # errors and warnings
+
+GROUPS = ("train", "sweep", "data", "runs", "cluster")  # the modules of this package, in --help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="towerlab", description="Contrastive multimodal pretraining on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        importlib.import_module(f"towerlab.cli.{group}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # e may hold ray[default]
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

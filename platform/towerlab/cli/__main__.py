@@ -1,0 +1,7 @@
+"""`python -m towerlab.cli ...`, as job entrypoints run it."""
+
+import sys
+
+from towerlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""`towerlab sweep` (a Ray Tune sweep of a recipe, or --resume of one) and `towerlab compare` (a sweep's trials or any
+runs, as a table and a plot)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from towerlab.cli import console, err
+from towerlab.config import ConfigError
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from towerlab.sweep.load import load_sweep
+    from towerlab.sweep.run import STATE_FILE, run_sweep
+
+    if args.resume:
+        import json
+
+        from towerlab.config import load_structured
+        from towerlab.sweep.schema import SweepConfig
+
+        state = Path(args.storage_path) / args.resume / STATE_FILE
+        if not state.is_file():
+            raise ConfigError(f"no sweep '{args.resume}' to resume: {state} does not exist (see --storage-path)")
+        saved = json.loads(state.read_text())
+        sweep_file = saved["sweep_file"]
+        sweep = load_structured(SweepConfig, None, [], base=saved["sweep"])
+        summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True)
+    else:
+        if not args.sweep:
+            raise ConfigError("give a sweep file (e.g. sweeps/quickstart.yaml) or --resume NAME")
+        sweep = load_sweep(args.sweep, args.overrides)
+        console.print(f"[bold]sweep[/] [cyan]{sweep.name}[/]: {len(sweep.space)} searched keys, "
+                      f"scheduler {sweep.scheduler.name}, metric {sweep.metric} ({sweep.mode})")
+        summary = run_sweep(sweep, args.sweep, tracking_uri=args.tracking_uri)
+    console.print(f"sweep '{summary.name}': {summary.trials} trials, {summary.errors} failed; MLflow parent run "
+                  f"{summary.parent_run_id}")
+    if summary.best_metric is not None:
+        console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
+    console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {summary.tracking_uri}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from towerlab.tracking import resolve_uri
+    from towerlab.tracking.compare import compare_runs, compare_sweep, log_to_parent, plot
+
+    uri = resolve_uri(None, args.tracking_uri)
+    if args.sweep:
+        c = compare_sweep(uri, args.sweep, args.metric, args.mode)
+    elif args.runs:
+        c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot/top1", args.mode or "max")
+    else:
+        raise ConfigError("give --sweep NAME or one or more MLflow run ids")
+    t = Table("#", "run", "status", *c.keys, c.metric, "train/loss")
+    for i, r in enumerate(c.rows, 1):
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        t.add_row(str(i), r["name"], r["status"], *(str(r["params"][k]) for k in c.keys), fmt(r["metric"]),
+                  fmt(r["loss"]))
+    console.print(t)
+    out = Path(args.out or f"results/compare-{args.sweep or 'runs'}.png").absolute()
+    png = plot(c, out)
+    log_to_parent(uri, c, png)
+    if png:
+        console.print(f"plot: {png}" + (" (also an artifact of the sweep's parent run)" if c.parent_run_id else ""))
+    return 0
+
+
+def register(sub) -> None:
+    """`sweep` and `compare` under the top-level parser's subcommands."""
+    s = sub.add_parser("sweep", help="run a Ray Tune sweep of a recipe (one MLflow child run per trial)")
+    s.add_argument("sweep", nargs="?", help="sweep YAML file, e.g. sweeps/quickstart.yaml")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. search.num_samples=2")
+    s.add_argument("--resume", metavar="NAME", help="continue sweep NAME (after the driver was stopped or killed)")
+    s.add_argument("--storage-path", default="results", help="where sweeps keep their state (default: results)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (else the sweep file, MLFLOW_TRACKING_URI, ./mlruns.db)")
+    s.set_defaults(func=cmd_sweep)
+
+    c = sub.add_parser("compare", help="table and plot of a sweep's trials, or of any runs")
+    c.add_argument("runs", nargs="*", help="MLflow run ids")
+    c.add_argument("--sweep", help="sweep name")
+    c.add_argument("--metric", help="metric to rank by (default: the sweep's metric)")
+    c.add_argument("--mode", choices=["max", "min"])
+    c.add_argument("--out", help="PNG path (default: results/compare-<sweep>.png)")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,224 @@
+"""`towerlab train` (with its live progress and closing summary), `towerlab plan` (batch plan, negatives and memory
+per worker, before anything starts) and `towerlab recipes ls|params`."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from towerlab.cli import console, err
+from towerlab.config import ConfigError
+
+
+def _progress_poller(summary, total: int, stop: threading.Event) -> None:
+    """Show step/loss/zero-shot from the run's MLflow metrics while the workers train (rank 0 logs them)."""
+    from mlflow import MlflowClient
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    client = MlflowClient(summary.tracking_uri)
+    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, transient=False) as bar:
+        task = bar.add_task("train", total=total, info="starting Ray workers...")
+        while not stop.wait(2.0):
+            try:
+                run = client.get_run(summary.run_id)
+            except Exception:  # the store may be busy; try again at the next tick
+                continue
+            m = run.data.metrics
+            if "train/loss" in m:
+                step = max((x.step for x in client.get_metric_history(summary.run_id, "train/loss")), default=0)
+                info = f"loss {m['train/loss']:.3f}  scale {m.get('train/logit_scale', 0):.1f}"
+                if "eval/zeroshot/top1" in m:
+                    info += f"  zero-shot top-1 {m['eval/zeroshot/top1']:.1%}"
+                bar.update(task, completed=step, info=info)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from towerlab.train.driver import root_cause, train
+    from towerlab.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    stop = threading.Event()
+    poller: list[threading.Thread] = []
+
+    def on_start(summary) -> None:
+        verb = "resuming" if summary.resumed else "starting"
+        console.print(f"[bold]{verb}[/] run [cyan]{recipe.name}[/] (MLflow run {summary.run_id})")
+        if args.progress:
+            t = threading.Thread(target=_progress_poller, args=(summary, recipe.train.steps, stop), daemon=True)
+            t.start()
+            poller.append(t)
+
+    try:
+        summary = train(recipe, tracking_uri=args.tracking_uri, on_start=on_start)
+    except Exception as e:
+        stop.set()
+        if isinstance(e, ConfigError):
+            raise
+        from ray.exceptions import RayError
+
+        try:
+            from ray.train import TrainingFailedError
+        except ImportError:  # pragma: no cover
+            TrainingFailedError = RayError  # type: ignore[misc,assignment]
+        if isinstance(e, (TrainingFailedError, RayError)):
+            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {escape(root_cause(e))}", highlight=False,
+                      soft_wrap=True)
+            return 1
+        raise
+    finally:
+        stop.set()
+        for t in poller:
+            t.join(timeout=5)
+    print_summary(recipe, summary)
+    return 0
+
+
+def print_summary(recipe, summary) -> None:
+    m = summary.metrics
+    t = Table(title=f"towerlab run '{recipe.name}'", show_header=False)
+    t.add_row("MLflow run", summary.run_id)
+    t.add_row("status", summary.status)
+    t.add_row("steps", str(m.get("step", "-")))
+    for key in ("train/loss", "train/logit_scale", "train/samples_per_s", "eval/zeroshot/top1", "eval/zeroshot/top5",
+                "eval/retrieval/recall_at_1_i2t", "eval/retrieval/recall_at_1_t2i"):
+        if key in m:
+            t.add_row(key, f"{m[key]:.4f}")
+    console.print(t)
+    uri = summary.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        console.print(f"Open the MLflow UI at {uri}")
+    else:
+        console.print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then "
+                      "http://127.0.0.1:5000 (experiment "
+                      f"'{summary.experiment}', Model training > runs)")
+    console.print(f"zero-shot top-1: {m.get('eval/zeroshot/top1', float('nan')):.1%}")
+
+
+def render(recipe, plan) -> None:
+    """The plan as `towerlab plan` prints it: batch and negatives, model states per ZeRO stage, activations and
+    loss, and the verdict for the rows the recipe uses (marked *)."""
+    from towerlab.train.memory import gib, negatives
+
+    b = plan.batch
+    lines = [f"[bold]plan for '{recipe.name}'[/]",
+             f"model: {recipe.model.arch}, {plan.params:,} parameters (largest layer {plan.largest_layer:,})",
+             f"batch: global {b.global_batch:,} = micro-batch {b.micro_batch} x accumulation {b.accumulation} x "
+             f"{b.world_size} workers; precision {plan.precision}"]
+    for direction, n in negatives(recipe, b):
+        lines.append(f"negatives ({recipe.loss.name}), {direction}: {n} per sample per step (plain accumulation "
+                     f"would see {b.micro_batch * b.world_size - 1:,})")
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
+
+    st = Table(title="model states per worker by ZeRO stage", caption="offloaded: moved to host RAM or NVMe")
+    for col in ("stage", "params", "grads", "optimizer", "own total", "DeepSpeed estimate", "offloaded"):
+        st.add_column(col, justify="right")
+    for s in plan.stages:
+        mark = " *" if s.stage == plan.stage else ""
+        st.add_row(f"{s.stage}{mark}", gib(s.params), gib(s.grads), gib(s.optimizer),
+                   gib(s.params + s.grads + s.optimizer), gib(s.deepspeed) if s.deepspeed is not None else "-",
+                   gib(s.offloaded))
+    console.print(st)
+
+    other = Table(title="activations (one micro-batch) and loss per worker")
+    other.add_column("part")
+    other.add_column("bytes", justify="right")
+    for k, v in plan.activations.items():
+        other.add_row(f"activations, {'with' if k == 'checkpointed' else 'without'} checkpointing"
+                      + (" *" if (k == "checkpointed") == plan.checkpointing else ""), gib(v))
+    for k, v in plan.loss.items():
+        other.add_row(f"loss, {k} matrix" + (" *" if (k == "tiled") == plan.tiled else ""), gib(v))
+    console.print(other)
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    limit = gib(plan.device_memory) if plan.device_memory is not None else "-"
+    console.print(f"per worker (the * rows): {gib(plan.per_worker)} of {limit} ({plan.device_memory_source}): "
+                  f"{verdict}", soft_wrap=True, highlight=False)
+    for n in plan.notes:
+        console.print(f"note: {n}", soft_wrap=True, highlight=False)
+
+
+def cmd_plan(args) -> int:
+    from towerlab.train.memory import parse_bytes, plan_memory
+    from towerlab.train.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if args.gpu_memory is not None:
+        parse_bytes(args.gpu_memory, "--gpu-memory")
+        overrides += [f"train.device_memory={args.gpu_memory}", "train.use_gpu=true"]
+    recipe = load_recipe(args.recipe, overrides)
+    plan = plan_memory(recipe, args.gpus_per_node)
+    render(recipe, plan)
+    return 0 if plan.fits else 1
+
+
+def recipe_dirs() -> list[Path]:
+    return [Path.cwd() / "recipes", Path(__file__).resolve().parents[3] / "recipes"]
+
+
+def cmd_recipes_ls(args: argparse.Namespace) -> int:
+    seen: set[str] = set()
+    t = Table("recipe", "purpose")
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            if p.name in seen:
+                continue
+            seen.add(p.name)
+            first = next((line[1:].strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
+            t.add_row(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p), first)
+    console.print(t)
+    return 0
+
+
+def cmd_recipes_params(args: argparse.Namespace) -> int:
+    """The model's parameter names (what model.freeze patterns match), shapes and whether they train."""
+    import torch
+
+    from towerlab.train.module import build_module
+    from towerlab.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with torch.device("meta"):
+        model = build_module(recipe, rank=0, world_size=1, load_weights=False).model
+    t = Table("parameter", "shape", "trains")
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        t.add_row(name, "x".join(map(str, p.shape)), "yes" if p.requires_grad else "[red]frozen[/red]")
+    console.print(t)
+    console.print(f"{trainable:,} of {total:,} parameters train")
+    return 0
+
+
+def register(sub) -> None:
+    """`train`, `plan` and `recipes` under the top-level parser's subcommands."""
+    t = sub.add_parser("train", help="train a recipe (Ray Train + DeepSpeed, tracked in MLflow)")
+    t.add_argument("recipe", help="recipe YAML file, e.g. recipes/digits_clip.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 loss.name=siglip")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (else recipe, MLFLOW_TRACKING_URI, ./mlruns.db)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="batch plan, negatives and per-worker memory by ZeRO stage (exit 1: "
+                                    "it cannot fit)")
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/pretrain_g14_large_batch.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.micro_batch=64")
+    p.add_argument("--workers", type=int, help="plan for N workers (train.workers)")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (sets train.use_gpu and device_memory)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for DeepSpeed's estimators")
+    p.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("recipes", help="list recipes; a recipe's parameters").add_subparsers(
+        dest="recipes_command", required=True)
+    r.add_parser("ls", help="list the recipes in ./recipes").set_defaults(func=cmd_recipes_ls)
+    rp = r.add_parser("params", help="a recipe's parameter names, shapes and which train (for model.freeze)")
+    rp.add_argument("recipe", help="recipe YAML file")
+    rp.add_argument("overrides", nargs="*", help="dotted overrides")
+    rp.set_defaults(func=cmd_recipes_params)

@@ -1,0 +1,60 @@
+"""A run's data, checked before any process starts: the prepared shards (`ensure_data`: built-in sources are prepared
+on first use), what the recipe expects of them (`check_prepared`), and how many captions per image a batch takes.
+The rows themselves stream through data/pipeline.py's Ray Data path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from towerlab.config import ConfigError, Recipe, resolve_batch
+from towerlab.data import Manifest, prepare, read_manifest
+from towerlab.train.recipe import data_dir
+
+PREPARED = ("parquet", "webdataset")  # data.source values that read data.path as prepared by `towerlab data prepare`
+MULTI_POSITIVE_LOSSES = ("decoupled_softmax", "sdm")  # losses that take several positives per image
+
+
+
+def ensure_data(recipe: Recipe) -> Manifest:
+    """The run's prepared shards; built-in sources are prepared on first use."""
+    path = data_dir(recipe)
+    if recipe.data.source not in PREPARED and not (Path(path) / "manifest.json").exists():
+        prepare(recipe.data.source, path, seed=0,
+                size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
+    manifest = read_manifest(path, verify=True, bad_shards=recipe.data.bad_shards)
+    check_prepared(recipe, manifest)
+    plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    per_worker = manifest.count("train") // plan.world_size
+    if per_worker < plan.per_worker:
+        raise ConfigError(f"data.global_batch={plan.global_batch} needs {plan.per_worker} training samples per "
+                          f"worker per step but {path} gives each of {plan.world_size} workers only {per_worker}: "
+                          "lower data.global_batch")
+    return manifest
+
+
+def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
+    """What the recipe expects of a prepared dataset agrees with its manifest."""
+    if recipe.data.source in PREPARED and manifest.shard_format != recipe.data.source:
+        raise ConfigError(f"data.source={recipe.data.source} but {manifest.uri} holds {manifest.shard_format} shards: "
+                          f"set data.source={manifest.shard_format}")
+    if recipe.model.signal.dim and recipe.model.signal.dim != manifest.data.get("signal_dim"):
+        raise ConfigError(f"model.signal.dim={recipe.model.signal.dim} but {manifest.uri} has "
+                          + (f"signals of {manifest.data['signal_dim']} features: set model.signal.dim="
+                             f"{manifest.data['signal_dim']}" if "signal_dim" in manifest.data else
+                             "no 'signal' column: use data.source=synthetic3, or set model.signal.dim=0"))
+    for name, ev in recipe.evals.items():
+        if ev.type == "zeroshot" and ev.data in manifest.data["splits"] and not manifest.classes.get("prompts"):
+            raise ConfigError(f"evals.{name} is a zero-shot evaluator but {manifest.uri} has no class labels: give the "
+                              "recipe an `evals:` section without it (e.g. evals: {retrieval: {type: retrieval}}) "
+                              "or prepare the data with a 'label' column in the captions file")
+    if not manifest.data["counts"].get("heldout"):
+        raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
+                          "above 0 (e.g. 0.1)")
+    for s in manifest.data.get("skipped", []):
+        print(f"warning: skipping shard {s['file']} ({s['rows']} rows): {s['problem']} (data.bad_shards=skip)")
+
+
+def captions_per_image(recipe: Recipe) -> int:
+    """Captions per image in a training batch: data.captions_per_image for losses that take several positives,
+    else one (chosen at random among the record's captions when data.augment.caption_choice is on)."""
+    return recipe.data.captions_per_image if recipe.loss.name in MULTI_POSITIVE_LOSSES else 1

@@ -1,0 +1,141 @@
+"""The driver side of `towerlab train`: check everything that can be checked before a process starts, prepare the
+data, open (or reopen) the MLflow run, start Ray, and run a TorchTrainer whose workers execute `loop.py`.
+
+A run is named: <train.storage_path>/<name>/ holds Ray Train's checkpoints and towerlab_run.json (the MLflow run id).
+Launching the same name again resumes from the latest checkpoint and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from towerlab.config import Recipe, flatten, resolve_batch, to_dict, to_yaml
+from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, tags as T
+from towerlab.tracking.provenance import git_commit, versions
+from towerlab.train.checkpoint import RUN_FILE
+from towerlab.train.dataset import captions_per_image, ensure_data
+from towerlab.train.memory import check_fits
+from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
+from towerlab.util import atomic_write
+
+
+@dataclass
+class Summary:
+    """What `train` hands back (and to `on_start` once the MLflow run exists): the run, where it is tracked, its
+    last reported metrics and how it ended."""
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    metrics: dict = field(default_factory=dict)
+    resumed: bool = False
+    status: str = "FINISHED"
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost cause's type and last line: what a user needs to see of a failed run."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | None = None,
+          on_start: Callable[[Summary], None] | None = None, mlflow_name: str | None = None,
+          tags: dict[str, str] | None = None, callbacks: Sequence = (), close_on_error: bool = True,
+          mlflow_run_id: str | None = None, start_checkpoint: str | None = None) -> Summary:
+    """Run `recipe` to completion (or resume it). In a sweep, `parent_run_id` nests the MLflow run, `mlflow_name`
+    and `tags` describe the trial, and `callbacks` (Tune's report callback) go to the Ray Train run.
+
+    `close_on_error=False` leaves a run that did not finish RUNNING for the caller to close: in a sweep only Tune
+    knows whether a trial failed or was stopped early (which also makes its Train run raise), so the sweep driver
+    is the one writer of that verdict.
+
+    `mlflow_run_id` continues that MLflow run, and `start_checkpoint` (a Ray Train checkpoint directory) is where a
+    run with no checkpoint of its own starts: population-based training hands a trial another trial's checkpoint."""
+    plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
+    check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
+    uri = resolve_uri(recipe.tracking.uri, tracking_uri)
+    check_reachable(uri)
+    manifest = ensure_data(recipe)
+
+    storage = Path(recipe.train.storage_path).absolute()
+    run_dir = storage / recipe.name
+    run_file = run_dir / RUN_FILE
+    resumed = run_file.exists() or mlflow_run_id is not None
+    if resumed:
+        run = MlflowRun(uri, mlflow_run_id or json.loads(run_file.read_text())["mlflow_run_id"])
+        run.reopen()
+    else:
+        params = flatten(to_dict(recipe))
+        params["batch.accumulation"] = plan.accumulation
+        params["batch.micro_batch"] = plan.micro_batch
+        all_tags = {T.GIT_COMMIT: git_commit(), T.DATA_FINGERPRINT: manifest.fingerprint,
+                    T.DATA_SOURCE: recipe.data.source, T.RUN_NAME: recipe.name, T.BATCH_PLAN: plan.describe()}
+        if manifest.data.get("skipped"):
+            all_tags[T.DATA_SKIPPED_SHARDS] = ",".join(x["file"] for x in manifest.data["skipped"])
+        all_tags.update({f"{T.VERSION_PREFIX}{k}": v for k, v in versions().items()})
+        all_tags.update(tags or {})
+        run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
+                              parent_run_id)
+        run.log_text(to_yaml(recipe), "recipe.yaml")
+        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
+    summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)
+    if on_start:
+        on_start(summary)
+
+    status = "FAILED"
+    try:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from towerlab.data.pipeline import train_dataset
+        from towerlab.train.loop import train_loop_per_worker
+
+        allocator_env(recipe)
+        init_ray(cpus_needed(recipe))
+        # Ray Train's controller polls its workers every 2 s by default, and a run's end takes a few polls: about
+        # 4 s of idle tail per run (per trial, in a sweep). Polling every 0.5 s costs nothing measurable. Read by
+        # the controller, to which Ray Train passes this variable on; a value set by the user wins.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        data_config = ingest_config(recipe)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
+                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
+                resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=recipe.name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+                callbacks=list(callbacks)),
+            datasets={"train": train_dataset(recipe, manifest, captions_per_image(recipe))},
+            dataset_config=data_config,
+        )
+        result = trainer.fit()
+        summary.metrics = dict(result.metrics or {})
+        if recipe.train.export_fp32 and result.checkpoint is not None:
+            from towerlab.train.checkpoint import export_fp32
+
+            export_fp32(result.checkpoint, run)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as e:
+        # not when a sweep already closed it KILLED (it stopped the trial), nor over the workers' own diagnosis
+        if (close_on_error or run.status() == "RUNNING") and T.FAILURE not in run.tags():
+            run.set_tags({T.FAILURE: root_cause(e)})
+        raise
+    finally:
+        if close_on_error or status == "FINISHED":
+            run.end(status)
+        summary.status = status
+    return summary

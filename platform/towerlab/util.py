@@ -1,0 +1,75 @@
+"""Small helpers every layer uses, each written once: the atomic write (a temporary name, then a rename, so a reader
+never sees half a file), the closest-name hint of an error message, a free or busy TCP port on loopback, and the
+deadline poll. Imports nothing of towerlab, so any module may use it."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; on success it is renamed over `path` in one step, on an
+    exception it is removed and `path` is untouched."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8, or bytes) to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return Path(path)
+
+
+def closest(name: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | None:
+    """The candidate nearest to a mistyped `name`, for "did you mean" hints; None when nothing is close."""
+    found = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
+    return found[0] if found else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS reports free on `host` now (another process may still take it before it is used)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether `port` can be bound on `host` now."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.5) -> T | None:
+    """Call `check` every `interval` seconds until it returns something truthy (returned) or `timeout` seconds have
+    passed (None). Exceptions from `check` propagate: a check that can fail transiently catches its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
