@@ -6,9 +6,10 @@ that variant's schema (OmegaConf cannot hold a union of dataclasses). This modul
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from towerlab.util import did_you_mean
 
 T = TypeVar("T")
 
@@ -56,9 +57,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         valid = sorted(self._entries)
-        close = difflib.get_close_matches(str(name), valid, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} '{name}'.{hint} Valid: {', '.join(valid) or '(none registered)'}"
+        return f"unknown {self.kind} '{name}'.{did_you_mean(name, valid)} Valid: {', '.join(valid) or '(none registered)'}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)

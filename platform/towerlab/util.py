@@ -45,6 +45,12 @@ def closest(name: str, candidates: Sequence[str], cutoff: float = 0.6) -> str | 
     return found[0] if found else None
 
 
+def did_you_mean(name: str, candidates: Sequence[str], cutoff: float = 0.6) -> str:
+    """" Did you mean 'x'?" for the closest candidate, or "" when none is close: the tail of an error line."""
+    near = closest(name, candidates, cutoff)
+    return f" Did you mean '{near}'?" if near else ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port the OS reports free on `host` now (another process may still take it before it is used)."""
     with socket.socket() as s:

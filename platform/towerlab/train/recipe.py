@@ -19,6 +19,7 @@ from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.train.memory import validate_scale
 from towerlab.train.evaluate import validate_evals
+from towerlab.util import did_you_mean
 
 VARIANTS = (
     Variant("loss", "name", registry=losses.LOSSES),
@@ -43,7 +44,6 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 def preset_overrides(path: str | os.PathLike | None, name: str) -> list[str]:
     """The recipe file's `presets.<name>` section as dotted overrides (the user's own overrides come after it)."""
-    import difflib
 
     from omegaconf import OmegaConf
 
@@ -52,9 +52,7 @@ def preset_overrides(path: str | os.PathLike | None, name: str) -> list[str]:
     presets = OmegaConf.select(read_yaml(path), "presets", default=None) if path is not None else None
     names = list(presets.keys()) if presets is not None else []
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"preset={name}: {path} has no preset '{name}'.{hint} Presets: {', '.join(names) or 'none'}")
+        raise ConfigError(f"preset={name}: {path} has no preset '{name}'.{did_you_mean(name, names)} Presets: {', '.join(names) or 'none'}")
     values = flatten(OmegaConf.to_container(presets[name]))
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
 

@@ -14,7 +14,6 @@ The CRD schemas are vendored under schemas/ (the v1 openAPIV3Schema of ray-proje
 
 from __future__ import annotations
 
-import difflib
 import json
 from functools import cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Iterator
 import yaml
 
 from towerlab.config import ConfigError
+from towerlab.util import closest
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}
@@ -54,8 +54,8 @@ def _unknown_fields(node, sch: dict, path: str) -> Iterator[str]:
                 if key in props:
                     yield from _unknown_fields(value, props[key], f"{path}.{key}")
                 else:
-                    near = difflib.get_close_matches(str(key), list(props), n=1)
-                    hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(props))})"
+                    near = closest(key, list(props))
+                    hint = f" (did you mean '{near}'?)" if near else f" (known: {', '.join(sorted(props))})"
                     yield f"{path}.{key}: unknown field, Kubernetes would silently drop it{hint}"
         elif isinstance(sch.get("additionalProperties"), dict):
             for key, value in node.items():
