@@ -272,8 +272,9 @@ def _registry_section(key: str, v: Variant, intro: str, choices: Mapping[str, Se
     return out
 
 
-def render(variants: Sequence[Variant] | None = None, choices: Mapping[str, Sequence[str]] | None = None) -> str:
-    """The recipe reference as Markdown.
+def render(schema: type = Recipe, variants: Sequence[Variant] | None = None,
+           choices: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The reference of `schema` (the Recipe dataclass) as Markdown.
 
     `variants`: how sections are resolved by name (default: towerlab.train.recipe.VARIANTS); a variant with a
     registry documents each entry's config. `choices`: allowed values of name keys, by dotted key (default: those
@@ -284,25 +285,24 @@ def render(variants: Sequence[Variant] | None = None, choices: Mapping[str, Sequ
         variants = wired_variants if variants is None else variants
         choices = wired_choices if choices is None else choices
     by_section = {v.section: v for v in variants}
-    hints = typing.get_type_hints(Recipe)
-    fields = dataclasses.fields(Recipe)
+    hints = typing.get_type_hints(schema)
 
     out = [HEADER]
-    top = _rows(Recipe, "", choices, keep=lambda f: f.name not in by_section)
+    top = _rows(schema, "", choices, keep=lambda f: f.name not in by_section)
     if top:
         out += ["## Top level", ""] + _table(top)
-    for f in fields:
+    for f in dataclasses.fields(schema):
         tp, v = hints[f.name], by_section.get(f.name)
         if v is not None and v.registry is not None:
-            out += _registry_section(f.name, v, field_doc(Recipe, f.name), choices)
+            out += _registry_section(f.name, v, field_doc(schema, f.name), choices)
         elif dataclasses.is_dataclass(tp):
             note = ""
             if v is not None and v.preset is not None:
                 note = (f"`{f.name}.{v.key}` loads a preset whose values replace the defaults below; the recipe's own "
                         f"values and the overrides apply on top of it.")
-            out += _section(tp, f.name, 2, field_doc(Recipe, f.name), choices, note)
+            out += _section(tp, f.name, 2, field_doc(schema, f.name), choices, note)
         elif (element := _dict_element(tp)) is not None:
-            out += _section(element, f"{f.name}.<NAME>", 2, field_doc(Recipe, f.name), choices)
+            out += _section(element, f"{f.name}.<NAME>", 2, field_doc(schema, f.name), choices)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
