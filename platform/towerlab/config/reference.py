@@ -111,6 +111,12 @@ def class_doc(cls: type) -> str:
 # Types and defaults as a recipe writes them
 
 
+def _enum_text(member: enum.Enum) -> str:
+    """How a recipe spells an Enum member: its string value (`auto` for AUTO = "auto"), else its name. OmegaConf
+    accepts both, names first."""
+    return member.value if isinstance(member.value, str) else member.name
+
+
 def _is_enum(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, enum.Enum)
 
@@ -131,7 +137,7 @@ def type_text(tp: Any) -> str:
             return f"mapping of {type_text(args[0])} to {type_text(args[1])}"
         return "mapping"
     if _is_enum(tp):
-        return "one of " + ", ".join(f"`{m.name}`" for m in tp)
+        return "one of " + ", ".join(f"`{_enum_text(m)}`" for m in tp)
     if dataclasses.is_dataclass(tp):
         return "section"
     return getattr(tp, "__name__", str(tp))
@@ -144,7 +150,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, enum.Enum):
-        return value.name
+        return _enum_text(value)
     if isinstance(value, str):
         return value if value else '""'
     if isinstance(value, (list, tuple)):

@@ -89,6 +89,11 @@ class Colour(enum.Enum):
     blue = "blue"
 
 
+class Stage(enum.Enum):
+    LOW = "low"  # a recipe writes the value
+    HIGH = 2  # a value that is not a string: the name
+
+
 @dataclass
 class Inner:
     depth: int = 3
@@ -142,6 +147,7 @@ def test_meanings_docstring_then_trailing_comment_then_empty():
 
 def test_types_and_defaults_as_a_recipe_writes_them():
     assert type_text(Colour) == "one of `red`, `blue`"
+    assert type_text(Stage) == "one of `low`, `HIGH`" and value_text(Stage.LOW) == "low"
     assert type_text(Optional[float]) == "float or null"
     assert type_text(list[int]) == "list of int"
     assert type_text(dict[str, Inner]) == "mapping of str to section"
