@@ -122,7 +122,8 @@ def _is_enum(tp: Any) -> bool:
 
 
 def type_text(tp: Any) -> str:
-    """A type hint in words: `int`, `float or null`, `list of str`, `mapping`, `one of a, b`."""
+    """A type hint in words: `int`, `float or null`, `list of str`, `mapping`, `one of a, b` (an Enum or a
+    Literal)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return "any"
@@ -130,6 +131,8 @@ def type_text(tp: Any) -> str:
         rest = [a for a in args if a is not type(None)]
         text = " or ".join(type_text(a) for a in rest)
         return f"{text} or null" if len(rest) < len(args) else text
+    if origin is typing.Literal:
+        return "one of " + ", ".join(f"`{value_text(a)}`" for a in args)
     if origin is list or origin is tuple:
         return f"list of {type_text(args[0])}" if args else "list"
     if origin is dict or tp is dict:
@@ -274,7 +277,7 @@ def _registry_section(key: str, v: Variant, intro: str, choices: Mapping[str, Se
             return f.name != v.key and base_defaults.get(f.name) != value_text(default_of(f))
 
         rows = _rows(cls, f"{key}.", choices, keep=own)
-        out += _table(rows) if rows else [f"No keys or defaults beyond the common ones.", ""]
+        out += _table(rows) if rows else ["No keys or defaults beyond the common ones.", ""]
     return out
 
 

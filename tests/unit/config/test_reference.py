@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -148,6 +148,7 @@ def test_meanings_docstring_then_trailing_comment_then_empty():
 def test_types_and_defaults_as_a_recipe_writes_them():
     assert type_text(Colour) == "one of `red`, `blue`"
     assert type_text(Stage) == "one of `low`, `HIGH`" and value_text(Stage.LOW) == "low"
+    assert type_text(Literal["x", 2]) == "one of `x`, `2`"
     assert type_text(Optional[float]) == "float or null"
     assert type_text(list[int]) == "list of int"
     assert type_text(dict[str, Inner]) == "mapping of str to section"
