@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.towerlab-installed
 # resolved together with other packages could pull a multi-GB CUDA build instead.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test test-system test-unit bench clean
+.PHONY: setup demo test test-system test-unit bench docs clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+
+# docs/recipes.md, the recipe reference, from the schema's field docstrings (tests/unit/config/test_reference.py fails
+# when it is stale)
+docs: setup
+	$(BIN)/python -m towerlab.config.reference --write docs/recipes.md
 
 clean:
 	rm -rf results data mlruns.db mlartifacts .pytest_cache
