@@ -38,7 +38,7 @@ bench: setup
 # docs/recipes.md, the recipe reference, from the schema's field docstrings (tests/unit/config/test_reference.py fails
 # when it is stale)
 docs: setup
-	$(BIN)/python -m towerlab.config.reference --write docs/recipes.md
+	$(BIN)/towerlab recipes reference --write docs/recipes.md
 
 clean:
 	rm -rf results data mlruns.db mlartifacts .pytest_cache

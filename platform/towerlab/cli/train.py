@@ -1,9 +1,10 @@
 """`towerlab train` (with its live progress and closing summary), `towerlab plan` (batch plan, negatives and memory
-per worker, before anything starts) and `towerlab recipes ls|params`."""
+per worker, before anything starts) and `towerlab recipes ls|params|reference`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
@@ -197,6 +198,32 @@ def cmd_recipes_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_reference() -> str:
+    """The recipe reference (docs/recipes.md) of towerlab's schema, its loss families, architectures and evaluators."""
+    from towerlab.config import Recipe
+    from towerlab.config.reference import render
+    from towerlab.train.evaluate import EVALUATORS
+    from towerlab.train.recipe import VARIANTS
+
+    choices = {f"{v.section}.{v.key}": (v.registry.names() if v.registry is not None
+                                         else list(v.names()) if v.names is not None else [])
+               for v in VARIANTS}
+    choices["evals.<NAME>.type"] = EVALUATORS.names()
+    return render(Recipe, VARIANTS, choices)
+
+
+def cmd_recipes_reference(args: argparse.Namespace) -> int:
+    text = recipe_reference()
+    if args.write is None:
+        sys.stdout.write(text)
+        return 0
+    from towerlab.util import atomic_write
+
+    atomic_write(args.write, text)  # a failed run leaves the old file, never half of a new one
+    console.print(f"wrote {args.write}", highlight=False)
+    return 0
+
+
 def register(sub) -> None:
     """`train`, `plan` and `recipes` under the top-level parser's subcommands."""
     t = sub.add_parser("train", help="train a recipe (Ray Train + DeepSpeed, tracked in MLflow)")
@@ -222,3 +249,6 @@ def register(sub) -> None:
     rp.add_argument("recipe", help="recipe YAML file")
     rp.add_argument("overrides", nargs="*", help="dotted overrides")
     rp.set_defaults(func=cmd_recipes_params)
+    rr = r.add_parser("reference", help="every recipe key with its type, default and meaning (docs/recipes.md)")
+    rr.add_argument("--write", metavar="PATH", help="write it to PATH (default: print it)")
+    rr.set_defaults(func=cmd_recipes_reference)

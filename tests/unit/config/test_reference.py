@@ -10,16 +10,18 @@ from typing import Literal, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from towerlab.config import Recipe, Variant
-from towerlab.config.reference import field_doc, main, render, type_text, value_text
+from towerlab.cli import main
+from towerlab.cli.train import recipe_reference
+from towerlab.config.reference import field_doc, render, type_text, value_text
 from towerlab.registry import Registry
 
 
 def test_docs_recipes_md_is_current(repo_root):
     written = (repo_root / "docs" / "recipes.md").read_text()
-    if written != render():
+    if written != recipe_reference():
         import difflib
 
-        diff = difflib.unified_diff(written.splitlines(), render().splitlines(), "docs/recipes.md", "render()", n=0,
+        diff = difflib.unified_diff(written.splitlines(), recipe_reference().splitlines(), "docs/recipes.md", "recipe_reference()", n=0,
                                     lineterm="")
         raise AssertionError("docs/recipes.md is stale: run `make docs`\n" + "\n".join(list(diff)[:40]))
 
@@ -48,7 +50,7 @@ def test_every_schema_key_is_in_the_reference():
     for entry in LOSSES:
         keys |= _leaf_keys(OmegaConf.structured(entry.config), "loss.")
     assert "loss.label_smoothing" in keys and "loss.temperature_init" in keys
-    text = render()
+    text = recipe_reference()
     missing = sorted(k for k in keys if f"| `{k}` |" not in text)
     assert not missing, f"keys of the schema missing from the reference: {missing}"
 
@@ -58,7 +60,7 @@ def test_each_loss_family_lists_its_own_keys_in_its_section():
     from towerlab.losses.base import LossConfig
 
     base = {f.name for f in dataclasses.fields(LossConfig)}
-    sections = render().split("\n### `loss.name: ")
+    sections = recipe_reference().split("\n### `loss.name: ")
     by_name = {s.split("`", 1)[0]: s.split("\n## ", 1)[0] for s in sections[1:]}
     assert sorted(by_name) == LOSSES.names()
     for entry in LOSSES:
@@ -75,7 +77,7 @@ def test_name_keys_list_their_choices():
     from towerlab.models import archs
     from towerlab.train.evaluate import EVALUATORS
 
-    rows = {line.split("`")[1]: line for line in render().splitlines() if line.startswith("| `")}
+    rows = {line.split("`")[1]: line for line in recipe_reference().splitlines() if line.startswith("| `")}
     for key, names in (("loss.name", LOSSES.names()), ("model.arch", archs().names()),
                        ("evals.<NAME>.type", EVALUATORS.names())):
         assert "one of " + ", ".join(f"`{n}`" for n in names) in rows[key]
@@ -180,6 +182,6 @@ def test_render_of_a_toy_schema():
 def test_write_replaces_the_file(tmp_path, capsys):
     out = tmp_path / "recipes.md"
     out.write_text("old")
-    assert main(["--write", str(out)]) == 0
-    assert out.read_text() == render()
+    assert main(["recipes", "reference", "--write", str(out)]) == 0
+    assert out.read_text() == recipe_reference()
     assert [p.name for p in tmp_path.iterdir()] == ["recipes.md"]  # no temporary file left behind
