@@ -188,6 +188,13 @@ def sweep_dir(sweep: SweepConfig) -> Path:
 
 def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: str | None = None,
               resume: bool = False) -> SweepSummary:
+    """Run (or with `resume`, continue) a validated sweep to its end and return its summary.
+
+    Checks the tracking store, then opens the MLflow parent run (or reopens the one recorded in the sweep's state
+    file), writes the state file, starts or joins Ray (its State API must answer: Ray Train frees stopped trials'
+    workers through it), and runs a Tune function trial per configuration: each trial calls train/driver.py's
+    `train` with the sampled overrides, nested under the parent. The parent ends FINISHED with the best trial's
+    metric and config, or FAILED/KILLED when the sweep itself fails or is interrupted."""
     from ray import tune
 
     from towerlab.sweep.load import recipe_path

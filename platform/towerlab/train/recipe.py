@@ -29,6 +29,14 @@ DEFAULTS = {"loss": {"name": "clip"}, "model": {"arch": "debug"}}
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe at `path` (None: the defaults alone) with dotted `overrides` applied, typed and validated.
+
+    Order: a `preset=NAME` override expands first into the file's `presets.NAME` values (the user's own overrides
+    still win); then towerlab's defaults <- the file <- the overrides are merged by config/load.py, with `loss.name`
+    and `model.arch` resolved through their registries before their sections are merged (OmegaConf holds no union
+    of dataclasses); default evaluators are added only when the file has no `evals:` of its own. Then every check
+    that needs more than one section (`validate`). Any problem is a ConfigError naming the key and the fix, raised
+    before a process starts."""
     overrides = list(overrides)
     chosen = [o.partition("=")[2] for o in overrides if o.startswith("preset=")]
     if chosen:
