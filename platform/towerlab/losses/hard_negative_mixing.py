@@ -15,7 +15,7 @@ modalities that point would sit off the key manifold (the modality gap), so h' m
 y_i (same modality as the keys) with a hard key; b < 1/2 keeps it negative-dominated.
 
 Warm-up: mixing starts at meta `step` >= warmup_steps; before, the loss is exactly CLIP's InfoNCE (a call without
-`step` mixes). Randomness is drawn for all N gathered rows from a generator seeded by (seed, step, direction),
+`step` mixes). Randomness is drawn (in fp32) for all N gathered rows from a generator seeded by (seed, step, direction),
 so every rank draws the same numbers and the per-rank split equals the single-process computation.
 """
 
@@ -63,7 +63,8 @@ def synthetic_negatives(
         n_valid = torch.isfinite(vals).sum(dim=1)  # the pool is sorted: its valid entries come first
 
         def draw(*shape: int) -> Tensor:
-            return torch.rand(n, *shape, generator=gen, dtype=qa.dtype)[rows]
+            # drawn in fp32 whatever the accumulation dtype: an fp64 run mixes the same points as an fp32 one
+            return torch.rand(n, *shape, generator=gen, dtype=torch.float32)[rows].to(qa.dtype)
 
         def pick(count: int) -> Tensor:  # `count` uniform draws from each row's valid pool -> key indices
             j = (draw(count) * n_valid[:, None]).long().clamp(max=kh - 1)
