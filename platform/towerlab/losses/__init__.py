@@ -6,7 +6,9 @@
 
 `features` are all-gathered with gradient (towerlab.losses.gather.all_gather_with_grad); see
 towerlab.losses.base for the full call convention. `config_class(name)` gives the family's typed config dataclass,
-which the config layer merges as the schema of the recipe's `loss:` section. Importing this package registers every
+which the config layer merges as the schema of the recipe's `loss:` section; `loss_class(name)` the family's class,
+whose attributes (needs_labels, multi_positive, one_logit_matrix, supports_tiled, uses_bias) say what the rest of
+the platform must know about it. Importing this package registers every
 family and does nothing else.
 """
 
@@ -29,6 +31,12 @@ def config_class(name: str) -> type:
     cfg = LOSSES.entry(name).config
     assert cfg is not None, f"loss '{name}' registered without a config class"
     return cfg
+
+
+def loss_class(name: str) -> type:
+    """The loss class (a ContrastiveLoss subclass) of family `name`, for its class attributes: e.g.
+    `loss_class(recipe.loss.name).multi_positive`; unknown name -> RegistryError."""
+    return LOSSES.get(name)
 
 
 def _check_type(name: str, key: str, value: Any, hint: Any) -> Any:

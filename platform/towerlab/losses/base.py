@@ -41,8 +41,13 @@ class LossConfig:
 class ContrastiveLoss(nn.Module):
     """Base class: holds the config, checks the call, slices the local rows; subclasses implement `compute`."""
 
-    supports_tiled: bool = False
+    # What the rest of the platform may ask of a family (`towerlab.losses.loss_class(name).ATTRIBUTE`), so no
+    # caller keeps its own list of family names.
+    supports_tiled: bool = False  # has a memory-efficient kernel of towerlab.losses.tiled (loss.tiled=true)
     uses_bias: bool = False  # a logit bias that cancels in the loss would be a parameter without gradient
+    needs_labels: bool = False  # takes positives from meta `labels` / `pos_mask` (same class or id)
+    multi_positive: bool = False  # trains several captions of one image as its positives (data.captions_per_image > 1)
+    one_logit_matrix: bool = False  # one logit matrix serves both directions (sigmoid); softmax ones need one each
     min_modalities: int = 2
     max_modalities: Optional[int] = 2
 

@@ -33,6 +33,9 @@ class DecoupledSoftmaxConfig(LossConfig):
 class DecoupledSoftmaxLoss(ContrastiveLoss):
     """DEXML decoupled softmax: multi-positive InfoNCE, each positive against the negatives only."""
 
+    needs_labels = True
+    multi_positive = True
+
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats
         pos = positive_mask(x.shape[0], meta, x.device)

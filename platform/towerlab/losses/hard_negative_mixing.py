@@ -82,6 +82,8 @@ def synthetic_negatives(
 class HardNegativeMixingLoss(ContrastiveLoss):
     """Symmetric InfoNCE with MoCHi-style synthetic hard negatives (cross-modal, in-batch), after a warm-up."""
 
+    needs_labels = True  # labels keep false negatives out of the hard-negative pool
+
     def __init__(self, cfg: HardNegativeMixingConfig):
         super().__init__(cfg)
         if min(cfg.num_hard, cfg.num_mix + cfg.num_query_mix) < 1 or min(cfg.num_mix, cfg.num_query_mix) < 0:

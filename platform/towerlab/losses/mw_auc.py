@@ -61,6 +61,8 @@ def auc_multi_positive(z: Tensor, pos: Tensor) -> Tensor:
 class MwAucLoss(ContrastiveLoss):
     """Mann-Whitney/AUC pairwise loss over (query, positive, negative) triplets, both directions."""
 
+    needs_labels = True
+
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats
         multi = meta.get("pos_mask") is not None or meta.get("labels") is not None

@@ -35,6 +35,9 @@ class SdmConfig(LossConfig):
 class SdmLoss(ContrastiveLoss):
     """Similarity distribution matching: KL(softmax(t s) || normalised same-id labels), both directions."""
 
+    needs_labels = True
+    multi_positive = True
+
     def __init__(self, cfg: SdmConfig):
         super().__init__(cfg)
         if cfg.epsilon <= 0:

@@ -33,6 +33,7 @@ class SiglipLoss(ContrastiveLoss):
 
     supports_tiled = True
     uses_bias = True
+    one_logit_matrix = True
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats
