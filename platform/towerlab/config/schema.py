@@ -8,35 +8,62 @@ the variant's schema, because OmegaConf cannot hold a union of dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
+
+from towerlab.config.checks import INT64_MAX, num
+
+
+# Fields with a fixed set of values are Enums: OmegaConf refuses any other value at load (config/load.py names the
+# key and lists the values). Member names equal their values, because OmegaConf matches a string by member name.
+class BadShards(StrEnum):
+    error = "error"  # name the missing or corrupt shard and stop
+    skip = "skip"  # train without it (a warning names it)
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # fp32 on CPU, bf16 on GPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
 
 
 @dataclass
 class AugmentConfig:
     random_resized_crop: bool = True
-    crop_scale_min: float = 0.8  # lower bound of the crop's area fraction
+    crop_scale_min: float = num(0.8, gt=0, le=1)  # lower bound of the crop's area fraction
     flip: bool = False  # off by default: a flipped digit or word is a different thing
     colour_jitter: bool = False
-    colour_jitter_strength: float = 0.4  # brightness, contrast, saturation factors drawn from [1-s, 1+s]
+    colour_jitter_strength: float = num(0.4, ge=0, le=1)  # brightness, contrast, saturation factors drawn from [1-s, 1+s]
     caption_choice: bool = True  # a record with several captions: a random one each epoch (off: the first)
     token_mask: bool = False
-    token_mask_prob: float = 0.15  # each word becomes <unk> with this probability
+    token_mask_prob: float = num(0.15, ge=0, le=1)  # each word becomes <unk> with this probability
     stopword_removal: bool = False
-    stopword_prob: float = 0.5  # each English stop word is dropped with this probability
+    stopword_prob: float = num(0.5, ge=0, le=1)  # each English stop word is dropped with this probability
 
 
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | synthetic | parquet | webdataset (the last two: data.path from prepare)
     path: Optional[str] = None  # directory of prepared shards; digits/synthetic are prepared there on demand
-    global_batch: int = 256  # samples per optimizer step, over all workers
-    micro_batch: Optional[int] = None  # per worker and forward pass; default global_batch / workers
-    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (reseeded every epoch)
-    preprocess_concurrency: int = 1  # Ray Data actors/tasks decoding and augmenting
+    global_batch: int = num(256, ge=2, why="a contrastive batch needs at least 2 samples")  # samples per optimizer step, over all workers
+    micro_batch: Optional[int] = num(None, ge=1)  # per worker and forward pass; default global_batch / workers
+    shuffle_buffer: int = num(2048, ge=0)  # rows in each worker's local shuffle buffer (reseeded every epoch)
+    preprocess_concurrency: int = num(1, ge=1)  # Ray Data actors/tasks decoding and augmenting
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    synthetic_size: int = 2048  # rows of the synthetic source
-    captions_per_image: int = 1  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
-    bad_shards: str = "error"  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
+    synthetic_size: int = num(2048, ge=2)  # rows of the synthetic source
+    captions_per_image: int = num(1, ge=1)  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
+    bad_shards: BadShards = BadShards.error  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False
@@ -44,13 +71,13 @@ class DataConfig:
 
 @dataclass
 class VisionConfig:
-    image_size: int = 16
-    patch_size: int = 4
-    channels: int = 3
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
+    image_size: int = num(16, ge=1)
+    patch_size: int = num(4, ge=1)
+    channels: int = num(3, ge=1)
+    width: int = num(64, ge=1)
+    layers: int = num(2, ge=0)
+    heads: int = num(2, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
     # "" builds the ViT above; hf:NAME (a Hugging Face vision encoder: local dir or Hub id) or timm:NAME loads a
     # pretrained encoder instead (width/layers/heads then come from it; image_size still sizes the data)
     pretrained: str = ""
@@ -58,12 +85,12 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 512
-    context_length: int = 16
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
+    vocab_size: int = num(512, ge=2)
+    context_length: int = num(16, ge=1)
+    width: int = num(64, ge=1)
+    layers: int = num(2, ge=0)
+    heads: int = num(2, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
     # "" builds the transformer above over the data's word vocabulary; hf:NAME loads a pretrained encoder and its
     # own tokenizer (a local dir, a packaged model such as sentence-transformers/all-MiniLM-L6-v2, or a Hub id)
     pretrained: str = ""
@@ -73,15 +100,15 @@ class TextConfig:
 class SignalConfig:
     """A third tower for a vector modality, "signal" (an MLP): the 3-modality losses (symile, gram) train on it."""
 
-    dim: int = 0  # features per record; 0: no signal tower
-    width: int = 64
-    layers: int = 2
+    dim: int = num(0, ge=0)  # features per record; 0: no signal tower
+    width: int = num(64, ge=1)
+    layers: int = num(2, ge=0)
 
 
 @dataclass
 class ModelConfig:
     arch: str = "debug"  # an architecture file in towerlab/models/archs/ (see `towerlab recipes archs`)
-    embed_dim: int = 32
+    embed_dim: int = num(32, ge=1)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     signal: SignalConfig = field(default_factory=SignalConfig)
@@ -93,50 +120,50 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    lr: float = num(1e-3, gt=0)
+    weight_decay: float = num(0.1, ge=0)
+    betas: list[float] = num(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)
+    eps: float = num(1e-6, gt=0)
+    warmup_steps: int = num(20, ge=0)
+    schedule: Schedule = Schedule.cosine  # cosine | constant
+    min_lr_ratio: float = num(0.0, ge=0, le=1)  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = num(1.0, ge=0)  # 0: no clipping
 
 
 @dataclass
 class TrainConfig:
-    workers: int = 2
+    workers: int = num(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    steps: int = 100  # optimizer steps in the whole run
-    zero_stage: int = 2
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    max_failures: int = 0
+    cpus_per_worker: int = num(1, ge=1)
+    steps: int = num(100, ge=1)  # optimizer steps in the whole run
+    zero_stage: int = num(2, ge=0, le=3, why="DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    precision: Precision = Precision.auto  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    log_every: int = num(10, ge=1)
+    checkpoint_every: int = num(50, ge=1)
+    keep_checkpoints: int = num(2, ge=1)
+    max_failures: int = num(0, ge=-1)  # -1: retry without limit (Ray Train)
     storage_path: str = "results"  # Ray Train storage: <storage_path>/<name>/ holds checkpoints
     # Scale (towerlab plan; ZeRO-3 and offload). device_memory: what one worker may use, e.g. "80GiB"; None: the
     # GPU's memory, or on CPU the host's RAM shared by the workers. The planner refuses a plan that cannot fit it.
     device_memory: Optional[str] = None
-    offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO-Offload / ZeRO-Infinity; DeepSpeed's CPU Adam)
-    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
+    offload_optimizer: Offload = Offload.none  # none | cpu | nvme (ZeRO-Offload / ZeRO-Infinity; DeepSpeed's CPU Adam)
+    offload_param: Offload = Offload.none  # none | cpu | nvme (ZeRO-3 only)
     nvme_path: str = "/tmp/towerlab-nvme"  # local disk for nvme offload (needs Debian's libaio-dev)
     # ZeRO-3 optimizer step granularity: the optimizer's temporaries (and with offload, its buffers) are one
     # sub-group's size. DeepSpeed's 1e9 made them a whole partition: +0.55 GiB per worker for a 151M model on 2
     # workers (benchmarks/zero_memory.py). 5e7 is what ZeRO-Infinity needs at 1B+ (part (a) there).
-    sub_group_size: int = 5_000_000
+    sub_group_size: int = num(5_000_000, ge=1)
     # elements per gradient bucket, and under ZeRO-3 the bound on gathered (live, prefetched) parameters. DeepSpeed's
     # 5e8 is a 2 GiB fp32 buffer; 5e7 cost 0.2 GiB per worker more than 5e6 there, at the same speed on CPU
     # (HF Transformers' "auto" uses hidden_size**2: 2M for ViT-g/14)
-    reduce_bucket_size: int = 5_000_000
+    reduce_bucket_size: int = num(5_000_000, ge=1)
     export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50  # default steps between evaluations of every evaluator in `evals` (and one at the end)
-    batch_size: int = 512  # samples per forward pass when embedding evaluation data
+    every: int = num(50, ge=1)  # default steps between evaluations of every evaluator in `evals` (and one at the end)
+    batch_size: int = num(512, ge=1)  # samples per forward pass when embedding evaluation data
 
 
 @dataclass
@@ -144,11 +171,11 @@ class EvaluatorConfig:
     """One entry of the recipe's `evals: {NAME: {...}}`; logged as eval/NAME/METRIC."""
 
     type: str = "zeroshot"  # zeroshot | retrieval | geometry (see towerlab.train.evaluate.EVALUATORS)
-    every: Optional[int] = None  # steps between runs of this evaluator; default eval.every; always at the end
+    every: Optional[int] = num(None, ge=1)  # steps between runs of this evaluator; default eval.every; always at the end
     data: str = "heldout"  # a split of the run's data, or a directory of prepared shards (its heldout split)
-    max_samples: Optional[int] = None  # evaluate on the first N samples only
-    ks: list[int] = field(default_factory=list)  # top-K / recall@K; empty: zeroshot [1, 5], retrieval [1, 5, 10]
-    chunk: int = 1024  # queries per similarity block: memory O(chunk x N), not O(N x N)
+    max_samples: Optional[int] = num(None, ge=1)  # evaluate on the first N samples only
+    ks: list[int] = num(default_factory=list, ge=1)  # top-K / recall@K; empty: zeroshot [1, 5], retrieval [1, 5, 10]
+    chunk: int = num(1024, ge=1)  # queries per similarity block: memory O(chunk x N), not O(N x N)
 
 
 @dataclass
@@ -160,7 +187,7 @@ class TrackingConfig:
 @dataclass
 class Recipe:
     name: str = "run"  # the run name: launching the same name again resumes it
-    seed: int = 0
+    seed: int = num(0, ge=0, le=INT64_MAX)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: Any = None  # a losses.LossConfig subclass, chosen by loss.name

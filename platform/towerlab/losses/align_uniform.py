@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, acc, direction_names
 from towerlab.losses.clip import ClipConfig, symmetric_infonce
@@ -32,11 +33,11 @@ from towerlab.losses.clip import ClipConfig, symmetric_infonce
 @dataclass
 class AlignUniformConfig(ClipConfig):
     name: str = "align_uniform"
-    align_weight: float = 1.0
-    uniform_weight: float = 1.0
+    align_weight: float = num(1.0, ge=0)
+    uniform_weight: float = num(1.0, ge=0)
     cross_uniformity: bool = False  # add L_xunif (the CUAXU variant)
-    cross_uniform_weight: float = 1.0
-    uniformity_t: float = 2.0  # u in exp(-u d^2)
+    cross_uniform_weight: float = num(1.0, ge=0)
+    uniformity_t: float = num(2.0, gt=0)  # u in exp(-u d^2)
 
 
 def sq_dists(a: Tensor, b: Tensor) -> Tensor:

@@ -21,6 +21,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from towerlab.config.checks import check_ranges, fail, num
+from towerlab.config.errors import ConfigError
+
 
 @dataclass
 class LossConfig:
@@ -28,12 +31,12 @@ class LossConfig:
     trainer (scale = 1/temperature_init, bias = bias_init), not by the loss."""
 
     name: str = "clip"
-    temperature_init: float = 0.07  # tau; the logit scale starts at 1/tau
-    bias_init: Optional[float] = None  # None: the model has no logit bias
+    temperature_init: float = num(0.07, gt=0)  # tau; the logit scale starts at 1/tau
+    bias_init: Optional[float] = num(None)  # None: the model has no logit bias
     learn_temperature: bool = True
-    max_logit_scale: float = 100.0  # the trainer clamps the scale to at most this after every step
+    max_logit_scale: float = num(100.0, ge=1)  # the trainer clamps the scale to at most this after every step
     tiled: bool = False  # memory-efficient kernels of towerlab.losses.tiled (families that support them)
-    tile_size: int = 1024
+    tile_size: int = num(1024, ge=1)
     # The feature keys the loss reads, query/anchor modality first (three or more for symile and gram).
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
 
@@ -53,19 +56,30 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
+        self.check_config(cfg)
         self.cfg = cfg
-        if cfg.tiled and not self.supports_tiled:
-            raise ValueError(f"loss '{cfg.name}' has no tiled kernel: set loss.tiled=false")
-        if cfg.bias_init is not None and not self.uses_bias:
-            raise ValueError(f"loss '{cfg.name}' does not use a logit bias (it cancels): set loss.bias_init=null")
-        if cfg.tile_size < 1:
-            raise ValueError(f"loss.tile_size={cfg.tile_size}: must be >= 1")
-        n, lo, hi = len(cfg.modalities), self.min_modalities, self.max_modalities
-        if n < lo or (hi is not None and n > hi):
-            want = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} must name {want} modalities")
+
+    @classmethod
+    def check_config(cls, cfg: LossConfig) -> None:
+        """The family's parameter rules, before anything is built: the ranges declared on the config's fields,
+        then the rules between fields. A ConfigError `loss.KEY=value: ...`; families add theirs after super()'s."""
+        check_ranges(cfg, "loss")
+        lo = 1.0 / cfg.max_logit_scale
+        if not lo <= cfg.temperature_init <= 1.0:
+            # the logit scale 1/tau is clamped to [1, max_logit_scale] after every step (as CLIP does)
+            raise fail("loss.temperature_init", cfg.temperature_init, f"the logit scale 1/tau is kept in "
+                       f"[1, loss.max_logit_scale={cfg.max_logit_scale:g}], so use a tau in [{lo:g}, 1]")
+        if cfg.tiled and not cls.supports_tiled:
+            raise ConfigError(f"loss.tiled=true: loss '{cfg.name}' has no tiled kernel; set loss.tiled=false")
+        if cfg.bias_init is not None and not cls.uses_bias:
+            raise fail("loss.bias_init", cfg.bias_init,
+                       f"loss '{cfg.name}' does not use a logit bias (it cancels); set loss.bias_init=null")
+        n, lo_m, hi_m = len(cfg.modalities), cls.min_modalities, cls.max_modalities
+        if n < lo_m or (hi_m is not None and n > hi_m):
+            want = f"{lo_m}" if hi_m == lo_m else f"at least {lo_m}" if hi_m is None else f"{lo_m} to {hi_m}"
+            raise fail("loss.modalities", list(cfg.modalities), f"loss '{cfg.name}' needs {want} modalities")
         if len(set(cfg.modalities)) != n:
-            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} repeats a modality")
+            raise fail("loss.modalities", list(cfg.modalities), "repeats a modality; name each once")
 
     def forward(
         self,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, direction_names, logits, masked_lse
 from towerlab.losses.clip import symmetric_infonce
@@ -41,7 +42,7 @@ class DclConfig(LossConfig):
 @dataclass
 class DclwConfig(DclConfig):
     name: str = "dclw"
-    sigma: float = 0.5  # vMF weighting temperature
+    sigma: float = num(0.5, gt=0)  # vMF weighting temperature
 
 
 def dclw_weights(x: Tensor, y: Tensor, sigma: float) -> Tensor:
@@ -92,11 +93,6 @@ class DclLoss(_Decoupled):
 @LOSSES.register("dclw", config=DclwConfig)
 class DclwLoss(_Decoupled):
     """Decoupled contrastive loss with von Mises-Fisher weighted positives."""
-
-    def __init__(self, cfg: DclwConfig):
-        super().__init__(cfg)
-        if cfg.sigma <= 0:
-            raise ValueError(f"loss.sigma={cfg.sigma}: must be > 0")
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
         return dclw_weights(x, y, self.cfg.sigma)

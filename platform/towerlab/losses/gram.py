@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, row_targets
 
@@ -37,8 +38,8 @@ class GramConfig(LossConfig):
     name: str = "gram"
     temperature_init: float = 0.07
     modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])  # anchor first
-    label_smoothing: float = 0.1
-    volume_eps: float = 1e-6
+    label_smoothing: float = num(0.1, ge=0, lt=1)
+    volume_eps: float = num(1e-6, ge=0)
     squared_volume: bool = False
 
 
@@ -84,11 +85,6 @@ class GramLoss(ContrastiveLoss):
 
     min_modalities = 2
     max_modalities = None
-
-    def __init__(self, cfg: GramConfig):
-        super().__init__(cfg)
-        if cfg.volume_eps < 0 or not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError("loss: volume_eps >= 0 and 0 <= label_smoothing < 1 are required")
 
     def volume(self, det: Tensor) -> Tensor:
         return det if self.cfg.squared_volume else torch.sqrt(det.clamp_min(0) + self.cfg.volume_eps)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import INT64_MAX, fail, num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, logits
 from towerlab.losses.base import positive_mask, row_targets
@@ -37,11 +38,11 @@ from towerlab.losses.base import positive_mask, row_targets
 class HardNegativeMixingConfig(LossConfig):
     name: str = "hard_negative_mixing"
     temperature_init: float = 0.07
-    num_hard: int = 32  # size of the hard-negative pool per query (MoCHi's N)
-    num_mix: int = 16  # key-key mixtures per query (s)
-    num_query_mix: int = 16  # positive-key/hard-key mixtures per query (s')
-    warmup_steps: int = 1000  # no mixing before this step
-    seed: int = 0
+    num_hard: int = num(32, ge=1)  # size of the hard-negative pool per query (MoCHi's N)
+    num_mix: int = num(16, ge=0)  # key-key mixtures per query (s)
+    num_query_mix: int = num(16, ge=0)  # positive-key/hard-key mixtures per query (s')
+    warmup_steps: int = num(1000, ge=0)  # no mixing before this step
+    seed: int = num(0, ge=0, le=INT64_MAX)
 
 
 def _generator(seed: int, step: int, direction: int) -> torch.Generator:
@@ -84,10 +85,12 @@ class HardNegativeMixingLoss(ContrastiveLoss):
 
     needs_labels = True  # labels keep false negatives out of the hard-negative pool
 
-    def __init__(self, cfg: HardNegativeMixingConfig):
-        super().__init__(cfg)
-        if min(cfg.num_hard, cfg.num_mix + cfg.num_query_mix) < 1 or min(cfg.num_mix, cfg.num_query_mix) < 0:
-            raise ValueError("loss: num_hard >= 1 and num_mix + num_query_mix >= 1 are required")
+    @classmethod
+    def check_config(cls, cfg: HardNegativeMixingConfig) -> None:
+        super().check_config(cfg)
+        if cfg.num_mix + cfg.num_query_mix < 1:
+            raise fail("loss.num_mix", cfg.num_mix, f"with loss.num_query_mix={cfg.num_query_mix} there is nothing to "
+                       "mix; make loss.num_mix + loss.num_query_mix at least 1")
 
     def mixing(self, step: Optional[int]) -> bool:
         return step is None or step >= self.cfg.warmup_steps

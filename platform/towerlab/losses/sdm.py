@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, both_directions, direction_names, logits
 from towerlab.losses.base import positive_mask
@@ -28,7 +29,7 @@ from towerlab.losses.base import positive_mask
 class SdmConfig(LossConfig):
     name: str = "sdm"
     temperature_init: float = 0.02
-    epsilon: float = 1e-8
+    epsilon: float = num(1e-8, gt=0)
 
 
 @LOSSES.register("sdm", config=SdmConfig)
@@ -37,11 +38,6 @@ class SdmLoss(ContrastiveLoss):
 
     needs_labels = True
     multi_positive = True
-
-    def __init__(self, cfg: SdmConfig):
-        super().__init__(cfg)
-        if cfg.epsilon <= 0:
-            raise ValueError(f"loss.epsilon={cfg.epsilon}: must be > 0")
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

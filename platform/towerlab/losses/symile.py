@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import INT64_MAX, num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, logits, row_targets
 
@@ -31,7 +32,7 @@ class SymileConfig(LossConfig):
     name: str = "symile"
     temperature_init: float = 0.07
     modalities: list[str] = field(default_factory=lambda: ["image", "text", "audio"])
-    seed: int = 0
+    seed: int = num(0, ge=0, le=INT64_MAX)
 
 
 def symile_permutations(n: int, m: int, anchor: int, seed: int, step: int) -> list[Tensor]:

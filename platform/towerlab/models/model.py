@@ -34,7 +34,7 @@ class ContrastiveModel(nn.Module):
         the meta device to check freeze patterns without reading weights)."""
         super().__init__()
         if temperature_init <= 0:
-            raise ValueError(f"loss.temperature_init={temperature_init}: must be > 0")
+            raise ConfigError(f"loss.temperature_init={temperature_init}: must be > 0")
         self.towers = nn.ModuleDict({"image": _vision(cfg, load_weights), "text": _text(cfg, load_weights)})
         for tower in self.towers.values():
             tower.set_grad_checkpointing(cfg.grad_checkpointing)

@@ -11,6 +11,7 @@ Search space entries, one key each:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from towerlab.config.schema import TrackingConfig
@@ -18,16 +19,34 @@ from towerlab.config.schema import TrackingConfig
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
 
+# Fixed sets of values as Enums (OmegaConf refuses anything else at load; member names equal values).
+class Algorithm(StrEnum):
+    grid = "grid"  # grid and choice entries in every combination, random samples of the rest
+    random = "random"
+    optuna = "optuna"
+
+
+class Scheduler(StrEnum):
+    none = "none"
+    asha = "asha"
+    pbt = "pbt"
+
+
+class Mode(StrEnum):
+    max = "max"
+    min = "min"
+
+
 @dataclass
 class SearchConfig:
-    algorithm: str = "grid"  # grid (grid and choice entries, random samples of the rest) | random | optuna
+    algorithm: Algorithm = Algorithm.grid  # grid (grid and choice entries, random samples of the rest) | random | optuna
     num_samples: int = 1  # repeats of the grid (grid) or number of trials (random, optuna)
     seed: int = 0
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "none"  # none | asha | pbt
+    name: Scheduler = Scheduler.none  # none | asha | pbt
     grace_period: int = 10  # asha: steps before a trial can be stopped
     reduction_factor: float = 3.0  # asha: keep the best 1/reduction_factor at every rung
     # pbt (population-based training of the temperature): every perturbation_interval steps a trial in the bottom
@@ -52,7 +71,7 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     metric: str = "eval/zeroshot/top1"
-    mode: str = "max"  # max | min
+    mode: Mode = Mode.max  # max | min
     max_concurrent_trials: int = 1
     workers_per_trial: int = 2
     storage_path: str = "results"  # <storage_path>/<name>/ holds Tune's state; trials' checkpoints below it
