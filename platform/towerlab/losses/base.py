@@ -15,6 +15,7 @@ averaging parameter gradients over ranks, the gradients are then exact. The resu
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,13 +27,42 @@ from towerlab.config.errors import ConfigError
 
 
 @dataclass
-class LossConfig:
-    """Fields every family has. The model's learnable logit scale and bias are initialised from them by the
-    trainer (scale = 1/temperature_init, bias = bias_init), not by the loss."""
+class LogitScaleInit:
+    """The initial values of the model's learnable logit scale and bias (towerlab.models.ContrastiveModel: scale =
+    1/temperature_init, bias = bias_init). The model consumes them, but a good start depends on the loss, so they
+    live in the recipe's `loss:` section (keys loss.temperature_init, loss.bias_init): every loss config inherits
+    them from here, and a family gives its own defaults as class keywords, which keep the fields' ranges:
 
-    name: str = "clip"
+        @dataclass
+        class SdmConfig(LossConfig, temperature_init=0.02): ...
+    """
+
     temperature_init: float = num(0.07, gt=0)  # tau; the logit scale starts at 1/tau
     bias_init: Optional[float] = num(None)  # None: the model has no logit bias
+
+    def __init_subclass__(cls, **defaults: Any):
+        # runs before @dataclass processes the subclass: declaring the field again there, with the same metadata,
+        # is how a dataclass subclass changes a default
+        super().__init_subclass__()
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        hints = typing.get_type_hints(LogitScaleInit)
+        for key, value in defaults.items():
+            if key not in hints:
+                raise TypeError(f"{cls.__name__}: class keyword {key}= is not a logit-scale default ({', '.join(hints)})")
+            own[key] = hints[key]
+            setattr(cls, key, field(default=value, metadata=LogitScaleInit.__dataclass_fields__[key].metadata))
+        cls.__annotations__ = own
+
+
+@dataclass
+class _Family:
+    name: str = "clip"  # the loss family: a name registered in towerlab.losses.LOSSES
+
+
+@dataclass
+class LossConfig(LogitScaleInit, _Family):
+    """Fields every family has (name first, then the logit-scale initial values, then these)."""
+
     learn_temperature: bool = True
     max_logit_scale: float = num(100.0, ge=1)  # the trainer clamps the scale to at most this after every step
     tiled: bool = False  # memory-efficient kernels of towerlab.losses.tiled (families that support them)

@@ -25,7 +25,6 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, direction_names, l
 @dataclass
 class ClipConfig(LossConfig):
     name: str = "clip"
-    temperature_init: float = 0.07
     label_smoothing: float = num(0.0, ge=0, lt=1)
 
 

@@ -31,7 +31,6 @@ from towerlab.losses.clip import infonce_rows
 @dataclass
 class CwclConfig(LossConfig):
     name: str = "cwcl"
-    temperature_init: float = 0.07
     weights_from: str = "text"  # the frozen modality whose intra-modal similarities give the weights
     weight_temperature: Optional[float] = num(None, gt=0)  # None: w = cos/2 + 1/2; else softmax(cos / weight_temperature)
     symmetric: bool = True  # False: the second direction is plain InfoNCE

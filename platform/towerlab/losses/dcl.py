@@ -33,9 +33,8 @@ from towerlab.losses.clip import symmetric_infonce
 
 
 @dataclass
-class DclConfig(LossConfig):
+class DclConfig(LossConfig, temperature_init=0.1):
     name: str = "dcl"
-    temperature_init: float = 0.1
     temperature_guard: bool = True  # t learns from the coupled InfoNCE (see module docstring)
 
 

@@ -24,9 +24,8 @@ from towerlab.losses.base import positive_mask
 
 
 @dataclass
-class DecoupledSoftmaxConfig(LossConfig):
+class DecoupledSoftmaxConfig(LossConfig, temperature_init=0.05):
     name: str = "decoupled_softmax"
-    temperature_init: float = 0.05
 
 
 @LOSSES.register("decoupled_softmax", config=DecoupledSoftmaxConfig)

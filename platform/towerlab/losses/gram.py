@@ -36,7 +36,6 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, row_targets
 @dataclass
 class GramConfig(LossConfig):
     name: str = "gram"
-    temperature_init: float = 0.07
     modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])  # anchor first
     label_smoothing: float = num(0.1, ge=0, lt=1)
     volume_eps: float = num(1e-6, ge=0)

@@ -37,7 +37,6 @@ from towerlab.losses.base import positive_mask, row_targets
 @dataclass
 class HardNegativeMixingConfig(LossConfig):
     name: str = "hard_negative_mixing"
-    temperature_init: float = 0.07
     num_hard: int = num(32, ge=1)  # size of the hard-negative pool per query (MoCHi's N)
     num_mix: int = num(16, ge=0)  # key-key mixtures per query (s)
     num_query_mix: int = num(16, ge=0)  # positive-key/hard-key mixtures per query (s')

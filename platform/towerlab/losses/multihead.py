@@ -35,7 +35,6 @@ from towerlab.losses.clip import symmetric_infonce
 @dataclass
 class MultiheadConfig(LossConfig):
     name: str = "multihead"
-    temperature_init: float = 0.07
     num_heads: int = num(4, ge=1)
     label_smoothing: float = num(0.0, ge=0, lt=1)
 

@@ -27,7 +27,6 @@ PAIR_CHUNK = 1 << 22  # elements of the [rows, |P|, |N|] difference tensor held 
 @dataclass
 class MwAucConfig(LossConfig):
     name: str = "mw_auc"
-    temperature_init: float = 0.07
 
 
 def softplus(u: Tensor) -> Tensor:

@@ -26,9 +26,8 @@ from towerlab.losses.base import positive_mask
 
 
 @dataclass
-class SdmConfig(LossConfig):
+class SdmConfig(LossConfig, temperature_init=0.02):  # IRRA's logit scale 50
     name: str = "sdm"
-    temperature_init: float = 0.02
     epsilon: float = num(1e-8, gt=0)
 
 

@@ -30,7 +30,6 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, lo
 @dataclass
 class SymileConfig(LossConfig):
     name: str = "symile"
-    temperature_init: float = 0.07
     modalities: list[str] = field(default_factory=lambda: ["image", "text", "audio"])
     seed: int = num(0, ge=0, le=INT64_MAX)
 

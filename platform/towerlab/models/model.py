@@ -1,7 +1,8 @@
 """The multi-tower contrastive model: towers, the learnable logit scale (log space) and optional logit bias.
 
 The scale is stored as t' = log t so that it stays positive; `clamp_logit_scale` keeps t <= max after every
-optimizer step (CLIP clamps at 100). Its initial value comes from the loss's temperature_init (t = 1/tau).
+optimizer step (CLIP clamps at 100). Its initial value comes from the recipe's loss.temperature_init (t = 1/tau)
+and the bias's from loss.bias_init: towerlab.losses.base.LogitScaleInit, which every loss config inherits.
 
 A tower is built from the recipe's sizes, or loaded pretrained (`model.{vision,text}.pretrained`, see
 pretrained.py); `model.freeze` patterns then switch off the gradients of the parameters they name.
