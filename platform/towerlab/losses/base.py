@@ -37,8 +37,11 @@ class LogitScaleInit:
         class SdmConfig(LossConfig, temperature_init=0.02): ...
     """
 
-    temperature_init: float = num(0.07, gt=0)  # tau; the logit scale starts at 1/tau
-    bias_init: Optional[float] = num(None)  # None: the model has no logit bias
+    temperature_init: float = num(0.07, gt=0)
+    """Initial temperature tau: the model's logit scale starts at 1/tau; in [1/loss.max_logit_scale, 1]."""
+    bias_init: Optional[float] = num(None)
+    """Initial logit bias b added to every logit, any finite number (null: the model has no logit bias; only families
+    that use one accept it)."""
 
     def __init_subclass__(cls, **defaults: Any):
         # runs before @dataclass processes the subclass: declaring the field again there, with the same metadata,
@@ -56,7 +59,10 @@ class LogitScaleInit:
 
 @dataclass
 class _Family:
-    name: str = "clip"  # the loss family: a name registered in towerlab.losses.LOSSES
+    """The `name` key every loss config starts with."""
+
+    name: str = "clip"
+    """The loss family: a name registered in towerlab.losses.LOSSES (an unknown name is refused with the list)."""
 
 
 @dataclass
@@ -64,11 +70,17 @@ class LossConfig(LogitScaleInit, _Family):
     """Fields every family has (name first, then the logit-scale initial values, then these)."""
 
     learn_temperature: bool = True
-    max_logit_scale: float = num(100.0, ge=1)  # the trainer clamps the scale to at most this after every step
-    tiled: bool = False  # memory-efficient kernels of towerlab.losses.tiled (families that support them)
+    """Learn the logit scale with the model (false: it stays at 1/temperature_init)."""
+    max_logit_scale: float = num(100.0, ge=1)
+    """Upper bound the trainer clamps the logit scale to after every step (CLIP: 100), at least 1."""
+    tiled: bool = False
+    """Use the memory-efficient tiled kernels of towerlab.losses.tiled, which never hold the whole logit matrix
+    (families with supports_tiled only)."""
     tile_size: int = num(1024, ge=1)
-    # The feature keys the loss reads, query/anchor modality first (three or more for symile and gram).
+    """Rows and columns of one logit tile of the tiled kernels, at least 1."""
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    """The feature keys (towers) the loss reads, query/anchor modality first, each once (two, or more for symile and
+    gram)."""
 
 
 class ContrastiveLoss(nn.Module):

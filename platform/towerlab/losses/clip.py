@@ -25,7 +25,9 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, direction_names, l
 @dataclass
 class ClipConfig(LossConfig):
     name: str = "clip"
+    """The loss family: clip."""
     label_smoothing: float = num(0.0, ge=0, lt=1)
+    """Label smoothing eps of the cross-entropy (1-eps on the positive, eps/N on every column), in [0, 1)."""
 
 
 def infonce_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, eps: float = 0.0) -> Tensor:

@@ -31,9 +31,13 @@ from towerlab.losses.clip import infonce_rows
 @dataclass
 class CwclConfig(LossConfig):
     name: str = "cwcl"
-    weights_from: str = "text"  # the frozen modality whose intra-modal similarities give the weights
-    weight_temperature: Optional[float] = num(None, gt=0)  # None: w = cos/2 + 1/2; else softmax(cos / weight_temperature)
-    symmetric: bool = True  # False: the second direction is plain InfoNCE
+    """The loss family: cwcl."""
+    weights_from: str = "text"
+    """The frozen modality whose intra-modal similarities weigh the targets; one of loss.modalities."""
+    weight_temperature: Optional[float] = num(None, gt=0)
+    """Sharpen the weights to softmax(cos / weight_temperature), > 0 (null: w = cos/2 + 1/2)."""
+    symmetric: bool = True
+    """Weigh both directions (false: the second direction is plain InfoNCE, as in CellCLIP)."""
 
 
 def cwcl_weights(q: Tensor, weight_temperature: Optional[float]) -> Tensor:

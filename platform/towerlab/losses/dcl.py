@@ -35,13 +35,17 @@ from towerlab.losses.clip import symmetric_infonce
 @dataclass
 class DclConfig(LossConfig, temperature_init=0.1):
     name: str = "dcl"
-    temperature_guard: bool = True  # t learns from the coupled InfoNCE (see module docstring)
+    """The loss family: dcl (or dclw)."""
+    temperature_guard: bool = True
+    """Let the logit scale learn from the coupled InfoNCE instead of DCL, which is unbounded below in it."""
 
 
 @dataclass
 class DclwConfig(DclConfig):
     name: str = "dclw"
-    sigma: float = num(0.5, gt=0)  # vMF weighting temperature
+    """The loss family: dclw."""
+    sigma: float = num(0.5, gt=0)
+    """Temperature of DCLW's von Mises-Fisher positive weights, > 0."""
 
 
 def dclw_weights(x: Tensor, y: Tensor, sigma: float) -> Tensor:

@@ -26,6 +26,7 @@ from towerlab.losses.base import positive_mask
 @dataclass
 class DecoupledSoftmaxConfig(LossConfig, temperature_init=0.05):
     name: str = "decoupled_softmax"
+    """The loss family: decoupled_softmax."""
 
 
 @LOSSES.register("decoupled_softmax", config=DecoupledSoftmaxConfig)

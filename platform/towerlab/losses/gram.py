@@ -36,10 +36,15 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, row_targets
 @dataclass
 class GramConfig(LossConfig):
     name: str = "gram"
-    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])  # anchor first
+    """The loss family: gram."""
+    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])
+    """The feature keys, anchor first, then the modalities of each candidate tuple (two or more, each once)."""
     label_smoothing: float = num(0.1, ge=0, lt=1)
+    """Label smoothing of the cross-entropy over volumes (GRAM's 0.1), in [0, 1)."""
     volume_eps: float = num(1e-6, ge=0)
+    """Added under the square root of the volume, bounding its gradient by 1/(2 sqrt(volume_eps)); at least 0."""
     squared_volume: bool = False
+    """Use the squared volume det G (no square root) as the distance."""
 
 
 def _det(m: Tensor) -> Tensor:

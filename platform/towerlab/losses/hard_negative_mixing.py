@@ -37,11 +37,17 @@ from towerlab.losses.base import positive_mask, row_targets
 @dataclass
 class HardNegativeMixingConfig(LossConfig):
     name: str = "hard_negative_mixing"
-    num_hard: int = num(32, ge=1)  # size of the hard-negative pool per query (MoCHi's N)
-    num_mix: int = num(16, ge=0)  # key-key mixtures per query (s)
-    num_query_mix: int = num(16, ge=0)  # positive-key/hard-key mixtures per query (s')
-    warmup_steps: int = num(1000, ge=0)  # no mixing before this step
+    """The loss family: hard_negative_mixing."""
+    num_hard: int = num(32, ge=1)
+    """Size of each query's pool of hardest true negatives (MoCHi's N), at least 1."""
+    num_mix: int = num(16, ge=0)
+    """Synthetic negatives per query mixed from two hard keys (MoCHi's s), at least 0."""
+    num_query_mix: int = num(16, ge=0)
+    """Synthetic negatives per query mixed from its positive key and a hard key (MoCHi's s'), at least 0."""
+    warmup_steps: int = num(1000, ge=0)
+    """Optimizer steps of plain InfoNCE before mixing starts, at least 0."""
     seed: int = num(0, ge=0, le=INT64_MAX)
+    """Seed of the mixing draws (with the step and direction), in [0, 2**63 - 1]."""
 
 
 def _generator(seed: int, step: int, direction: int) -> torch.Generator:

@@ -35,8 +35,12 @@ from towerlab.losses.clip import symmetric_infonce
 @dataclass
 class MultiheadConfig(LossConfig):
     name: str = "multihead"
+    """The loss family: multihead."""
     num_heads: int = num(4, ge=1)
+    """Projection heads, each a CLIP loss with its own temperature, at least 1 (with the stock model, a divisor of
+    model.embed_dim)."""
     label_smoothing: float = num(0.0, ge=0, lt=1)
+    """Label smoothing of every head's cross-entropy, in [0, 1)."""
 
 
 def split_heads(f: Tensor, heads: int) -> Tensor:

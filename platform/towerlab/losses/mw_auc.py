@@ -27,6 +27,7 @@ PAIR_CHUNK = 1 << 22  # elements of the [rows, |P|, |N|] difference tensor held 
 @dataclass
 class MwAucConfig(LossConfig):
     name: str = "mw_auc"
+    """The loss family: mw_auc."""
 
 
 def softplus(u: Tensor) -> Tensor:

@@ -28,7 +28,10 @@ from towerlab.losses.base import positive_mask
 @dataclass
 class SdmConfig(LossConfig, temperature_init=0.02):  # IRRA's logit scale 50
     name: str = "sdm"
+    """The loss family: sdm."""
     epsilon: float = num(1e-8, gt=0)
+    """Added to the label distribution so the KL stays finite; sets how hard non-matches are pushed (IRRA: 1e-8), > 0.
+    """
 
 
 @LOSSES.register("sdm", config=SdmConfig)

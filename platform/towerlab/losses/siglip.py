@@ -23,6 +23,7 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, diag_mask, logits
 @dataclass
 class SiglipConfig(LossConfig, temperature_init=0.1, bias_init=-10.0):  # the paper's t = 10, b = -10
     name: str = "siglip"
+    """The loss family: siglip."""
 
 
 @LOSSES.register("siglip", config=SiglipConfig)

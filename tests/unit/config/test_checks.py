@@ -175,3 +175,38 @@ def test_runtime_shape_errors_stay_value_errors():
     with pytest.raises(ValueError) as e:
         fn({"image": x, "text": x}, logit_scale=torch.tensor(10.0))
     assert not isinstance(e.value, ConfigError)
+
+
+def _documented_fields(cls) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal right after the field), from the class's source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+            out[stmt.target.id] = doc if isinstance(doc, str) else ""
+    return out
+
+
+def test_every_config_field_has_an_attribute_docstring():
+    # The docs generator reads `field: T = default` followed by a string literal; a field may be documented in the
+    # class that declares it first (e.g. LossConfig's, LogitScaleInit's) when a subclass only changes its default.
+    from towerlab.losses.base import LogitScaleInit, LossConfig
+
+    missing = []
+    for cls in _schema_classes() + [LossConfig, LogitScaleInit]:
+        docs = {}
+        for c in reversed(cls.__mro__):
+            if dataclasses.is_dataclass(c) and c is not object:
+                docs.update({k: v for k, v in _documented_fields(c).items() if v or k not in docs})
+        own = _documented_fields(cls)
+        for f in dataclasses.fields(cls):
+            text = own.get(f.name) if f.name in own else docs.get(f.name)
+            if not text or not text.strip().endswith("."):
+                missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing, f"fields without a one-sentence attribute docstring: {missing}"
