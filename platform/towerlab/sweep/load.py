@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from towerlab.config import ConfigError, load_structured
+from towerlab.config.checks import check_ranges
 from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
 from towerlab.train.recipe import load_recipe
 
@@ -21,6 +22,10 @@ def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> SweepConfig:
     sweep: SweepConfig = load_structured(SweepConfig, path, overrides)
     src = str(path)
+    try:
+        check_ranges(sweep, "")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
     if not sweep.recipe:
         raise ConfigError(f"{src}: 'recipe' is required: the recipe file the trials train, relative to the sweep")
     if not recipe_path(sweep, path).is_file():
@@ -67,8 +72,6 @@ def check_pbt(sweep: SweepConfig, src: str, recipe) -> None:
     if recipe.loss.learn_temperature:
         raise ConfigError(f"{src}: scheduler pbt perturbs {PBT_KEY}, but the recipe learns the temperature (it would "
                           "be restored from the checkpoint): add loss.learn_temperature=false to overrides")
-    if s.perturbation_interval < 1 or not 0 < s.quantile_fraction <= 0.5:
-        raise ConfigError(f"{src}: scheduler: perturbation_interval must be >= 1 and quantile_fraction in (0, 0.5]")
     if recipe.train.checkpoint_every > s.perturbation_interval:
         raise ConfigError(f"{src}: scheduler pbt: train.checkpoint_every={recipe.train.checkpoint_every} > "
                           f"perturbation_interval={s.perturbation_interval}: a trial would have no checkpoint to "

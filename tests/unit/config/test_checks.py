@@ -100,11 +100,12 @@ def _numeric(hint) -> bool:
 
 
 def _schema_classes():
-    """Every dataclass a recipe is made of: the sections (recursively) and every loss family's config."""
-    seen, todo = [], [Recipe, *(L.config_class(n) for n in L.LOSSES.names())]
+    """Every dataclass a recipe or a sweep file is made of: the sections (recursively), every loss family's
+    config, the evaluator entries."""
     from towerlab.config.schema import EvaluatorConfig
+    from towerlab.sweep.schema import SweepConfig
 
-    todo.append(EvaluatorConfig)
+    seen, todo = [], [Recipe, SweepConfig, EvaluatorConfig, *(L.config_class(n) for n in L.LOSSES.names())]
     while todo:
         cls = todo.pop()
         if cls in seen:
