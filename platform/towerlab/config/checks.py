@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from towerlab.config.batch import resolve_batch
 from towerlab.config.errors import ConfigError
 
 INT64_MAX = 2**63 - 1  # seeds and counts end up in int64 tensors and numpy generators
@@ -137,8 +138,6 @@ def check_name(name: str) -> None:
 
 def check_recipe(r) -> None:
     """Every schema-level check of a resolved Recipe (ranges of every section, then each section's rules)."""
-    from towerlab.config.batch import resolve_batch
-
     check_ranges(r, "")
     resolve_batch(r.data.global_batch, r.train.workers, r.data.micro_batch)
     check_data(r.data)

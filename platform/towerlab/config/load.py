@@ -100,7 +100,7 @@ def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
     full = str(getattr(e, "full_key", "") or "")
     node = _node(schema, full)
     if isinstance(e, ValidationError) and isinstance(node, EnumNode):  # a value outside an Enum field's set
-        value = str(getattr(e, "value", "") if getattr(e, "value", None) is not None else "")
+        value = "" if getattr(e, "value", None) is None else str(e.value)
         valid = [m.name for m in node.enum_type]
         return ConfigError(f"{source}: {full}={value!r} is not allowed.{_closest(value, valid)} "
                            f"Use one of: {', '.join(valid)}")
