@@ -36,7 +36,7 @@ class Range:
     why: str = ""  # appended to the message, e.g. what the bounds come from
 
     def __contains__(self, v: Any) -> bool:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or isinstance(v, float) and not math.isfinite(v):
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False

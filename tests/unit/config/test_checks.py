@@ -134,6 +134,7 @@ def test_range_bounds_and_messages():
     assert 0.5 in Range(0, 1) and 0 in Range(0, 1) and 0 not in Range(0, 1, lo_open=True)
     assert 1 not in Range(0, 1, hi_open=True) and math.nan not in Range() and math.inf not in Range(0)
     assert True not in Range()  # a bool is not a number here
+    assert 10**400 not in Range(0, INT64_MAX) and 10**400 in Range(0)  # no float conversion of big ints
     assert Range(0, 1, False, True).describe() == "must be in [0, 1)"
     assert Range(1).describe() == "must be at least 1" and Range(0, lo_open=True).describe() == "must be > 0"
     assert Range(None, 3, why="x").describe() == "must be at most 3 (x)"
