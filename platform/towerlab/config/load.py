@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, EnumNode, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from towerlab.config.errors import ConfigError
@@ -86,8 +86,24 @@ def _keys_at(schema: DictConfig, path: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
+def _node(schema: DictConfig, dotted: str) -> Any:
+    """The schema's node (not its value) at a dotted key, or None."""
+    node: Any = schema
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
+
+
 def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
     full = str(getattr(e, "full_key", "") or "")
+    node = _node(schema, full)
+    if isinstance(e, ValidationError) and isinstance(node, EnumNode):  # a value outside an Enum field's set
+        value = "" if getattr(e, "value", None) is None else str(e.value)
+        valid = [m.name for m in node.enum_type]
+        return ConfigError(f"{source}: {full}={value!r} is not allowed.{_closest(value, valid)} "
+                           f"Use one of: {', '.join(valid)}")
     if isinstance(e, ConfigKeyError) or "Key '" in str(e) and "not in" in str(e):
         parent, _, leaf = full.rpartition(".")
         valid = _keys_at(schema, parent)
@@ -163,7 +179,8 @@ def _names(v: Variant) -> list[str]:
 
 def to_dict(obj: Any) -> dict:
     """A dataclass tree as plain dict (for YAML artifacts and MLflow params)."""
-    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+    # Enum members as their names (= values): plain strings in YAML, JSON and MLflow params
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(obj: Any) -> str:

@@ -8,170 +8,317 @@ the variant's schema, because OmegaConf cannot hold a union of dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
+
+from towerlab.config.checks import INT64_MAX, num
+
+
+# Fields with a fixed set of values are Enums: OmegaConf refuses any other value at load (config/load.py names the
+# key and lists the values). Member names equal their values, because OmegaConf matches a string by member name.
+class BadShards(StrEnum):
+    error = "error"  # name the missing or corrupt shard and stop
+    skip = "skip"  # train without it (a warning names it)
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # fp32 on CPU, bf16 on GPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
 
 
 @dataclass
 class AugmentConfig:
+    """Training-time augmentation of images and captions (evaluation data is never augmented)."""
+
     random_resized_crop: bool = True
-    crop_scale_min: float = 0.8  # lower bound of the crop's area fraction
-    flip: bool = False  # off by default: a flipped digit or word is a different thing
+    """Crop a random area of each image (fraction in [crop_scale_min, 1]) and resize it back to model.vision.image_size.
+    """
+    crop_scale_min: float = num(0.8, gt=0, le=1)
+    """Smallest area fraction of the image a random crop keeps, in (0, 1]."""
+    flip: bool = False
+    """Flip images horizontally at random; off by default because a flipped digit or word is a different thing."""
     colour_jitter: bool = False
-    colour_jitter_strength: float = 0.4  # brightness, contrast, saturation factors drawn from [1-s, 1+s]
-    caption_choice: bool = True  # a record with several captions: a random one each epoch (off: the first)
+    """Jitter brightness, contrast and saturation of each image by random factors (strength below)."""
+    colour_jitter_strength: float = num(0.4, ge=0, le=1)
+    """Colour jitter strength s: each factor is drawn from [1-s, 1+s]; s in [0, 1]."""
+    caption_choice: bool = True
+    """For a record with several captions, train on a random one each epoch (off: always the first)."""
     token_mask: bool = False
-    token_mask_prob: float = 0.15  # each word becomes <unk> with this probability
+    """Replace words of a caption by <unk> at random (probability token_mask_prob)."""
+    token_mask_prob: float = num(0.15, ge=0, le=1)
+    """Probability that token masking replaces a word by <unk>, in [0, 1]."""
     stopword_removal: bool = False
-    stopword_prob: float = 0.5  # each English stop word is dropped with this probability
+    """Drop English stop words from captions at random (probability stopword_prob)."""
+    stopword_prob: float = num(0.5, ge=0, le=1)
+    """Probability that stop-word removal drops each English stop word, in [0, 1]."""
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | synthetic | parquet | webdataset (the last two: data.path from prepare)
-    path: Optional[str] = None  # directory of prepared shards; digits/synthetic are prepared there on demand
-    global_batch: int = 256  # samples per optimizer step, over all workers
-    micro_batch: Optional[int] = None  # per worker and forward pass; default global_batch / workers
-    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (reseeded every epoch)
-    preprocess_concurrency: int = 1  # Ray Data actors/tasks decoding and augmenting
+    """Where the training data comes from and how it is batched, shuffled and augmented."""
+
+    source: str = "digits"
+    """Data source: a registered one (digits, synthetic, synthetic3, ...) or parquet / webdataset (prepared shards in
+    data.path)."""
+    path: Optional[str] = None
+    """Directory or URI of prepared shards (`towerlab data prepare`); built-in sources are prepared there on demand
+    (null: data/<source>)."""
+    global_batch: int = num(256, ge=2, why="a contrastive batch needs at least 2 samples")
+    """Samples per optimizer step over all workers (each sees the other global_batch - 1 as negatives); at least 2,
+    divisible by train.workers."""
+    micro_batch: Optional[int] = num(None, ge=1)
+    """Samples per worker per forward pass, at least 1 (null: global_batch / train.workers, no accumulation)."""
+    shuffle_buffer: int = num(2048, ge=0)
+    """Rows in each worker's local shuffle buffer, reseeded every epoch; 0 turns local shuffling off."""
+    preprocess_concurrency: int = num(1, ge=1)
+    """Ray Data actors/tasks that decode and augment batches, at least 1."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    synthetic_size: int = 2048  # rows of the synthetic source
-    captions_per_image: int = 1  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
-    bad_shards: str = "error"  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
+    """Training-time augmentation of images and captions."""
+    synthetic_size: int = num(2048, ge=2)
+    """Rows generated for a synthetic source (synthetic, synthetic3), at least 2."""
+    captions_per_image: int = num(1, ge=1)
+    """Captions per image in a training batch, at least 1; above 1 only multi-positive losses
+    (loss_class(name).multi_positive) use them, the others pick one."""
+    bad_shards: BadShards = BadShards.error
+    """What a missing or corrupt shard does: error (name it and stop) or skip (train without it, with a warning)."""
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False
+    """Keep Ray Data's block order so a one-worker run without random augmentation sees the same batches again."""
 
 
 @dataclass
 class VisionConfig:
-    image_size: int = 16
-    patch_size: int = 4
-    channels: int = 3
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    # "" builds the ViT above; hf:NAME (a Hugging Face vision encoder: local dir or Hub id) or timm:NAME loads a
-    # pretrained encoder instead (width/layers/heads then come from it; image_size still sizes the data)
+    """The image tower: a ViT of these sizes, or a pretrained encoder."""
+
+    image_size: int = num(16, ge=1)
+    """Side of the (square) input image in pixels, at least 1 and a multiple of patch_size."""
+    patch_size: int = num(4, ge=1)
+    """Side of one ViT patch in pixels, at least 1."""
+    channels: int = num(3, ge=1)
+    """Colour channels of the input image (3 for RGB), at least 1."""
+    width: int = num(64, ge=1)
+    """Hidden size of the ViT, at least 1 and divisible by heads."""
+    layers: int = num(2, ge=0)
+    """Transformer blocks of the ViT, at least 0."""
+    heads: int = num(2, ge=1)
+    """Attention heads per block, at least 1 (a divisor of width)."""
+    mlp_ratio: float = num(4.0, gt=0)
+    """Hidden size of each block's MLP as a multiple of width, > 0."""
     pretrained: str = ""
+    """Empty: build the ViT above; hf:NAME (Hugging Face encoder: local dir or Hub id) or timm:NAME loads a pretrained
+    encoder whose own sizes then apply (image_size still sizes the data)."""
 
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 512
-    context_length: int = 16
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    # "" builds the transformer above over the data's word vocabulary; hf:NAME loads a pretrained encoder and its
-    # own tokenizer (a local dir, a packaged model such as sentence-transformers/all-MiniLM-L6-v2, or a Hub id)
+    """The text tower: a transformer over the data's word vocabulary, or a pretrained encoder."""
+
+    vocab_size: int = num(512, ge=2)
+    """Words in the tokenizer's vocabulary including special tokens, at least 2."""
+    context_length: int = num(16, ge=1)
+    """Tokens per caption (longer ones are cut, shorter ones padded), at least 1."""
+    width: int = num(64, ge=1)
+    """Hidden size of the text transformer, at least 1 and divisible by heads."""
+    layers: int = num(2, ge=0)
+    """Transformer blocks of the text tower, at least 0."""
+    heads: int = num(2, ge=1)
+    """Attention heads per block, at least 1 (a divisor of width)."""
+    mlp_ratio: float = num(4.0, gt=0)
+    """Hidden size of each block's MLP as a multiple of width, > 0."""
     pretrained: str = ""
+    """Empty: build the transformer above; hf:NAME loads a pretrained encoder with its own tokenizer (local dir,
+    packaged model such as sentence-transformers/all-MiniLM-L6-v2, or Hub id)."""
 
 
 @dataclass
 class SignalConfig:
     """A third tower for a vector modality, "signal" (an MLP): the 3-modality losses (symile, gram) train on it."""
 
-    dim: int = 0  # features per record; 0: no signal tower
-    width: int = 64
-    layers: int = 2
+    dim: int = num(0, ge=0)
+    """Features per record of the signal modality, at least 0; 0 means the model has no signal tower."""
+    width: int = num(64, ge=1)
+    """Hidden size of the signal MLP, at least 1."""
+    layers: int = num(2, ge=0)
+    """Linear + GELU layers of the signal MLP before its projection, at least 0."""
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "debug"  # an architecture file in towerlab/models/archs/ (see `towerlab recipes archs`)
-    embed_dim: int = 32
+    """The towers, their shared embedding size and what to freeze."""
+
+    arch: str = "debug"
+    """Architecture file in towerlab/models/archs/ whose sizes are the defaults of this section (an unknown name is
+    refused with the list)."""
+    embed_dim: int = num(32, ge=1)
+    """Size of the shared embedding every tower projects to, at least 1."""
     vision: VisionConfig = field(default_factory=VisionConfig)
+    """The image tower."""
     text: TextConfig = field(default_factory=TextConfig)
+    """The text tower."""
     signal: SignalConfig = field(default_factory=SignalConfig)
+    """The optional signal tower (off while dim is 0)."""
     grad_checkpointing: bool = False
-    # parameter-name patterns (fnmatch) to freeze, e.g. "towers.text.encoder.*" locks a pretrained text tower but
-    # trains its projection (LiT); `towerlab recipes params RECIPE` lists the names
+    """Recompute each transformer block's activations in backward instead of storing them (less memory, more compute).
+    """
     freeze: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch) whose gradients are switched off, e.g. "towers.text.encoder.*" for LiT; each
+    must match (`towerlab recipes params RECIPE` lists the names)."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = num(1e-3, gt=0)
+    """Peak learning rate of AdamW (after warmup), > 0."""
+    weight_decay: float = num(0.1, ge=0)
+    """AdamW's decoupled weight decay, at least 0 (norms, biases, embeddings and the logit scale are not decayed)."""
+    betas: list[float] = num(default_factory=lambda: [0.9, 0.98], ge=0, lt=1)
+    """AdamW's two moment decay rates [beta1, beta2], each in [0, 1)."""
+    eps: float = num(1e-6, gt=0)
+    """AdamW's epsilon added to the denominator, > 0."""
+    warmup_steps: int = num(20, ge=0)
+    """Optimizer steps of linear warmup to lr, at least 0."""
+    schedule: Schedule = Schedule.cosine
+    """Learning rate after warmup: cosine (decays to lr * min_lr_ratio at the last step) or constant."""
+    min_lr_ratio: float = num(0.0, ge=0, le=1)
+    """Where the cosine schedule ends, as a fraction of lr, in [0, 1]."""
+    grad_clip: float = num(1.0, ge=0)
+    """Largest global gradient norm (larger gradients are scaled down), at least 0; 0 turns clipping off."""
 
 
 @dataclass
 class TrainConfig:
-    workers: int = 2
+    """The run: workers, steps, precision, checkpoints, DeepSpeed ZeRO and offload."""
+
+    workers: int = num(2, ge=1)
+    """Ray Train workers (data-parallel ranks), at least 1."""
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    steps: int = 100  # optimizer steps in the whole run
-    zero_stage: int = 2
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    max_failures: int = 0
-    storage_path: str = "results"  # Ray Train storage: <storage_path>/<name>/ holds checkpoints
-    # Scale (towerlab plan; ZeRO-3 and offload). device_memory: what one worker may use, e.g. "80GiB"; None: the
-    # GPU's memory, or on CPU the host's RAM shared by the workers. The planner refuses a plan that cannot fit it.
+    """Give each worker a GPU (else workers run on CPU)."""
+    cpus_per_worker: int = num(1, ge=1)
+    """CPU cores reserved per worker (and torch threads on CPU), at least 1."""
+    steps: int = num(100, ge=1)
+    """Optimizer steps in the whole run, at least 1."""
+    zero_stage: int = num(2, ge=0, le=3, why="DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters).
+    """
+    precision: Precision = Precision.auto
+    """Compute precision: auto (fp32 on CPU, bf16 on GPU), fp32, or bf16 (GPU only)."""
+    log_every: int = num(10, ge=1)
+    """Optimizer steps between training-metric logs, at least 1."""
+    checkpoint_every: int = num(50, ge=1)
+    """Optimizer steps between checkpoints (one is also written at the end), at least 1."""
+    keep_checkpoints: int = num(2, ge=1)
+    """Checkpoints kept in storage (older ones are deleted), at least 1."""
+    max_failures: int = num(0, ge=-1)
+    """Times Ray Train restarts the run from its latest checkpoint after a worker failure, at least 0; -1 retries
+    without limit."""
+    storage_path: str = "results"
+    """Ray Train storage directory or URI: <storage_path>/<name>/ holds the run's checkpoints."""
+    # Scale (towerlab plan; ZeRO-3 and offload): the planner refuses a plan that cannot fit device_memory.
     device_memory: Optional[str] = None
-    offload_optimizer: str = "none"  # none | cpu | nvme (ZeRO-Offload / ZeRO-Infinity; DeepSpeed's CPU Adam)
-    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
-    nvme_path: str = "/tmp/towerlab-nvme"  # local disk for nvme offload (needs Debian's libaio-dev)
+    """Memory one worker may use, e.g. "80GiB" or "24GB" (null: the GPU's memory, or on CPU the host's RAM shared by the
+    workers)."""
+    offload_optimizer: Offload = Offload.none
+    """Where ZeRO keeps optimizer state: none (on the device), cpu (ZeRO-Offload, DeepSpeed's CPU Adam) or nvme
+    (ZeRO-Infinity); needs zero_stage >= 1."""
+    offload_param: Offload = Offload.none
+    """Where ZeRO-3 keeps parameters: none (on the device), cpu or nvme; needs zero_stage 3."""
+    nvme_path: str = "/tmp/towerlab-nvme"
+    """Directory on a local disk for nvme offload (needs Debian's libaio-dev)."""
     # ZeRO-3 optimizer step granularity: the optimizer's temporaries (and with offload, its buffers) are one
     # sub-group's size. DeepSpeed's 1e9 made them a whole partition: +0.55 GiB per worker for a 151M model on 2
     # workers (benchmarks/zero_memory.py). 5e7 is what ZeRO-Infinity needs at 1B+ (part (a) there).
-    sub_group_size: int = 5_000_000
-    # elements per gradient bucket, and under ZeRO-3 the bound on gathered (live, prefetched) parameters. DeepSpeed's
-    # 5e8 is a 2 GiB fp32 buffer; 5e7 cost 0.2 GiB per worker more than 5e6 there, at the same speed on CPU
-    # (HF Transformers' "auto" uses hidden_size**2: 2M for ViT-g/14)
-    reduce_bucket_size: int = 5_000_000
-    export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
+    sub_group_size: int = num(5_000_000, ge=1)
+    """Parameters per ZeRO-3 optimizer sub-group (the size of the optimizer step's temporaries), at least 1."""
+    # DeepSpeed's 5e8 is a 2 GiB fp32 buffer; 5e7 cost 0.2 GiB per worker more than 5e6 there, at the same speed on
+    # CPU (HF Transformers' "auto" uses hidden_size**2: 2M for ViT-g/14)
+    reduce_bucket_size: int = num(5_000_000, ge=1)
+    """Elements per gradient reduction bucket, and under ZeRO-3 the bound on gathered (live, prefetched) parameters, at
+    least 1."""
+    export_fp32: bool = False
+    """At the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow; needs zero_stage >= 1."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50  # default steps between evaluations of every evaluator in `evals` (and one at the end)
-    batch_size: int = 512  # samples per forward pass when embedding evaluation data
+    """Defaults of every evaluator in `evals`."""
+
+    every: int = num(50, ge=1)
+    """Optimizer steps between evaluations of every evaluator that sets no `every` of its own (one also runs at the
+    end), at least 1."""
+    batch_size: int = num(512, ge=1)
+    """Samples per forward pass when embedding evaluation data, at least 1."""
 
 
 @dataclass
 class EvaluatorConfig:
     """One entry of the recipe's `evals: {NAME: {...}}`; logged as eval/NAME/METRIC."""
 
-    type: str = "zeroshot"  # zeroshot | retrieval | geometry (see towerlab.train.evaluate.EVALUATORS)
-    every: Optional[int] = None  # steps between runs of this evaluator; default eval.every; always at the end
-    data: str = "heldout"  # a split of the run's data, or a directory of prepared shards (its heldout split)
-    max_samples: Optional[int] = None  # evaluate on the first N samples only
-    ks: list[int] = field(default_factory=list)  # top-K / recall@K; empty: zeroshot [1, 5], retrieval [1, 5, 10]
-    chunk: int = 1024  # queries per similarity block: memory O(chunk x N), not O(N x N)
+    type: str = "zeroshot"
+    """Evaluator: zeroshot, retrieval or geometry (the names registered in towerlab.train.evaluate.EVALUATORS)."""
+    every: Optional[int] = num(None, ge=1)
+    """Optimizer steps between runs of this evaluator, at least 1 (null: eval.every); it always runs at the end."""
+    data: str = "heldout"
+    """A split of the run's data, or a directory of prepared shards (its heldout split is used)."""
+    max_samples: Optional[int] = num(None, ge=1)
+    """Evaluate on the first N samples only, at least 1 (null: all)."""
+    ks: list[int] = num(default_factory=list, ge=1)
+    """The K of top-K accuracy / recall@K, each at least 1 (empty: zeroshot [1, 5], retrieval [1, 5, 10])."""
+    chunk: int = num(1024, ge=1)
+    """Queries per similarity block, at least 1: memory grows as chunk x N, not N x N."""
 
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None  # else --tracking-uri, MLFLOW_TRACKING_URI, or sqlite:///<cwd>/mlruns.db
+    """Where MLflow records the run."""
+
+    uri: Optional[str] = None
+    """MLflow tracking URI (null: --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db)."""
     experiment: str = "towerlab"
+    """MLflow experiment the run is recorded under."""
 
 
 @dataclass
 class Recipe:
-    name: str = "run"  # the run name: launching the same name again resumes it
-    seed: int = 0
+    """A whole training recipe: one section per component."""
+
+    name: str = "run"
+    """Run name, non-empty without '/': launching the same name again resumes it."""
+    seed: int = num(0, ge=0, le=INT64_MAX)
+    """Seed of the initial weights, shuffling and augmentation, in [0, 2**63 - 1]."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training data, batching and augmentation."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: Any = None  # a losses.LossConfig subclass, chosen by loss.name
+    """The towers and the shared embedding."""
+    loss: Any = None
+    """The loss family and its parameters (a losses.LossConfig subclass, chosen by loss.name)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Workers, steps, precision, checkpoints and DeepSpeed settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    evals: dict[str, EvaluatorConfig] = field(default_factory=dict)  # empty in a recipe file: DEFAULT_EVALS
+    """Defaults of every evaluator."""
+    evals: dict[str, EvaluatorConfig] = field(default_factory=dict)
+    """Evaluators by name, logged as eval/NAME/METRIC (a recipe file without this section gets DEFAULT_EVALS)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    # named sets of overrides inside a recipe file, applied by the override preset=NAME (e.g. a `smoke` preset
-    # that runs a cluster recipe tiny on one machine)
+    """MLflow tracking."""
     presets: dict[str, Any] = field(default_factory=dict)
+    """Named sets of overrides inside a recipe file, applied by the override preset=NAME (e.g. `smoke`: a cluster recipe
+    run tiny on one machine)."""
 
 
 # The evaluators of a recipe whose file declares no `evals` section.

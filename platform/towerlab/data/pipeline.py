@@ -142,7 +142,7 @@ def load_split(manifest: Manifest, split: str, pre: Preprocessor) -> dict[str, n
 
 def expand_positives(batch: dict) -> dict:
     """A batch with k captions per image ([B, k, L] text) as B*k image-caption pairs: each image repeated k times,
-    label = the image's id, so losses that take positives from labels (decoupled_softmax, sdm) treat the k captions
+    label = the image's id, so the multi_positive losses (loss_class(name).multi_positive) treat the k captions
     of an image as its positives. A batch with one caption per image is returned as it is."""
     text = batch["text"]
     if text.ndim != 3:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, acc, direction_names
 from towerlab.losses.clip import ClipConfig, symmetric_infonce
@@ -32,11 +33,17 @@ from towerlab.losses.clip import ClipConfig, symmetric_infonce
 @dataclass
 class AlignUniformConfig(ClipConfig):
     name: str = "align_uniform"
-    align_weight: float = 1.0
-    uniform_weight: float = 1.0
-    cross_uniformity: bool = False  # add L_xunif (the CUAXU variant)
-    cross_uniform_weight: float = 1.0
-    uniformity_t: float = 2.0  # u in exp(-u d^2)
+    """The loss family: align_uniform."""
+    align_weight: float = num(1.0, ge=0)
+    """Weight w_a of the alignment term (mean squared distance of positive pairs), at least 0."""
+    uniform_weight: float = num(1.0, ge=0)
+    """Weight w_u of the uniformity term (mean of both modalities'), at least 0."""
+    cross_uniformity: bool = False
+    """Add the cross-modal uniformity term L_xunif (the CUAXU variant)."""
+    cross_uniform_weight: float = num(1.0, ge=0)
+    """Weight w_x of the cross-modal uniformity term, at least 0."""
+    uniformity_t: float = num(2.0, gt=0)
+    """The u in exp(-u d^2) of the uniformity terms, > 0."""
 
 
 def sq_dists(a: Tensor, b: Tensor) -> Tensor:

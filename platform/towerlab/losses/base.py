@@ -15,52 +15,113 @@ averaging parameter gradients over ranks, the gradients are then exact. The resu
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from towerlab.config.checks import check_ranges, fail, num
+from towerlab.config.errors import ConfigError
+
 
 @dataclass
-class LossConfig:
-    """Fields every family has. The model's learnable logit scale and bias are initialised from them by the
-    trainer (scale = 1/temperature_init, bias = bias_init), not by the loss."""
+class LogitScaleInit:
+    """The initial values of the model's learnable logit scale and bias (towerlab.models.ContrastiveModel: scale =
+    1/temperature_init, bias = bias_init). The model consumes them, but a good start depends on the loss, so they
+    live in the recipe's `loss:` section (keys loss.temperature_init, loss.bias_init): every loss config inherits
+    them from here, and a family gives its own defaults as class keywords, which keep the fields' ranges:
+
+        @dataclass
+        class SdmConfig(LossConfig, temperature_init=0.02): ...
+    """
+
+    temperature_init: float = num(0.07, gt=0)
+    """Initial temperature tau: the model's logit scale starts at 1/tau; in [1/loss.max_logit_scale, 1]."""
+    bias_init: Optional[float] = num(None)
+    """Initial logit bias b added to every logit, any finite number (null: the model has no logit bias; only families
+    that use one accept it)."""
+
+    def __init_subclass__(cls, **defaults: Any):
+        # runs before @dataclass processes the subclass: declaring the field again there, with the same metadata,
+        # is how a dataclass subclass changes a default
+        super().__init_subclass__()
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        hints = typing.get_type_hints(LogitScaleInit)
+        for key, value in defaults.items():
+            if key not in hints:
+                raise TypeError(f"{cls.__name__}: class keyword {key}= is not a logit-scale default ({', '.join(hints)})")
+            own[key] = hints[key]
+            setattr(cls, key, field(default=value, metadata=LogitScaleInit.__dataclass_fields__[key].metadata))
+        cls.__annotations__ = own
+
+
+@dataclass
+class _Family:
+    """The `name` key every loss config starts with."""
 
     name: str = "clip"
-    temperature_init: float = 0.07  # tau; the logit scale starts at 1/tau
-    bias_init: Optional[float] = None  # None: the model has no logit bias
+    """The loss family: a name registered in towerlab.losses.LOSSES (an unknown name is refused with the list)."""
+
+
+@dataclass
+class LossConfig(LogitScaleInit, _Family):
+    """Fields every family has (name first, then the logit-scale initial values, then these)."""
+
     learn_temperature: bool = True
-    max_logit_scale: float = 100.0  # the trainer clamps the scale to at most this after every step
-    tiled: bool = False  # memory-efficient kernels of towerlab.losses.tiled (families that support them)
-    tile_size: int = 1024
-    # The feature keys the loss reads, query/anchor modality first (three or more for symile and gram).
+    """Learn the logit scale with the model (false: it stays at 1/temperature_init)."""
+    max_logit_scale: float = num(100.0, ge=1)
+    """Upper bound the trainer clamps the logit scale to after every step (CLIP: 100), at least 1."""
+    tiled: bool = False
+    """Use the memory-efficient tiled kernels of towerlab.losses.tiled, which never hold the whole logit matrix
+    (families with supports_tiled only)."""
+    tile_size: int = num(1024, ge=1)
+    """Rows and columns of one logit tile of the tiled kernels, at least 1."""
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    """The feature keys (towers) the loss reads, query/anchor modality first, each once (two, or more for symile and
+    gram)."""
 
 
 class ContrastiveLoss(nn.Module):
     """Base class: holds the config, checks the call, slices the local rows; subclasses implement `compute`."""
 
-    supports_tiled: bool = False
+    # What the rest of the platform may ask of a family (`towerlab.losses.loss_class(name).ATTRIBUTE`), so no
+    # caller keeps its own list of family names.
+    supports_tiled: bool = False  # has a memory-efficient kernel of towerlab.losses.tiled (loss.tiled=true)
     uses_bias: bool = False  # a logit bias that cancels in the loss would be a parameter without gradient
+    needs_labels: bool = False  # takes positives from meta `labels` / `pos_mask` (same class or id)
+    multi_positive: bool = False  # trains several captions of one image as its positives (data.captions_per_image > 1)
+    one_logit_matrix: bool = False  # one logit matrix serves both directions (sigmoid); softmax ones need one each
     min_modalities: int = 2
     max_modalities: Optional[int] = 2
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
+        self.check_config(cfg)
         self.cfg = cfg
-        if cfg.tiled and not self.supports_tiled:
-            raise ValueError(f"loss '{cfg.name}' has no tiled kernel: set loss.tiled=false")
-        if cfg.bias_init is not None and not self.uses_bias:
-            raise ValueError(f"loss '{cfg.name}' does not use a logit bias (it cancels): set loss.bias_init=null")
-        if cfg.tile_size < 1:
-            raise ValueError(f"loss.tile_size={cfg.tile_size}: must be >= 1")
-        n, lo, hi = len(cfg.modalities), self.min_modalities, self.max_modalities
-        if n < lo or (hi is not None and n > hi):
-            want = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} must name {want} modalities")
+
+    @classmethod
+    def check_config(cls, cfg: LossConfig) -> None:
+        """The family's parameter rules, before anything is built: the ranges declared on the config's fields,
+        then the rules between fields. A ConfigError `loss.KEY=value: ...`; families add theirs after super()'s."""
+        check_ranges(cfg, "loss")
+        lo = 1.0 / cfg.max_logit_scale
+        if not lo <= cfg.temperature_init <= 1.0:
+            # the logit scale 1/tau is clamped to [1, max_logit_scale] after every step (as CLIP does)
+            raise fail("loss.temperature_init", cfg.temperature_init, f"the logit scale 1/tau is kept in "
+                       f"[1, loss.max_logit_scale={cfg.max_logit_scale:g}], so use a tau in [{lo:g}, 1]")
+        if cfg.tiled and not cls.supports_tiled:
+            raise ConfigError(f"loss.tiled=true: loss '{cfg.name}' has no tiled kernel; set loss.tiled=false")
+        if cfg.bias_init is not None and not cls.uses_bias:
+            raise fail("loss.bias_init", cfg.bias_init,
+                       f"loss '{cfg.name}' does not use a logit bias (it cancels); set loss.bias_init=null")
+        n, lo_m, hi_m = len(cfg.modalities), cls.min_modalities, cls.max_modalities
+        if n < lo_m or (hi_m is not None and n > hi_m):
+            want = f"{lo_m}" if hi_m == lo_m else f"at least {lo_m}" if hi_m is None else f"{lo_m} to {hi_m}"
+            raise fail("loss.modalities", list(cfg.modalities), f"loss '{cfg.name}' needs {want} modalities")
         if len(set(cfg.modalities)) != n:
-            raise ValueError(f"loss '{cfg.name}': loss.modalities={list(cfg.modalities)} repeats a modality")
+            raise fail("loss.modalities", list(cfg.modalities), "repeats a modality; name each once")
 
     def forward(
         self,

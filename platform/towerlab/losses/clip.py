@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, direction_names, logits, row_targets
 
@@ -24,8 +25,9 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, direction_names, l
 @dataclass
 class ClipConfig(LossConfig):
     name: str = "clip"
-    temperature_init: float = 0.07
-    label_smoothing: float = 0.0
+    """The loss family: clip."""
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    """Label smoothing eps of the cross-entropy (1-eps on the positive, eps/N on every column), in [0, 1)."""
 
 
 def infonce_rows(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, eps: float = 0.0) -> Tensor:
@@ -52,11 +54,6 @@ class ClipLoss(ContrastiveLoss):
 
     supports_tiled = True
     uses_bias = True
-
-    def __init__(self, cfg: ClipConfig):
-        super().__init__(cfg)
-        if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

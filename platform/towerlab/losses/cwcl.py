@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import fail, num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, direction_names, logits
 from towerlab.losses.clip import infonce_rows
@@ -30,10 +31,13 @@ from towerlab.losses.clip import infonce_rows
 @dataclass
 class CwclConfig(LossConfig):
     name: str = "cwcl"
-    temperature_init: float = 0.07
-    weights_from: str = "text"  # the frozen modality whose intra-modal similarities give the weights
-    weight_temperature: Optional[float] = None  # None: w = cos/2 + 1/2; else softmax(cos / weight_temperature)
-    symmetric: bool = True  # False: the second direction is plain InfoNCE
+    """The loss family: cwcl."""
+    weights_from: str = "text"
+    """The frozen modality whose intra-modal similarities weigh the targets; one of loss.modalities."""
+    weight_temperature: Optional[float] = num(None, gt=0)
+    """Sharpen the weights to softmax(cos / weight_temperature), > 0 (null: w = cos/2 + 1/2)."""
+    symmetric: bool = True
+    """Weigh both directions (false: the second direction is plain InfoNCE, as in CellCLIP)."""
 
 
 def cwcl_weights(q: Tensor, weight_temperature: Optional[float]) -> Tensor:
@@ -51,12 +55,11 @@ def cwcl_weights(q: Tensor, weight_temperature: Optional[float]) -> Tensor:
 class CwclLoss(ContrastiveLoss):
     """Continuously weighted contrastive loss: soft targets from a frozen modality's similarities."""
 
-    def __init__(self, cfg: CwclConfig):
-        super().__init__(cfg)
+    @classmethod
+    def check_config(cls, cfg: CwclConfig) -> None:
+        super().check_config(cfg)
         if cfg.weights_from not in cfg.modalities:
-            raise ValueError(f"loss.weights_from='{cfg.weights_from}' must be one of loss.modalities={cfg.modalities}")
-        if cfg.weight_temperature is not None and cfg.weight_temperature <= 0:
-            raise ValueError(f"loss.weight_temperature={cfg.weight_temperature}: must be > 0 or null")
+            raise fail("loss.weights_from", cfg.weights_from, f"must be one of loss.modalities={list(cfg.modalities)}")
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

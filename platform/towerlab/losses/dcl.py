@@ -26,22 +26,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, direction_names, logits, masked_lse
 from towerlab.losses.clip import symmetric_infonce
 
 
 @dataclass
-class DclConfig(LossConfig):
+class DclConfig(LossConfig, temperature_init=0.1):
     name: str = "dcl"
-    temperature_init: float = 0.1
-    temperature_guard: bool = True  # t learns from the coupled InfoNCE (see module docstring)
+    """The loss family: dcl (or dclw)."""
+    temperature_guard: bool = True
+    """Let the logit scale learn from the coupled InfoNCE instead of DCL, which is unbounded below in it."""
 
 
 @dataclass
 class DclwConfig(DclConfig):
     name: str = "dclw"
-    sigma: float = 0.5  # vMF weighting temperature
+    """The loss family: dclw."""
+    sigma: float = num(0.5, gt=0)
+    """Temperature of DCLW's von Mises-Fisher positive weights, > 0."""
 
 
 def dclw_weights(x: Tensor, y: Tensor, sigma: float) -> Tensor:
@@ -92,11 +96,6 @@ class DclLoss(_Decoupled):
 @LOSSES.register("dclw", config=DclwConfig)
 class DclwLoss(_Decoupled):
     """Decoupled contrastive loss with von Mises-Fisher weighted positives."""
-
-    def __init__(self, cfg: DclwConfig):
-        super().__init__(cfg)
-        if cfg.sigma <= 0:
-            raise ValueError(f"loss.sigma={cfg.sigma}: must be > 0")
 
     def weights(self, x: Tensor, y: Tensor) -> Tensor:
         return dclw_weights(x, y, self.cfg.sigma)

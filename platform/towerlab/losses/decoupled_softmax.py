@@ -24,14 +24,17 @@ from towerlab.losses.base import positive_mask
 
 
 @dataclass
-class DecoupledSoftmaxConfig(LossConfig):
+class DecoupledSoftmaxConfig(LossConfig, temperature_init=0.05):
     name: str = "decoupled_softmax"
-    temperature_init: float = 0.05
+    """The loss family: decoupled_softmax."""
 
 
 @LOSSES.register("decoupled_softmax", config=DecoupledSoftmaxConfig)
 class DecoupledSoftmaxLoss(ContrastiveLoss):
     """DEXML decoupled softmax: multi-positive InfoNCE, each positive against the negatives only."""
+
+    needs_labels = True
+    multi_positive = True
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, row_targets
 
@@ -35,11 +36,15 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, row_targets
 @dataclass
 class GramConfig(LossConfig):
     name: str = "gram"
-    temperature_init: float = 0.07
-    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])  # anchor first
-    label_smoothing: float = 0.1
-    volume_eps: float = 1e-6
+    """The loss family: gram."""
+    modalities: list[str] = field(default_factory=lambda: ["text", "image", "audio"])
+    """The feature keys, anchor first, then the modalities of each candidate tuple (two or more, each once)."""
+    label_smoothing: float = num(0.1, ge=0, lt=1)
+    """Label smoothing of the cross-entropy over volumes (GRAM's 0.1), in [0, 1)."""
+    volume_eps: float = num(1e-6, ge=0)
+    """Added under the square root of the volume, bounding its gradient by 1/(2 sqrt(volume_eps)); at least 0."""
     squared_volume: bool = False
+    """Use the squared volume det G (no square root) as the distance."""
 
 
 def _det(m: Tensor) -> Tensor:
@@ -84,11 +89,6 @@ class GramLoss(ContrastiveLoss):
 
     min_modalities = 2
     max_modalities = None
-
-    def __init__(self, cfg: GramConfig):
-        super().__init__(cfg)
-        if cfg.volume_eps < 0 or not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError("loss: volume_eps >= 0 and 0 <= label_smoothing < 1 are required")
 
     def volume(self, det: Tensor) -> Tensor:
         return det if self.cfg.squared_volume else torch.sqrt(det.clamp_min(0) + self.cfg.volume_eps)

@@ -15,7 +15,7 @@ modalities that point would sit off the key manifold (the modality gap), so h' m
 y_i (same modality as the keys) with a hard key; b < 1/2 keeps it negative-dominated.
 
 Warm-up: mixing starts at meta `step` >= warmup_steps; before, the loss is exactly CLIP's InfoNCE (a call without
-`step` mixes). Randomness is drawn for all N gathered rows from a generator seeded by (seed, step, direction),
+`step` mixes). Randomness is drawn (in fp32) for all N gathered rows from a generator seeded by (seed, step, direction),
 so every rank draws the same numbers and the per-rank split equals the single-process computation.
 """
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import INT64_MAX, fail, num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, logits
 from towerlab.losses.base import positive_mask, row_targets
@@ -36,12 +37,17 @@ from towerlab.losses.base import positive_mask, row_targets
 @dataclass
 class HardNegativeMixingConfig(LossConfig):
     name: str = "hard_negative_mixing"
-    temperature_init: float = 0.07
-    num_hard: int = 32  # size of the hard-negative pool per query (MoCHi's N)
-    num_mix: int = 16  # key-key mixtures per query (s)
-    num_query_mix: int = 16  # positive-key/hard-key mixtures per query (s')
-    warmup_steps: int = 1000  # no mixing before this step
-    seed: int = 0
+    """The loss family: hard_negative_mixing."""
+    num_hard: int = num(32, ge=1)
+    """Size of each query's pool of hardest true negatives (MoCHi's N), at least 1."""
+    num_mix: int = num(16, ge=0)
+    """Synthetic negatives per query mixed from two hard keys (MoCHi's s), at least 0."""
+    num_query_mix: int = num(16, ge=0)
+    """Synthetic negatives per query mixed from its positive key and a hard key (MoCHi's s'), at least 0."""
+    warmup_steps: int = num(1000, ge=0)
+    """Optimizer steps of plain InfoNCE before mixing starts, at least 0."""
+    seed: int = num(0, ge=0, le=INT64_MAX)
+    """Seed of the mixing draws (with the step and direction), in [0, 2**63 - 1]."""
 
 
 def _generator(seed: int, step: int, direction: int) -> torch.Generator:
@@ -63,7 +69,8 @@ def synthetic_negatives(
         n_valid = torch.isfinite(vals).sum(dim=1)  # the pool is sorted: its valid entries come first
 
         def draw(*shape: int) -> Tensor:
-            return torch.rand(n, *shape, generator=gen, dtype=qa.dtype)[rows]
+            # drawn in fp32 whatever the accumulation dtype: an fp64 run mixes the same points as an fp32 one
+            return torch.rand(n, *shape, generator=gen, dtype=torch.float32)[rows].to(qa.dtype)
 
         def pick(count: int) -> Tensor:  # `count` uniform draws from each row's valid pool -> key indices
             j = (draw(count) * n_valid[:, None]).long().clamp(max=kh - 1)
@@ -81,10 +88,14 @@ def synthetic_negatives(
 class HardNegativeMixingLoss(ContrastiveLoss):
     """Symmetric InfoNCE with MoCHi-style synthetic hard negatives (cross-modal, in-batch), after a warm-up."""
 
-    def __init__(self, cfg: HardNegativeMixingConfig):
-        super().__init__(cfg)
-        if min(cfg.num_hard, cfg.num_mix + cfg.num_query_mix) < 1 or min(cfg.num_mix, cfg.num_query_mix) < 0:
-            raise ValueError("loss: num_hard >= 1 and num_mix + num_query_mix >= 1 are required")
+    needs_labels = True  # labels keep false negatives out of the hard-negative pool
+
+    @classmethod
+    def check_config(cls, cfg: HardNegativeMixingConfig) -> None:
+        super().check_config(cfg)
+        if cfg.num_mix + cfg.num_query_mix < 1:
+            raise fail("loss.num_mix", cfg.num_mix, f"with loss.num_query_mix={cfg.num_query_mix} there is nothing to "
+                       "mix; make loss.num_mix + loss.num_query_mix at least 1")
 
     def mixing(self, step: Optional[int]) -> bool:
         return step is None or step >= self.cfg.warmup_steps

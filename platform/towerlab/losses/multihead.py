@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc
 from towerlab.losses.clip import symmetric_infonce
@@ -34,9 +35,12 @@ from towerlab.losses.clip import symmetric_infonce
 @dataclass
 class MultiheadConfig(LossConfig):
     name: str = "multihead"
-    temperature_init: float = 0.07
-    num_heads: int = 4
-    label_smoothing: float = 0.0
+    """The loss family: multihead."""
+    num_heads: int = num(4, ge=1)
+    """Projection heads, each a CLIP loss with its own temperature, at least 1 (with the stock model, a divisor of
+    model.embed_dim)."""
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    """Label smoothing of every head's cross-entropy, in [0, 1)."""
 
 
 def split_heads(f: Tensor, heads: int) -> Tensor:
@@ -58,8 +62,6 @@ class MultiheadLoss(ContrastiveLoss):
 
     def __init__(self, cfg: MultiheadConfig):
         super().__init__(cfg)
-        if cfg.num_heads < 1:
-            raise ValueError(f"loss.num_heads={cfg.num_heads}: must be >= 1")
         self.log_scale_offset = nn.Parameter(torch.zeros(cfg.num_heads), requires_grad=cfg.learn_temperature)
 
     def head_scales(self, scale: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ PAIR_CHUNK = 1 << 22  # elements of the [rows, |P|, |N|] difference tensor held 
 @dataclass
 class MwAucConfig(LossConfig):
     name: str = "mw_auc"
-    temperature_init: float = 0.07
+    """The loss family: mw_auc."""
 
 
 def softplus(u: Tensor) -> Tensor:
@@ -60,6 +60,8 @@ def auc_multi_positive(z: Tensor, pos: Tensor) -> Tensor:
 @LOSSES.register("mw_auc", config=MwAucConfig)
 class MwAucLoss(ContrastiveLoss):
     """Mann-Whitney/AUC pairwise loss over (query, positive, negative) triplets, both directions."""
+
+    needs_labels = True
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

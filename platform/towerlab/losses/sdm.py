@@ -19,26 +19,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from towerlab.config.checks import num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, both_directions, direction_names, logits
 from towerlab.losses.base import positive_mask
 
 
 @dataclass
-class SdmConfig(LossConfig):
+class SdmConfig(LossConfig, temperature_init=0.02):  # IRRA's logit scale 50
     name: str = "sdm"
-    temperature_init: float = 0.02
-    epsilon: float = 1e-8
+    """The loss family: sdm."""
+    epsilon: float = num(1e-8, gt=0)
+    """Added to the label distribution so the KL stays finite; sets how hard non-matches are pushed (IRRA: 1e-8), > 0.
+    """
 
 
 @LOSSES.register("sdm", config=SdmConfig)
 class SdmLoss(ContrastiveLoss):
     """Similarity distribution matching: KL(softmax(t s) || normalised same-id labels), both directions."""
 
-    def __init__(self, cfg: SdmConfig):
-        super().__init__(cfg)
-        if cfg.epsilon <= 0:
-            raise ValueError(f"loss.epsilon={cfg.epsilon}: must be > 0")
+    needs_labels = True
+    multi_positive = True
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

@@ -12,7 +12,7 @@ from the tiled kernel (towerlab.losses.tiled) and never form the N x N matrix. W
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch.nn.functional as F
 
@@ -21,10 +21,9 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, diag_mask, logits
 
 
 @dataclass
-class SiglipConfig(LossConfig):
+class SiglipConfig(LossConfig, temperature_init=0.1, bias_init=-10.0):  # the paper's t = 10, b = -10
     name: str = "siglip"
-    temperature_init: float = 0.1
-    bias_init: Optional[float] = -10.0
+    """The loss family: siglip."""
 
 
 @LOSSES.register("siglip", config=SiglipConfig)
@@ -33,6 +32,7 @@ class SiglipLoss(ContrastiveLoss):
 
     supports_tiled = True
     uses_bias = True
+    one_logit_matrix = True
 
     def compute(self, feats, scale, bias, rows, meta: dict[str, Any]):
         x, y = feats

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from towerlab.config.checks import INT64_MAX, num
 from towerlab.losses import LOSSES
 from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, logits, row_targets
 
@@ -29,9 +30,11 @@ from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, lo
 @dataclass
 class SymileConfig(LossConfig):
     name: str = "symile"
-    temperature_init: float = 0.07
+    """The loss family: symile."""
     modalities: list[str] = field(default_factory=lambda: ["image", "text", "audio"])
-    seed: int = 0
+    """The feature keys, two or more, each once; each takes its turn as the anchor."""
+    seed: int = num(0, ge=0, le=INT64_MAX)
+    """Seed of the negative tuples' permutations (with the step and anchor), in [0, 2**63 - 1]."""
 
 
 def symile_permutations(n: int, m: int, anchor: int, seed: int, step: int) -> list[Tensor]:

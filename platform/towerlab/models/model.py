@@ -1,7 +1,8 @@
 """The multi-tower contrastive model: towers, the learnable logit scale (log space) and optional logit bias.
 
 The scale is stored as t' = log t so that it stays positive; `clamp_logit_scale` keeps t <= max after every
-optimizer step (CLIP clamps at 100). Its initial value comes from the loss's temperature_init (t = 1/tau).
+optimizer step (CLIP clamps at 100). Its initial value comes from the recipe's loss.temperature_init (t = 1/tau)
+and the bias's from loss.bias_init: towerlab.losses.base.LogitScaleInit, which every loss config inherits.
 
 A tower is built from the recipe's sizes, or loaded pretrained (`model.{vision,text}.pretrained`, see
 pretrained.py); `model.freeze` patterns then switch off the gradients of the parameters they name.
@@ -34,7 +35,7 @@ class ContrastiveModel(nn.Module):
         the meta device to check freeze patterns without reading weights)."""
         super().__init__()
         if temperature_init <= 0:
-            raise ValueError(f"loss.temperature_init={temperature_init}: must be > 0")
+            raise ConfigError(f"loss.temperature_init={temperature_init}: must be > 0")
         self.towers = nn.ModuleDict({"image": _vision(cfg, load_weights), "text": _text(cfg, load_weights)})
         for tower in self.towers.values():
             tower.set_grad_checkpointing(cfg.grad_checkpointing)

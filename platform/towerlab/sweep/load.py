@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 from towerlab.config import ConfigError, load_structured
+from towerlab.config.checks import check_ranges
 from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
 from towerlab.train.recipe import load_recipe
 
-ALGORITHMS = ("grid", "random", "optuna")
-SCHEDULERS = ("none", "asha", "pbt")
 PBT_KEY = "loss.temperature_init"  # what population-based training perturbs
 
 
@@ -23,16 +22,14 @@ def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> SweepConfig:
     sweep: SweepConfig = load_structured(SweepConfig, path, overrides)
     src = str(path)
+    try:
+        check_ranges(sweep, "")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
     if not sweep.recipe:
         raise ConfigError(f"{src}: 'recipe' is required: the recipe file the trials train, relative to the sweep")
     if not recipe_path(sweep, path).is_file():
         raise ConfigError(f"{src}: recipe '{sweep.recipe}' not found (looked at {recipe_path(sweep, path)})")
-    if sweep.mode not in ("max", "min"):
-        raise ConfigError(f"{src}: mode={sweep.mode!r}: use max or min")
-    if sweep.search.algorithm not in ALGORITHMS:
-        raise ConfigError(f"{src}: search.algorithm={sweep.search.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
-    if sweep.scheduler.name not in SCHEDULERS:
-        raise ConfigError(f"{src}: scheduler.name={sweep.scheduler.name!r}: use one of {', '.join(SCHEDULERS)}")
     if not sweep.space:
         raise ConfigError(f"{src}: 'space' is empty: give at least one key, e.g. loss.temperature_init: "
                           "{choice: [0.03, 0.07]}")
@@ -75,8 +72,6 @@ def check_pbt(sweep: SweepConfig, src: str, recipe) -> None:
     if recipe.loss.learn_temperature:
         raise ConfigError(f"{src}: scheduler pbt perturbs {PBT_KEY}, but the recipe learns the temperature (it would "
                           "be restored from the checkpoint): add loss.learn_temperature=false to overrides")
-    if s.perturbation_interval < 1 or not 0 < s.quantile_fraction <= 0.5:
-        raise ConfigError(f"{src}: scheduler: perturbation_interval must be >= 1 and quantile_fraction in (0, 0.5]")
     if recipe.train.checkpoint_every > s.perturbation_interval:
         raise ConfigError(f"{src}: scheduler pbt: train.checkpoint_every={recipe.train.checkpoint_every} > "
                           f"perturbation_interval={s.perturbation_interval}: a trial would have no checkpoint to "

@@ -13,6 +13,7 @@ not rerun, unfinished ones resume from their latest Train checkpoint into their 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,11 +42,20 @@ class SweepSummary:
     errors: int
 
 
+# The recipe keys every trial's run name starts with (whether swept or not), each with its label; the other swept
+# keys follow as LEAF=value.
+RUN_NAME_KEYS = (("loss.name", ""), ("loss.temperature_init", "t="), ("data.global_batch", "b="))
+
+
 def trial_run_name(config: dict, recipe) -> str:
-    """A run name that says what the trial is: loss, temperature, batch."""
-    return (f"{recipe.loss.name} t={recipe.loss.temperature_init:g} b={recipe.data.global_batch}"
-            + "".join(f" {k.split('.')[-1]}={v}" for k, v in sorted(config.items())
-                      if k not in ("loss.name", "loss.temperature_init", "data.global_batch")))
+    """A run name that says what the trial is: loss, temperature, batch, then the other swept keys."""
+    def value(key: str) -> str:
+        v = functools.reduce(getattr, key.split("."), recipe)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    head = [label + value(key) for key, label in RUN_NAME_KEYS]
+    shown = {key for key, _ in RUN_NAME_KEYS}
+    return " ".join(head + [f"{k.split('.')[-1]}={v}" for k, v in sorted(config.items()) if k not in shown])
 
 
 def run_trial(config: dict, ctx: dict) -> None:

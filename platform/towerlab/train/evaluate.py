@@ -88,19 +88,14 @@ def geometry_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: 
 
 
 def validate_evals(recipe: Recipe) -> None:
-    """Checks of the `evals` section that need no data: known types, positive cadences and sizes."""
+    """Checks of the `evals` section that need no data: names and known types (the ranges of cadences and sizes
+    are declared on EvaluatorConfig and checked by towerlab.config.checks)."""
     for name, cfg in recipe.evals.items():
         where = f"evals.{name}"
         if not name or "/" in name:
             raise ConfigError(f"{where}: an evaluator name is non-empty without '/' (it becomes eval/NAME/METRIC)")
         if cfg.type not in EVALUATORS:
             raise ConfigError(f"{where}.type: {EVALUATORS.unknown_message(cfg.type)}")
-        for key in ("every", "max_samples", "chunk"):
-            v = getattr(cfg, key)
-            if v is not None and v < 1:
-                raise ConfigError(f"{where}.{key}={v}: must be at least 1")
-        if any(k < 1 for k in cfg.ks):
-            raise ConfigError(f"{where}.ks={cfg.ks}: every K must be at least 1")
 
 
 def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples: int | None) -> EvalData:

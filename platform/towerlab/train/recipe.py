@@ -1,5 +1,6 @@
 """Loading a recipe with every variant resolved: `loss.name` through the loss registry, `model.arch` through the
-architecture files; then the checks that need more than one section (batch plan, sizes that must agree).
+architecture files; then every check of its values (`validate`), so a bad value is a ConfigError at load, before
+anything starts.
 
 This lives in train/ rather than config/ because it wires the registries of losses and models, which config/ may
 not import.
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from towerlab import losses
-from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml, resolve_batch
+from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml
+from towerlab.config.checks import check_recipe
 from towerlab.data import SOURCES
-from towerlab.data.checks import validate_data
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.train.memory import validate_scale
@@ -66,48 +67,21 @@ def preset_overrides(path: str | os.PathLike | None, name: str) -> list[str]:
 
 
 def validate(r: Recipe) -> None:
-    """Checks across sections; each failure names the keys and what to change."""
-    resolve_batch(r.data.global_batch, r.train.workers, r.data.micro_batch)
+    """Every check of a resolved recipe, each failure one line naming the key and what to change: the schema's own
+    (towerlab.config.checks: ranges, each section's rules, the batch plan), then those that need the registries
+    (data sources, the loss family's parameter rules, evaluators) or more than one section."""
+    check_recipe(r)
     if r.data.source not in ("parquet", "webdataset") and r.data.source not in SOURCES:
         raise ConfigError(f"data.source: {SOURCES.unknown_message(r.data.source)}, parquet, webdataset")
-    if r.data.source in ("parquet", "webdataset") and not r.data.path:
-        raise ConfigError(f"data.source={r.data.source} needs data.path: a directory from `towerlab data prepare`")
-    validate_data(r.data)
-    lo = 1.0 / r.loss.max_logit_scale
-    if not lo <= r.loss.temperature_init <= 1.0:
-        # the logit scale 1/tau is clamped to [1, max_logit_scale] after every step (as CLIP does)
-        raise ConfigError(f"loss.temperature_init={r.loss.temperature_init}: the logit scale 1/tau is kept in "
-                          f"[1, loss.max_logit_scale={r.loss.max_logit_scale:g}], so use a tau in [{lo:g}, 1]")
     towers = ["image", "text"] + (["signal"] if r.model.signal.dim else [])
     missing = [m for m in r.loss.modalities if m not in towers]
     if missing:
         raise ConfigError(f"loss.modalities={list(r.loss.modalities)}: the model has no tower for {missing} (it has "
                           f"{towers}); a 'signal' tower needs model.signal.dim > 0 and data.source=synthetic3")
-    v = r.model.vision
-    if v.image_size % v.patch_size:
-        raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size="
-                          f"{v.patch_size}: change one of them")
-    for tower, c in (("vision", v), ("text", r.model.text)):
-        if c.width % c.heads:
-            raise ConfigError(f"model.{tower}.width={c.width} is not divisible by model.{tower}.heads={c.heads}")
-    if r.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage={r.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
-    if r.train.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision={r.train.precision!r}: use auto, fp32 or bf16")
-    if r.train.precision == "bf16" and not r.train.use_gpu:
-        raise ConfigError("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 there; use fp32 or auto")
-    if r.optim.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"optim.schedule={r.optim.schedule!r}: use cosine or constant")
-    for key in ("steps", "log_every", "checkpoint_every"):
-        if getattr(r.train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(r.train, key)}: must be at least 1")
-    if r.eval.every < 1:
-        raise ConfigError(f"eval.every={r.eval.every}: must be at least 1")
+    losses.check_config(r.loss)
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)
-    if not r.name or "/" in r.name:
-        raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 
 
 def validate_pretrained(r: Recipe) -> None:

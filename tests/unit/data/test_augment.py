@@ -100,10 +100,10 @@ def test_k_captions_per_image_and_positives(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.augment.token_mask_prob=1.5", "token_mask_prob=1.5: must be between 0.0 and 1.0"),
+    ("data.augment.token_mask_prob=1.5", r"data.augment.token_mask_prob=1.5: must be in \[0, 1\]"),
     ("data.augment.colour_jitter_strength=-0.1", "colour_jitter_strength=-0.1"),
     ("data.captions_per_image=0", "captions_per_image=0: must be at least 1"),
-    ("data.bad_shards=ignore", "data.bad_shards='ignore': use error"),
+    ("data.bad_shards=ignore", "data.bad_shards='ignore' is not allowed. Use one of: error, skip"),
     ("data.source=webdataset data.path=null", "data.source=webdataset needs data.path"),
 ])
 def test_data_section_checks(repo_root, override, message):

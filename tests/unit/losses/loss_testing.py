@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -84,23 +86,97 @@ def leaves(loss_fn, feats, log_scale, bias):
     return ls + [p for p in loss_fn.parameters() if p.requires_grad]
 
 
+@dataclass
+class Tolerance:
+    """assert_close tolerances of a parity check: an absolute one per named term and per gradient leaf (in the
+    order of `leaves`; `atol` for any not listed), and one relative one."""
+
+    atol: float
+    rtol: float
+    terms: dict[str, float] = field(default_factory=dict)
+    grads: list[float] = field(default_factory=list)
+
+    def term(self, key: str) -> float:
+        return self.terms.get(key, self.atol)
+
+    def grad(self, i: int) -> float:
+        return self.grads[i] if i < len(self.grads) else self.atol
+
+
+def one_process(loss_fn, feats, log_scale, bias, meta: dict[str, Any]):
+    """The whole batch on one process: (terms, gradients w.r.t. every leaf)."""
+    xs = leaves(loss_fn, feats, log_scale, bias)
+    out = loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=0, world_size=1, **meta)
+    return out, torch.autograd.grad(out["loss"], xs, allow_unused=True)
+
+
+def rank_mean(loss_fn, feats, log_scale, bias, world: int, meta: dict[str, Any], ranks=None):
+    """The mean over `world` simulated ranks (same gathered leaves): (terms, gradients w.r.t. every leaf).
+    `ranks` overrides the rank each of them is told it is (to simulate a wrong split)."""
+    xs = leaves(loss_fn, feats, log_scale, bias)
+    parts = [loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=r, world_size=world, **meta)
+             for r in (ranks if ranks is not None else range(world))]
+    mean = {k: sum(p[k] for p in parts) / world for k in parts[0]}
+    return mean, torch.autograd.grad(mean["loss"], xs, allow_unused=True)
+
+
+def fp32_tolerance(loss_fn, feats, log_scale, bias, meta: dict[str, Any], atol=1e-6, rtol=1e-5, multiple=8.0):
+    """Tolerances for comparing two fp32 computations of the loss that sum in different orders.
+
+    Rounding error depends on the summation order the BLAS picks (blocking, threads, vector width), so a fixed
+    atol holds on one machine and fails on another. The one-process fp32 computation's own error, measured against
+    the same computation in fp64, says how large that error is for this loss and these inputs; the rank split is a
+    second computation with an error of the same size, so two of them differ by up to about twice it. `multiple`
+    leaves headroom over that; the bound never goes below `atol` (nor the relative `rtol`)."""
+    terms32, grads32 = one_process(loss_fn, feats, log_scale, bias, meta)
+    wide = copy.deepcopy(loss_fn).double()
+    feats64 = {m: f.detach().double().requires_grad_() for m, f in feats.items()}
+    ls64 = log_scale.detach().double().requires_grad_()
+    bias64 = None if bias is None else bias.detach().double().requires_grad_()
+    terms64, grads64 = one_process(wide, feats64, ls64, bias64, meta)
+
+    def err(a, b) -> float:
+        if a is None or b is None:
+            return 0.0
+        return float((a.detach().double() - b.detach()).abs().max())
+
+    return Tolerance(atol, rtol, {k: max(atol, multiple * err(terms32[k], terms64[k])) for k in terms32},
+                     [max(atol, multiple * err(a, b)) for a, b in zip(grads32, grads64)])
+
+
+def parity_excess(split, full, tol: Tolerance) -> float:
+    """The largest |split - full| / (atol + rtol |full|) over every term and every gradient element: <= 1 is what
+    assert_close accepts."""
+    (terms_s, grads_s), (terms_f, grads_f) = split, full
+    worst = 0.0
+    pairs = [(terms_s[k], terms_f[k], tol.term(k)) for k in terms_f]
+    pairs += [(a, b, tol.grad(i)) for i, (a, b) in enumerate(zip(grads_s, grads_f))]
+    for a, b, atol in pairs:
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        a, b = a.detach(), b.detach()
+        worst = max(worst, float(((a - b).abs() / (atol + tol.rtol * b.abs())).max()))
+    return worst
+
+
 def split_parity(loss_fn, feats, log_scale, bias, world: int, meta: dict[str, Any], atol=1e-6, rtol=1e-5):
     """Mean over `world` simulated ranks (same gathered leaves) == one process on the whole batch, in the loss, in
-    every named term, and in the gradients w.r.t. every leaf."""
-    xs = leaves(loss_fn, feats, log_scale, bias)
-    full = loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=0, world_size=1, **meta)
-    g_full = torch.autograd.grad(full["loss"], xs, allow_unused=True)
-    parts = [loss_fn(feats, logit_scale=log_scale.exp(), logit_bias=bias, rank=r, world_size=world, **meta)
-             for r in range(world)]
-    mean = {k: sum(p[k] for p in parts) / world for k in full}
-    g_split = torch.autograd.grad(mean["loss"], xs, allow_unused=True)
+    every named term, and in the gradients w.r.t. every leaf. `atol` is a number or a Tolerance (then its own rtol
+    applies)."""
+    tol = atol if isinstance(atol, Tolerance) else Tolerance(atol, rtol)
+    full, g_full = one_process(loss_fn, feats, log_scale, bias, meta)
+    mean, g_split = rank_mean(loss_fn, feats, log_scale, bias, world, meta)
     for k in full:
-        torch.testing.assert_close(mean[k], full[k], atol=atol, rtol=rtol, msg=lambda m: f"term {k}: {m}")
+        torch.testing.assert_close(mean[k], full[k], atol=tol.term(k), rtol=tol.rtol,
+                                   msg=lambda m: f"term {k}: {m}")
     for i, (a, b) in enumerate(zip(g_split, g_full)):
         if a is None or b is None:
-            assert (a is None or a.abs().max() < atol) and (b is None or b.abs().max() < atol), f"leaf {i}"
+            assert (a is None or a.abs().max() < tol.grad(i)) and (b is None or b.abs().max() < tol.grad(i)), \
+                f"leaf {i}"
             continue
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"grad of leaf {i}: {m}")
+        torch.testing.assert_close(a, b, atol=tol.grad(i), rtol=tol.rtol, msg=lambda m: f"grad of leaf {i}: {m}")
     return full, g_full
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import towerlab.losses as L
-from loss_testing import CASES, build_case, case_meta, fd_grad, make_feats, split_parity
+from loss_testing import CASES, build_case, case_meta, fd_grad, fp32_tolerance, make_feats, one_process, parity_excess
+from loss_testing import rank_mean, split_parity
 
 IDS = [c["id"] for c in CASES]
 
@@ -19,9 +20,26 @@ def test_every_registered_family_has_a_case():
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_split_equals_one_process_fp32(case, world):
+    # fp32 sums in whatever order the BLAS picks: the bound comes from this computation's own fp32 error
     fn, log_scale, bias = build_case(case)
     feats = make_feats(8, 6, fn.cfg.modalities, seed=11)
-    split_parity(fn, feats, log_scale, bias, world, case_meta(case, 8), atol=1e-6, rtol=1e-5)
+    meta = case_meta(case, 8)
+    tol = fp32_tolerance(fn, feats, log_scale, bias, meta, atol=1e-6, rtol=1e-5)
+    split_parity(fn, feats, log_scale, bias, world, meta, atol=tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fp32_bound_still_catches_a_wrong_split(case):
+    # The derived bound is no licence: a split whose ranks all compute rank 0's rows (the rank ignored) is off by
+    # far more than it allows, in the loss or a gradient.
+    fn, log_scale, bias = build_case(case)
+    feats = make_feats(8, 6, fn.cfg.modalities, seed=11)
+    meta = case_meta(case, 8)
+    tol = fp32_tolerance(fn, feats, log_scale, bias, meta, atol=1e-6, rtol=1e-5)
+    full = one_process(fn, feats, log_scale, bias, meta)
+    wrong = rank_mean(fn, feats, log_scale, bias, 2, meta, ranks=[0, 0])
+    assert parity_excess(wrong, full, tol) > 1000
+    assert parity_excess(rank_mean(fn, feats, log_scale, bias, 2, meta), full, tol) <= 1
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -93,7 +93,7 @@ def test_smoke_preset(repo_root):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.offload_optimizer=disk"], "train.offload_optimizer='disk': use none, cpu or nvme"),
+    (["train.offload_optimizer=disk"], "train.offload_optimizer='disk' is not allowed. Use one of: none, cpu, nvme"),
     (["train.offload_param=cpu"], "train.offload_param=cpu needs train.zero_stage=3"),
     (["train.zero_stage=0", "train.offload_optimizer=cpu"], "needs train.zero_stage >= 1"),
     (["train.device_memory=lots"], "train.device_memory='lots' is not a memory size"),
