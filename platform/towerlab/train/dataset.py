@@ -8,12 +8,10 @@ from pathlib import Path
 
 from towerlab.config import ConfigError, Recipe, resolve_batch
 from towerlab.data import Manifest, prepare, read_manifest
+from towerlab.losses import loss_class
 from towerlab.train.recipe import data_dir
 
 PREPARED = ("parquet", "webdataset")  # data.source values that read data.path as prepared by `towerlab data prepare`
-MULTI_POSITIVE_LOSSES = ("decoupled_softmax", "sdm")  # losses that take several positives per image
-
-
 
 def ensure_data(recipe: Recipe) -> Manifest:
     """The run's prepared shards; built-in sources are prepared on first use."""
@@ -57,4 +55,4 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
 def captions_per_image(recipe: Recipe) -> int:
     """Captions per image in a training batch: data.captions_per_image for losses that take several positives,
     else one (chosen at random among the record's captions when data.augment.caption_choice is on)."""
-    return recipe.data.captions_per_image if recipe.loss.name in MULTI_POSITIVE_LOSSES else 1
+    return recipe.data.captions_per_image if loss_class(recipe.loss.name).multi_positive else 1

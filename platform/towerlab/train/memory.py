@@ -24,12 +24,12 @@ import re
 from dataclasses import dataclass, field
 
 from towerlab.config import BatchPlan, ConfigError, Recipe, resolve_batch
+from towerlab.losses import loss_class
 from towerlab.train.deepspeed_config import precision
 
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-SYMMETRIC_FAMILIES_ONE_MATRIX = {"siglip"}  # one sigmoid matrix; the softmax families hold one per direction
 
 
 def parse_bytes(text: str, key: str = "train.device_memory") -> int:
@@ -189,7 +189,8 @@ def loss_bytes(recipe: Recipe, plan: BatchPlan, tiled: bool) -> float:
     n, rows = plan.global_batch, plan.per_worker
     mods = len(recipe.loss.modalities)
     feats = 2 * n * recipe.model.embed_dim * 4 * mods
-    mats = 1 if recipe.loss.name in SYMMETRIC_FAMILIES_ONE_MATRIX else max(2, mods)
+    # one sigmoid matrix (siglip); the softmax families hold one per direction
+    mats = 1 if loss_class(recipe.loss.name).one_logit_matrix else max(2, mods)
     if tiled:
         size = recipe.loss.tile_size
         return feats + mats * 3 * min(size, rows) * min(size, n) * 4
@@ -229,21 +230,15 @@ def plan_memory(recipe: Recipe, gpus_per_node: int = 8) -> MemoryPlan:
 
 
 def validate_scale(r: Recipe) -> None:
-    """The scale settings of train: offload devices, their stages, the memory size."""
+    """The scale settings of train that involve more than one key (offload devices and their stages, the memory
+    size); single-key ranges and allowed values are declared on the fields (config/checks.py)."""
     t = r.train
-    for key in ("offload_optimizer", "offload_param"):
-        if getattr(t, key) not in ("none", "cpu", "nvme"):
-            raise ConfigError(f"train.{key}={getattr(t, key)!r}: use none, cpu or nvme")
     if t.offload_optimizer != "none" and t.zero_stage < 1:
         raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs train.zero_stage >= 1 (ZeRO-Offload)")
     if t.offload_param != "none" and t.zero_stage != 3:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (ZeRO-Infinity)")
     if "nvme" in (t.offload_optimizer, t.offload_param) and not t.nvme_path:
         raise ConfigError("nvme offload needs train.nvme_path: a directory on a local disk")
-    if t.reduce_bucket_size < 1:
-        raise ConfigError(f"train.reduce_bucket_size={t.reduce_bucket_size}: must be at least 1")
-    if t.sub_group_size < 1:
-        raise ConfigError(f"train.sub_group_size={t.sub_group_size}: must be at least 1")
     if t.device_memory is not None:
         parse_bytes(t.device_memory)
     if t.export_fp32 and t.zero_stage == 0:
@@ -263,6 +258,6 @@ def negatives(recipe: Recipe, batch: BatchPlan) -> list[tuple[str, str]]:
     through the feature cache; plain DeepSpeed accumulation would give only a micro-batch's worth."""
     mods = list(recipe.loss.modalities)
     pairs = [(a, b) for a in mods for b in mods if a != b]
-    if recipe.loss.name in SYMMETRIC_FAMILIES_ONE_MATRIX:
+    if loss_class(recipe.loss.name).one_logit_matrix:
         pairs = pairs[:1]
     return [(f"{a} -> {b}", f"{batch.negatives:,}") for a, b in pairs]
