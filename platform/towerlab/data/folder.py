@@ -36,7 +36,7 @@ from towerlab.data.formats import EXTENSION, FORMATS, write_shard
 from towerlab.data.shards import FORMAT, MANIFEST, STATE, Manifest, claim_target, remove_owned, sha256_file, write_json
 from towerlab.data.tokenizer import build_vocab
 
-PROBLEMS = ("missing file", "undecodable image", "empty caption")
+PROBLEMS = ("missing file", "undecodable image", "empty caption", "outside --images")
 EXAMPLES = 5
 
 
@@ -62,11 +62,18 @@ class Report:
 def _validate(entries: list[Entry], images: Path, captions_file: Path, report: Report) -> list[dict]:
     """Records that pass, with their bytes and hash; problems counted in `report`."""
     good = []
+    root = images.resolve()
     for e in entries:
-        path = images / e.image
         problem = None
         data = b""
-        if not path.is_file():
+        try:
+            # resolved, so '../x', an absolute path or a symlink cannot pull in a file from outside --images
+            path = (images / e.image).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            path = None
+        if path is not None and not path.is_relative_to(root):
+            problem = "outside --images"
+        elif path is None or not path.is_file():
             problem = "missing file"
         else:
             data = path.read_bytes()
