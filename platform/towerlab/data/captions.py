@@ -100,9 +100,11 @@ def _read_csv(path: Path) -> list[tuple]:
             except StopIteration:
                 break
             except csv.Error as e:
-                raise ConfigError(f"{path} line {start}: a quoted field that starts on this line is not closed "
-                                  f"properly ({e}): end it with a quote followed by the separator or the line end, "
-                                  'and write a quote inside a field as ""') from None
+                if "expected after" in str(e) or "unexpected end of data" in str(e):
+                    raise ConfigError(f"{path} line {start}: a quoted field that starts on this line is not closed "
+                                      f"properly ({e}): end it with a quote followed by the separator or the line "
+                                      'end, and write a quote inside a field as ""') from None
+                raise ConfigError(f"{path} line {start}: not readable as CSV ({e})") from None
             if row:
                 rows.append((start, row))
     finally:
@@ -116,15 +118,20 @@ def _read_csv(path: Path) -> list[tuple]:
     label_col = fields.index("label") if "label" in fields else None
     out = []
     for line, row in rows[1:]:
-        def get(i):
-            return row[i] if i is not None and i < len(row) else None
-
-        image = _image_name(get(image_col))
+        if any(f.strip() for f in row[len(fields):]):
+            raise ConfigError(f"{path} line {line}: {len(row)} fields but the header has {len(fields)}: put a caption "
+                              f"that contains '{reader.dialect.delimiter}' in double quotes")
+        image = _image_name(_field(row, image_col))
         if not image:
             raise ConfigError(f"{path} line {line}: empty 'image' field")
-        label = clean(get(label_col)) or None
-        out.append((image, line, [get(c) for c in cap_cols], label))
+        label = clean(_field(row, label_col)) or None
+        out.append((image, line, [_field(row, c) for c in cap_cols], label))
     return out
+
+
+def _field(row: list[str], i: int | None) -> str | None:
+    """Column i of a CSV row; None for a column the row is too short to have (as csv.DictReader gives)."""
+    return row[i] if i is not None and i < len(row) else None
 
 
 def _read_jsonl(path: Path) -> list[tuple]:

@@ -218,7 +218,8 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
         (out / MANIFEST).unlink()  # other inputs: the old dataset stops being trainable before any shard changes
     entries: dict[str, list[dict]] = {}
     for split, recs in splits.items():
-        (out / split).mkdir(exist_ok=True)
+        if recs:
+            (out / split).mkdir(exist_ok=True)
         entries[split] = []
         for k in range(0, len(recs), shard_size):
             rel = f"{split}/part-{k // shard_size:05d}.{ext}"

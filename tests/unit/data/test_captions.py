@@ -138,3 +138,13 @@ def test_malformed_jsonl_line(tmp_path):
     path.write_text('{"image": "a.png", "captions": [{"text": "x"}]}\n')
     with pytest.raises(ConfigError, match="line 1: 'captions' must be a string or a list of strings"):
         read_captions(path)
+
+
+def test_unquoted_separator_in_caption(tmp_path):
+    path = tmp_path / "commas.csv"
+    path.write_text("image,caption,label\nimg000.jpg,a dog,red\nimg001.png,a cat, sleeping,green\nimg002.jpg,x,blue,\n")
+    with pytest.raises(ConfigError, match="commas.csv line 3: 4 fields but the header has 3: put a caption that "
+                                          "contains ',' in double quotes"):
+        read_captions(path)
+    path.write_text("image,caption,label\nimg000.jpg,a dog,red,\n")  # an empty trailing field is harmless
+    assert read_captions(path)[0].captions == ["a dog"]
