@@ -19,7 +19,8 @@ from towerlab.data.pipeline import split_columns
 
 
 def _image_hashes(m) -> set[str]:
-    return {hashlib.sha256(b).hexdigest() for s in ("train", "heldout") for b in split_columns(m, s, ["image"])["image"]}
+    return {hashlib.sha256(b).hexdigest() for s in ("train", "heldout")
+            for b in split_columns(m, s, ["image"])["image"]}
 
 
 def test_paths_outside_images_are_refused(image_folder, tmp_path):
