@@ -152,12 +152,13 @@ def owned_files(out: Path) -> set[str] | None:
     manifest = _load_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
     if manifest and manifest.get("format") == FORMAT and isinstance(manifest.get("splits"), dict):
         owned = {MANIFEST} | {e.get("file") for es in manifest["splits"].values() if isinstance(es, list)
-                              for e in es if isinstance(e, dict)}
+                              for e in es if isinstance(e, dict) and isinstance(e.get("file"), str)}
     state = _load_json(out / STATE) if (out / STATE).is_file() else None
     # state files written before they carried the format have a source_fingerprint (data/folder.py's resume key)
     if state and (state.get("format") == FORMAT or "source_fingerprint" in state) \
             and isinstance(state.get("shards"), dict):
-        owned = (owned or set()) | {STATE} | set(state["shards"]) | set(state.get("owned") or [])
+        listed = state.get("owned") if isinstance(state.get("owned"), list) else []
+        owned = (owned or set()) | {STATE} | set(state["shards"]) | {f for f in listed if isinstance(f, str)}
     return None if owned is None else {f for f in owned if _inside(f)}
 
 
