@@ -21,7 +21,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         return cmd_prepare_images(args)
     if args.source not in SOURCES:
         raise ConfigError(SOURCES.unknown_message(args.source))
-    m = prepare(args.source, args.out, shards=args.shards, seed=args.seed, size=args.size)
+    m = prepare(args.source, args.out, shards=args.shards, seed=args.seed, size=args.size, key="--out")
     counts = ", ".join(f"{k}: {v}" for k, v in m.data["counts"].items())
     console.print(f"wrote {args.source} to {m.root} ({counts}; {len(m.files('train'))} train shards; "
                   f"fingerprint {m.fingerprint[:12]})")

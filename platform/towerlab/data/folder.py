@@ -13,7 +13,8 @@ Steps:
    whose bytes still match and writes only the rest. The manifest (counts, per-shard sha256 and bytes, the source
    fingerprint, the validation report) is written last, atomically: until it exists nothing can train on the
    directory. If the inputs changed (another source fingerprint), the old manifest is removed first and every
-   shard is rewritten.
+   shard is rewritten. --out must be new, empty, or a towerlab dataset (data/shards.py's claim_target): only the
+   files towerlab wrote there are ever replaced or removed.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from PIL import Image, UnidentifiedImageError
 from towerlab.config.errors import ConfigError
 from towerlab.data.captions import Entry, read_captions
 from towerlab.data.formats import EXTENSION, FORMATS, write_shard
-from towerlab.data.shards import FORMAT, MANIFEST, Manifest, sha256_file
+from towerlab.data.shards import FORMAT, MANIFEST, STATE, Manifest, claim_target, remove_owned, sha256_file, write_json
 from towerlab.data.tokenizer import build_vocab
 
-STATE = ".prepare-state.json"
-PROBLEMS = ("missing file", "undecodable image", "empty caption")
+PROBLEMS = ("missing file", "undecodable image", "empty caption", "outside --images")
 EXAMPLES = 5
 
 
@@ -62,11 +62,18 @@ class Report:
 def _validate(entries: list[Entry], images: Path, captions_file: Path, report: Report) -> list[dict]:
     """Records that pass, with their bytes and hash; problems counted in `report`."""
     good = []
+    root = images.resolve()
     for e in entries:
-        path = images / e.image
         problem = None
         data = b""
-        if not path.is_file():
+        try:
+            # resolved, so '../x', an absolute path or a symlink cannot pull in a file from outside --images
+            path = (images / e.image).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+            path = None
+        if path is not None and not path.is_relative_to(root):
+            problem = "outside --images"
+        elif path is None or not path.is_file():
             problem = "missing file"
         else:
             data = path.read_bytes()
@@ -143,12 +150,6 @@ def _row(rec: dict, label_ids: dict[str, int]) -> dict:
             "label": label_ids.get(e.label, -1)}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _known_shards(out: Path, fingerprint: str) -> dict[str, dict]:
     """Shards a previous run of the same inputs finished: from its state file, or from its manifest."""
     for name in (STATE, MANIFEST):
@@ -200,17 +201,28 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
     settings = {"format": fmt, "shard_size": shard_size, "heldout": heldout, "prompt": prompt}
     fingerprint = _fingerprint(captions, good, settings)
 
+    ext = EXTENSION[fmt]
+    planned = {f"{split}/part-{k // shard_size:05d}.{ext}" for split, recs in splits.items()
+               for k in range(0, len(recs), shard_size)}
+    # a directory that is neither empty nor towerlab's is refused before anything is written; in one that is,
+    # only the files towerlab wrote there are replaced or removed
+    owned = claim_target(out, planned | {MANIFEST, STATE}, "--out")
     out.mkdir(parents=True, exist_ok=True)
     known = _known_shards(out, fingerprint)
+    # written before the old manifest goes: an interrupted run leaves the directory recognisably towerlab's, and
+    # remembers which files of the old dataset it may still remove
+    state = {"format": FORMAT, "source_fingerprint": fingerprint, "owned": sorted(owned | planned),
+             "shards": dict(known)}
+    write_json(out / STATE, state)
     if (out / MANIFEST).exists() and not known:
         (out / MANIFEST).unlink()  # other inputs: the old dataset stops being trainable before any shard changes
-    state = {"source_fingerprint": fingerprint, "shards": {}}
     entries: dict[str, list[dict]] = {}
     for split, recs in splits.items():
-        (out / split).mkdir(exist_ok=True)
+        if recs:
+            (out / split).mkdir(exist_ok=True)
         entries[split] = []
         for k in range(0, len(recs), shard_size):
-            rel = f"{split}/part-{k // shard_size:05d}.{EXTENSION[fmt]}"
+            rel = f"{split}/part-{k // shard_size:05d}.{ext}"
             part = recs[k:k + shard_size]
             prev = known.get(rel)
             reused = (prev is not None and prev.get("rows") == len(part) and (out / rel).is_file()
@@ -221,16 +233,12 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
                      "bytes": (out / rel).stat().st_size}
             entries[split].append(entry)
             state["shards"][rel] = entry
-            _write_json(out / STATE, state)
+            write_json(out / STATE, state)
             report.shards_reused += reused
             report.shards_written += not reused
             if on_shard:
                 on_shard(rel, reused)
-    planned = {e["file"] for es in entries.values() for e in es}
-    for split in splits:  # shards of an earlier, larger plan
-        for stale in (out / split).glob(f"part-*.{EXTENSION[fmt]}"):
-            if f"{split}/{stale.name}" not in planned:
-                stale.unlink()
+    remove_owned(out, owned - planned - {MANIFEST, STATE})  # shards of an earlier plan; never a user's files
 
     vocab_text = [c for g in splits["train"] for c in g["entry"].captions]
     vocab_text += [p for ps in classes["prompts"] for p in ps]
@@ -249,6 +257,6 @@ def prepare_images(images: str | os.PathLike, captions: str | os.PathLike, out: 
         "settings": settings,
         "report": report.as_dict(),
     }
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     (out / STATE).unlink()
     return Manifest(out, manifest), report

@@ -29,7 +29,10 @@ def _synthetic3(seed: int = 0, size: int | None = None) -> tuple[dict, dict]:
 SIGNAL_DIM = 16
 
 
-def prepare(source: str, out: str | os.PathLike, shards: int = 4, seed: int = 0, size: int | None = None) -> Manifest:
-    """Write built-in source `source` as shards under `out` (replacing what is there, atomically)."""
+def prepare(source: str, out: str | os.PathLike, shards: int = 4, seed: int = 0, size: int | None = None,
+            key: str | None = None) -> Manifest:
+    """Write built-in source `source` as shards under `out`: a new or empty directory, or one holding a towerlab
+    dataset, whose own files are replaced atomically; any other directory is refused untouched (`key`, e.g. "--out"
+    or "data.path", names the setting in that message)."""
     splits, classes = SOURCES.get(source)(seed=seed, size=size)
-    return write_dataset(out, source, splits, classes, shards, extra={"seed": seed})
+    return write_dataset(out, source, splits, classes, shards, extra={"seed": seed}, key=key)

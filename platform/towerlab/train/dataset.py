@@ -14,10 +14,11 @@ from towerlab.train.recipe import data_dir
 PREPARED = ("parquet", "webdataset")  # data.source values that read data.path as prepared by `towerlab data prepare`
 
 def ensure_data(recipe: Recipe) -> Manifest:
-    """The run's prepared shards; built-in sources are prepared on first use."""
+    """The run's prepared shards; built-in sources are prepared on first use into a local directory (never into a
+    URI: a remote dataset must have been prepared and uploaded already)."""
     path = data_dir(recipe)
-    if recipe.data.source not in PREPARED and not (Path(path) / "manifest.json").exists():
-        prepare(recipe.data.source, path, seed=0,
+    if recipe.data.source not in PREPARED and isinstance(path, Path) and not (path / "manifest.json").exists():
+        prepare(recipe.data.source, path, seed=0, key="data.path",
                 size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
     manifest = read_manifest(path, verify=True, bad_shards=recipe.data.bad_shards)
     check_prepared(recipe, manifest)

@@ -73,7 +73,7 @@ def test_bad_records_are_counted_or_strict(image_folder, tmp_path):
     shutil.copy(src["images"] / "img001.png", src["images"] / "copy2.png")
     m, r = prepare_images(src["images"], src["csv"], tmp_path / "out", shard_size=10)
     assert r.records == 45 and r.valid == 41
-    assert r.problems == {"missing file": 1, "undecodable image": 2, "empty caption": 1}
+    assert r.problems == {"missing file": 1, "undecodable image": 2, "empty caption": 1, "outside --images": 0}
     assert r.examples[0] == "captions.csv line 42: undecodable image (broken.png)"
     assert any("line 44: missing file (nowhere.png)" in e for e in r.examples)
     assert r.duplicate_images == 1 and r.duplicate_image_examples == [["img001.png", "copy2.png"]]
