@@ -134,8 +134,8 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
 def cmd_k8s_render(args: argparse.Namespace) -> int:
     from towerlab.config import read_yaml
     from towerlab.cluster.jobs import relative_to_project
-    from towerlab.cluster.k8s.render import K8sOptions, default_image, render_sweep, render_train, to_yaml, \
-        train_overrides
+    from towerlab.cluster.k8s.render import K8sOptions, check_no_credentials, default_image, render_sweep, \
+        render_train, to_yaml, train_overrides
 
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: need at least 1 node and "
@@ -148,6 +148,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
                 "ttl_seconds"):
         if getattr(args, key) is not None:
             setattr(o, key, getattr(args, key))
+    check_no_credentials(o)  # before anything is loaded or printed
     if not o.storage.startswith(("pvc://", "s3://", "gs://", "abfss://")):
         raise ConfigError(f"--storage {o.storage}: give pvc://CLAIM (a ReadWriteMany PersistentVolumeClaim) or an "
                           "object store URI (s3://, gs://, abfss://) that every node shares")
