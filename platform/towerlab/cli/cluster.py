@@ -47,9 +47,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = build_spec(args.kind, name, args.file, args.overrides, project, uri, pip=args.pip)
     jobs = Jobs(args.address, args.token_file)
     sid = jobs.submit(spec, project)
-    console.print(f"submitted [cyan]{sid}[/] to {jobs.address}: {spec.entrypoint}", highlight=False, soft_wrap=True)
+    console.print(f"submitted [cyan]{sid}[/] to {jobs.shown}: {spec.entrypoint}", highlight=False, soft_wrap=True)
     if not args.follow:
-        console.print(f"follow: towerlab jobs logs {sid} --follow --address {jobs.address}", highlight=False,
+        console.print(f"follow: towerlab jobs logs {sid} --follow --address {jobs.shown}", highlight=False,
                       soft_wrap=True)
         return 0
     return _follow(jobs, sid)
@@ -91,9 +91,9 @@ def failure_line(jobs, sid: str) -> str:
     for pattern in (r"^error: ", r"^[\w.]*(Error|Exception|Interrupt)\b.*: "):
         hits = [line for line in lines if re.match(pattern, line)]
         if hits:
-            return hits[-1][:400]
+            return redact_text(hits[-1][:400])
     message = (jobs.info(sid).message or "").strip().splitlines()
-    return message[0] if message else "no message"
+    return redact_text(message[0]) if message else "no message"
 
 
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
@@ -106,7 +106,7 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
     for j in Jobs(args.address, args.token_file).list():
         start = dt.datetime.fromtimestamp(j.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") \
             if j.start_time else "-"
-        t.add_row(j.submission_id or j.job_id or "-", str(j.status.value), start, j.entrypoint)
+        t.add_row(j.submission_id or j.job_id or "-", str(j.status.value), start, redact_text(j.entrypoint or ""))
     console.print(t)
     return 0
 
@@ -117,7 +117,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
     jobs = Jobs(args.address, args.token_file)
     if args.follow:
         return _follow(jobs, args.id)
-    sys.stdout.write(jobs.logs(args.id))
+    sys.stdout.write(redact_text(jobs.logs(args.id)))  # the job's output may echo a credential
     return 0
 
 

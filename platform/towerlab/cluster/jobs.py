@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from towerlab.config import ConfigError
-from towerlab.config.secrets import has_credentials, redact_uri
+from towerlab.config.secrets import has_credentials, redact_text, redact_uri
 
 # Never uploaded, whatever .gitignore says (gitignore patterns). Anchored ones are the project root's only:
 # towerlab/data/ is a package, not a dataset; platform/ travels as the py_module.
@@ -250,7 +250,7 @@ def _address(address: str | None) -> str:
         raise ConfigError("give the cluster's dashboard address: --address http://HEAD:8265 (or set "
                           "RAY_API_SERVER_ADDRESS)")
     if not address.startswith(("http://", "https://")):
-        raise ConfigError(f"--address {address}: the Jobs API is the dashboard's HTTP address, e.g. "
+        raise ConfigError(f"--address {redact_uri(address)}: the Jobs API is the dashboard's HTTP address, e.g. "
                           "http://HEAD:8265 (not the GCS port 6379)")
     return address.rstrip("/")
 
@@ -260,6 +260,7 @@ class Jobs:
 
     def __init__(self, address: str | None, token_file: str | None = None):
         self.address = _address(address)
+        self.shown = redact_uri(self.address)  # for messages
         # Ray's SDK prefers RAY_API_SERVER_ADDRESS over the address it is given: make it the one chosen here
         os.environ["RAY_API_SERVER_ADDRESS"] = self.address
         token = read_token(token_file)
@@ -282,16 +283,16 @@ class Jobs:
             yield
         except AuthenticationError as e:
             why = "has no token" if "required" in str(e).split("\n")[0].lower() else "rejected the token"
-            raise ConfigError(f"Ray cluster at {self.address} {why}: pass --token-file PATH or set RAY_AUTH_TOKEN "
+            raise ConfigError(f"Ray cluster at {self.shown} {why}: pass --token-file PATH or set RAY_AUTH_TOKEN "
                               "to the token the cluster was started with") from None
         except ConnectionError as e:
-            raise ConfigError(f"Ray dashboard at {self.address} is unreachable ({type(e).__name__}): check the "
+            raise ConfigError(f"Ray dashboard at {self.shown} is unreachable ({type(e).__name__}): check the "
                               "address (http://HEAD:8265) and that the cluster runs with ray[default]") from None
         except RuntimeError as e:
             text = str(e)
             if job and ("404" in text or "does not exist" in text):
-                raise ConfigError(f"no job '{job}' on {self.address}: see `towerlab jobs ls`") from None
-            raise ConfigError(f"Ray Jobs API at {self.address}: {text.splitlines()[0][:300]}") from None
+                raise ConfigError(f"no job '{job}' on {self.shown}: see `towerlab jobs ls`") from None
+            raise ConfigError(f"Ray Jobs API at {self.shown}: {redact_text(text.splitlines()[0][:300])}") from None
 
     def submit(self, spec: JobSpec, project: Path) -> str:
         with staged(project) as (work, pkg), self._errors():
@@ -321,7 +322,7 @@ class Jobs:
 
         async def tail() -> None:
             async for chunk in self.client.tail_job_logs(job):
-                out.write(chunk)
+                out.write(redact_text(chunk))  # the job's output may echo a credential
                 out.flush()
 
         with self._errors(job):

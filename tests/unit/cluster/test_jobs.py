@@ -229,3 +229,28 @@ def test_submit_uploads_the_filtered_project_and_a_clean_entrypoint(tmp_path, re
     env = seen["runtime_env"]["env_vars"]
     assert env["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
     assert env["TOWERLAB_SECRET_TRACKING_URI"] == f"http://u:{PASSWORD}@m:5000"
+
+
+def test_job_logs_and_listings_are_shown_redacted(monkeypatch, capsys):
+    """A job's own output or another client's entrypoint may hold a credential: the console never shows it."""
+    import ray.job_submission
+    from types import SimpleNamespace
+
+    class Cluster:
+        def __init__(self, address, headers=None):
+            pass
+
+        def get_job_logs(self, job):
+            return f"connecting to http://alice:{PASSWORD}@mlflow:5000\nerror: bad token={TOKEN}\n"
+
+        def list_jobs(self):
+            return [SimpleNamespace(submission_id="j1", job_id=None, start_time=None, entrypoint=(
+                f"python train.py --uri http://u:{PASSWORD}@h"), status=SimpleNamespace(value="RUNNING"))]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Cluster)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert main(["jobs", "logs", "j1", "--address", "http://127.0.0.1:8265"]) == 0
+    assert main(["jobs", "ls", "--address", "http://127.0.0.1:8265"]) == 0
+    out = capsys.readouterr().out
+    assert "connecting to http://***@mlflow:5000" in out and "token=***" in out and "http://***@h" in out
+    assert PASSWORD not in out and TOKEN not in out
