@@ -166,7 +166,10 @@ def _spec(lines):
 
 def _copy_filtered(src: Path, dst: Path, patterns: tuple[str, ...], gitignore: bool) -> None:
     """Copy src to dst without what the patterns (and, when asked, every .gitignore under src) exclude.
-    Symlinks are copied as links, never followed (a link out of the project uploads nothing it points to)."""
+    Ray's upload follows symlinks, so none is copied as a link: a linked file is copied by content when its target
+    is inside src and not excluded itself (a link to ~/.aws/credentials or to .env uploads nothing), and linked
+    directories are left out (no loops, nothing from outside)."""
+    src = src.resolve()
     fixed = _spec(patterns)
     ignores: list[tuple[Path, object]] = []  # (directory, its .gitignore's spec)
 
@@ -178,31 +181,26 @@ def _copy_filtered(src: Path, dst: Path, patterns: tuple[str, ...], gitignore: b
                                                                    ("/" if is_dir else ""))
                    for base, spec in ignores)
 
+    def allowed(path: Path, is_dir: bool) -> bool:
+        if excluded(path, is_dir):
+            return False
+        if path.is_symlink():
+            target = path.resolve()
+            return not is_dir and target.is_file() and target.is_relative_to(src) and not excluded(target, False)
+        return True
+
     dst.mkdir(parents=True)
     for directory, dirs, files in os.walk(src):
         here = Path(directory)
         if gitignore and (here / ".gitignore").is_file():
             ignores.append((here, _spec((here / ".gitignore").read_text(errors="replace").splitlines())))
         out = dst / here.relative_to(src)
-        kept = []
-        for d in sorted(dirs):
-            p = here / d
-            if excluded(p, is_dir=not p.is_symlink()):
-                continue
-            if p.is_symlink():
-                os.symlink(os.readlink(p), out / d)
-            else:
-                (out / d).mkdir()
-                kept.append(d)
-        dirs[:] = kept  # os.walk descends only into what is kept
+        dirs[:] = [d for d in sorted(dirs) if allowed(here / d, is_dir=True)]  # os.walk descends into these only
+        for d in dirs:
+            (out / d).mkdir()
         for f in sorted(files):
-            p = here / f
-            if excluded(p, is_dir=False):
-                continue
-            if p.is_symlink():
-                os.symlink(os.readlink(p), out / f)
-            else:
-                shutil.copy2(p, out / f)
+            if allowed(here / f, is_dir=False):
+                shutil.copy2(here / f, out / f)  # follows a (vetted) link: the upload holds the content
 
 
 @contextmanager

@@ -161,8 +161,17 @@ EXPECTED_UPLOAD = {"recipes/debug.yaml", "sweeps/s.yaml", "notes/data/keep.txt",
 
 def test_staged_working_dir_honours_gitignore_and_never_carries_secrets_or_stores(tmp_path, repo_root):
     root = _project_with_secrets(tmp_path, repo_root)
+    outside = tmp_path / "home" / ".aws" / "credentials"
+    outside.parent.mkdir(parents=True)
+    outside.write_text(TOKEN)
+    (root / "creds-link").symlink_to(outside)  # a link out of the project: Ray's upload would follow it
+    (root / "env-link").symlink_to(root / ".env")  # a link to an excluded file
+    (root / "home-link").symlink_to(outside.parent, target_is_directory=True)
+    (root / "README-link.md").symlink_to("README.md")  # a link inside the project: its content goes
     with staged(root) as (work, pkg):
-        assert _files(work) == EXPECTED_UPLOAD
+        assert _files(work) == EXPECTED_UPLOAD | {"README-link.md"}
+        assert not (work / "README-link.md").is_symlink()
+        assert not any(TOKEN in p.read_text() for p in work.rglob("*") if p.is_file())
         assert {"config/secrets.py", "data/pipeline.py"} <= _files(pkg)
 
 
@@ -254,3 +263,12 @@ def test_job_logs_and_listings_are_shown_redacted(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "connecting to http://***@mlflow:5000" in out and "token=***" in out and "http://***@h" in out
     assert PASSWORD not in out and TOKEN not in out
+
+
+def test_submit_refuses_a_token_in_the_tracking_uri_query_in_one_line(repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    rc = main(["submit", "train", "recipes/debug.yaml", "--address", "http://127.0.0.1:1",
+               "--tracking-uri", f"http://mlflow:5000/?token={TOKEN}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: tracking URI http://mlflow:5000/?token=*** holds a credential")
+    assert len(err.strip().splitlines()) == 1 and TOKEN not in err and "Traceback" not in err
