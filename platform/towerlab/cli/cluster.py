@@ -64,9 +64,9 @@ def _warn_node_local_paths(file: str, overrides: list[str]) -> None:
     local = [f"{k}={v}" for k, v in (("data.path", r.data.path), ("train.storage_path", r.train.storage_path))
              if v and "://" not in v and not Path(v).is_absolute()]
     if local:
-        err.print(f"warning: {redact_text(', '.join(local))} relative: on the cluster this is inside the job's working_dir on one "
-                  "node; give paths on storage every node shares (NFS mount, s3://...)", highlight=False,
-                  soft_wrap=True)
+        err.print(f"warning: {redact_text(', '.join(local))} relative: on the cluster this is inside the job's "
+                  "working_dir on one node; give paths on storage every node shares (NFS mount, s3://...)",
+                  highlight=False, soft_wrap=True)
 
 
 def _follow(jobs, sid: str) -> int:

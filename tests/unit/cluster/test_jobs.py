@@ -178,7 +178,8 @@ def test_staged_working_dir_honours_gitignore_and_never_carries_secrets_or_store
 def test_overrides_with_credentials_travel_in_the_environment_not_the_entrypoint(tmp_path):
     root = _project(tmp_path)
     spec = build_spec("train", "debug", str(root / "recipes/debug.yaml"),
-                      ["train.steps=5", f"data.path=s3://bucket/shards?token={TOKEN}", f"presets.x.hub.password={PASSWORD}"],
+                      ["train.steps=5", f"data.path=s3://bucket/shards?token={TOKEN}",
+                       f"presets.x.hub.password={PASSWORD}"],
                       root, f"http://alice:{PASSWORD}@mlflow:5000", now=0)
     args = shlex.split(spec.entrypoint)
     assert PASSWORD not in spec.entrypoint and TOKEN not in spec.entrypoint

@@ -248,7 +248,8 @@ def test_a_file_with_companion_kinds_validates(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change,message", [
-    (("type: ClusterIP", "type: LoadBalancer"), "Service ray-dashboard.spec.type: LoadBalancer publishes Ray's dashboard"),
+    (("type: ClusterIP", "type: LoadBalancer"),
+     "Service ray-dashboard.spec.type: LoadBalancer publishes Ray's dashboard"),
     (("type: ClusterIP", "type: NodePort"), "NodePort publishes Ray's dashboard"),
     (('data: {MLFLOW_TRACKING_URI: "http://mlflow:5000"}', "data: {MLFLOW_TRACKING_PASSWORD: hunter2}"),
      "ConfigMap towerlab-config.data.MLFLOW_TRACKING_PASSWORD: a secret in a ConfigMap"),

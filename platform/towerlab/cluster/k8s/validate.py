@@ -142,7 +142,8 @@ def _pod_rules(path: str, pod: dict) -> Iterator[str]:
                 for kind in ("requests", "limits"):
                     missing = [r for r in ("cpu", "memory") if r not in _map(res, kind)]
                     if missing:
-                        yield f"{where}.resources.{kind}: set {' and '.join(missing)} (every pod has requests and limits)"
+                        yield (f"{where}.resources.{kind}: set {' and '.join(missing)} (every pod has requests and "
+                               "limits)")
             sc = _map(c, "securityContext")
             if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
                 yield f"{where}: runAsNonRoot must be true (in the container's or the pod's securityContext)"
