@@ -14,6 +14,7 @@ from rich.table import Table
 
 from towerlab.cli import console, err
 from towerlab.config import ConfigError
+from towerlab.config.secrets import redact_text
 from towerlab.util import atomic_write
 
 
@@ -46,9 +47,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = build_spec(args.kind, name, args.file, args.overrides, project, uri, pip=args.pip)
     jobs = Jobs(args.address, args.token_file)
     sid = jobs.submit(spec, project)
-    console.print(f"submitted [cyan]{sid}[/] to {jobs.address}: {spec.entrypoint}", highlight=False, soft_wrap=True)
+    console.print(f"submitted [cyan]{sid}[/] to {jobs.shown}: {spec.entrypoint}", highlight=False, soft_wrap=True)
     if not args.follow:
-        console.print(f"follow: towerlab jobs logs {sid} --follow --address {jobs.address}", highlight=False,
+        console.print(f"follow: towerlab jobs logs {sid} --follow --address {jobs.shown}", highlight=False,
                       soft_wrap=True)
         return 0
     return _follow(jobs, sid)
@@ -63,9 +64,9 @@ def _warn_node_local_paths(file: str, overrides: list[str]) -> None:
     local = [f"{k}={v}" for k, v in (("data.path", r.data.path), ("train.storage_path", r.train.storage_path))
              if v and "://" not in v and not Path(v).is_absolute()]
     if local:
-        err.print(f"warning: {', '.join(local)} relative: on the cluster this is inside the job's working_dir on one "
-                  "node; give paths on storage every node shares (NFS mount, s3://...)", highlight=False,
-                  soft_wrap=True)
+        err.print(f"warning: {redact_text(', '.join(local))} relative: on the cluster this is inside the job's "
+                  "working_dir on one node; give paths on storage every node shares (NFS mount, s3://...)",
+                  highlight=False, soft_wrap=True)
 
 
 def _follow(jobs, sid: str) -> int:
@@ -90,9 +91,9 @@ def failure_line(jobs, sid: str) -> str:
     for pattern in (r"^error: ", r"^[\w.]*(Error|Exception|Interrupt)\b.*: "):
         hits = [line for line in lines if re.match(pattern, line)]
         if hits:
-            return hits[-1][:400]
+            return redact_text(hits[-1][:400])
     message = (jobs.info(sid).message or "").strip().splitlines()
-    return message[0] if message else "no message"
+    return redact_text(message[0]) if message else "no message"
 
 
 def cmd_jobs_ls(args: argparse.Namespace) -> int:
@@ -105,7 +106,7 @@ def cmd_jobs_ls(args: argparse.Namespace) -> int:
     for j in Jobs(args.address, args.token_file).list():
         start = dt.datetime.fromtimestamp(j.start_time / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") \
             if j.start_time else "-"
-        t.add_row(j.submission_id or j.job_id or "-", str(j.status.value), start, j.entrypoint)
+        t.add_row(j.submission_id or j.job_id or "-", str(j.status.value), start, redact_text(j.entrypoint or ""))
     console.print(t)
     return 0
 
@@ -116,7 +117,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
     jobs = Jobs(args.address, args.token_file)
     if args.follow:
         return _follow(jobs, args.id)
-    sys.stdout.write(jobs.logs(args.id))
+    sys.stdout.write(redact_text(jobs.logs(args.id)))  # the job's output may echo a credential
     return 0
 
 
@@ -133,8 +134,8 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
 def cmd_k8s_render(args: argparse.Namespace) -> int:
     from towerlab.config import read_yaml
     from towerlab.cluster.jobs import relative_to_project
-    from towerlab.cluster.k8s.render import K8sOptions, default_image, render_sweep, render_train, to_yaml, \
-        train_overrides
+    from towerlab.cluster.k8s.render import K8sOptions, check_no_credentials, default_image, render_sweep, \
+        render_train, to_yaml, train_overrides
 
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: need at least 1 node and "
@@ -147,6 +148,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
                 "ttl_seconds"):
         if getattr(args, key) is not None:
             setattr(o, key, getattr(args, key))
+    check_no_credentials(o)  # before anything is loaded or printed
     if not o.storage.startswith(("pvc://", "s3://", "gs://", "abfss://")):
         raise ConfigError(f"--storage {o.storage}: give pvc://CLAIM (a ReadWriteMany PersistentVolumeClaim) or an "
                           "object store URI (s3://, gs://, abfss://) that every node shares")

@@ -2,14 +2,20 @@
 listing and stopping those jobs.
 
 What a job carries (its runtime_env):
-- working_dir: the project directory (recipes, sweeps, ...) without .git, .venv, MLflow stores (mlruns*,
-  mlartifacts), data/ and results/; the towerlab package itself goes as a py_module, so the code that runs on the
-  cluster is exactly the code that submitted it (it comes first on the workers' PYTHONPATH).
+- working_dir: the project directory (recipes, sweeps, ...) without what its .gitignore files ignore and without
+  what a job must never carry whatever .gitignore says (EXCLUDES: .git, .venv, environment files, token and key
+  files, MLflow stores and databases, data/ and results/); the towerlab package itself goes as a py_module, so the
+  code that runs on the cluster is exactly the code that submitted it (it comes first on the workers' PYTHONPATH).
   Both are staged in a temporary directory first: Ray applies one `excludes` list to the working_dir and to every
-  py_module, so an exclude of data/ would also drop towerlab/data/ from the package.
+  py_module, so an exclude of data/ would also drop towerlab/data/ from the package. Matching is gitignore's, by
+  the pathspec copy Ray itself uses for `excludes` and .gitignore.
 - dependencies: by default the cluster's image provides them (torch, DeepSpeed, ray[default] are large; installing
   them per job costs minutes); `pip=True` adds towerlab's dependencies pinned to the versions installed here.
 - MLFLOW_TRACKING_URI and --tracking-uri: explicit, so the job never falls back to a store on the cluster's disk.
+- Credentials: the entrypoint is shown to every dashboard user (`jobs ls`, the Jobs page), so none goes there. A
+  tracking URI's user:password@ becomes MLFLOW_TRACKING_USERNAME/PASSWORD (which MLflow reads), and an override
+  whose value is a credential (config/secrets.py decides) becomes `KEY=${oc.env:TOWERLAB_SECRET_KEY}` with the
+  value in the job's env_vars, resolved by the recipe loader on the cluster.
 Authentication: Ray's token, from --token-file, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, sent as
 `Authorization: Bearer` on every request (Ray's SDK adds it itself only when RAY_AUTH_MODE=token is set locally).
 """
@@ -27,14 +33,26 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-from urllib.parse import urlparse
+from typing import Iterator
+from urllib.parse import unquote, urlparse
 
 from towerlab.config import ConfigError
+from towerlab.config.secrets import has_credentials, redact_text, redact_uri
 
-# Ignored at the project root (anchored: towerlab/data/ is a package, not a dataset).
-EXCLUDED_ROOT = (".git", ".venv", "data", "results", "mlartifacts", "platform")
-EXCLUDED_ANYWHERE = ("mlruns*", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
+# Never uploaded, whatever .gitignore says (gitignore patterns). Anchored ones are the project root's only:
+# towerlab/data/ is a package, not a dataset; platform/ travels as the py_module.
+EXCLUDED_ROOT = ("/data/", "/results/", "/mlartifacts/", "/platform/")
+EXCLUDED_ANYWHERE = (
+    ".git/", ".venv/", "venv/", "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/",
+    # environment files: .env, .env.local, prod.env
+    ".env", ".env.*", "*.env", ".envrc",
+    # tokens, keys and credential stores
+    "token", ".token", "*.token", "*-token", "*_token", "*token.txt", ".ray-token", "*.pem", "*.key", "*.p12",
+    "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*", ".netrc", ".git-credentials", ".pypirc", ".npmrc",
+    "credentials", "credentials.*", ".aws/", ".ssh/", ".gnupg/", ".docker/config.json", ".kube/",
+    # MLflow stores and databases
+    "mlruns*", "*.db", "*.db-journal", "*.db-wal", "*.sqlite", "*.sqlite3",
+)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -70,19 +88,47 @@ def read_token(token_file: str | None = None) -> str | None:
 
 
 def check_tracking_uri(uri: str | None) -> str:
-    """A job writes to a tracking server the cluster can reach; credentials stay out of the (visible) job spec."""
+    """A job writes to a tracking server the cluster can reach (its user:password@, if any, is moved into the job's
+    environment by build_spec)."""
     if not uri:
         raise ConfigError("a job on a Ray cluster needs an MLflow tracking server: pass --tracking-uri "
                           "http://MLFLOW:5000, set tracking.uri in the recipe, or MLFLOW_TRACKING_URI")
     p = urlparse(uri)
     if p.scheme in ("", "file", "sqlite"):
-        raise ConfigError(f"tracking URI {uri} is a store on this machine's disk, which the cluster's nodes do not "
-                          "share: pass --tracking-uri http://MLFLOW:5000 (a tracking server the cluster reaches)")
-    if p.username or p.password:
-        raise ConfigError("the tracking URI holds credentials, which every dashboard user could read in the job "
-                          "spec: give the URI without user:password@ and set MLFLOW_TRACKING_USERNAME/PASSWORD on "
-                          "the cluster (a Kubernetes Secret)")
+        raise ConfigError(f"tracking URI {redact_uri(uri)} is a store on this machine's disk, which the cluster's "
+                          "nodes do not share: pass --tracking-uri http://MLFLOW:5000 (a tracking server the cluster "
+                          "reaches)")
+    if has_credentials(split_credentials(uri)[0]):
+        raise ConfigError(f"tracking URI {redact_uri(uri)} holds a credential in its query, which every dashboard "
+                          "user could read in the job spec: give the URI without it and set MLFLOW_TRACKING_TOKEN "
+                          "on the cluster (a Kubernetes Secret)")
     return uri
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """(the URI without user:password@, MLflow's environment variables for them)."""
+    p = urlparse(uri)
+    if not (p.username or p.password):
+        return uri, {}
+    env = {"MLFLOW_TRACKING_USERNAME": unquote(p.username or "")}
+    if p.password is not None:
+        env["MLFLOW_TRACKING_PASSWORD"] = unquote(p.password)
+    return p._replace(netloc=p.netloc.rpartition("@")[2]).geturl(), env
+
+
+def secret_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(overrides safe to show, env_vars): an override whose value is a credential is replaced by an interpolation
+    of an environment variable that holds it (`${oc.env:...}`, resolved by the recipe loader on the cluster)."""
+    shown, env = [], {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if value and has_credentials(value, key):
+            var = "TOWERLAB_SECRET_" + re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_").upper()
+            env[var] = value
+            shown.append(f"{key}=${{oc.env:{var}}}")
+        else:
+            shown.append(o)
+    return shown, env
 
 
 def pinned_requirements() -> list[str]:
@@ -112,16 +158,49 @@ def package_dir() -> Path:
     return Path(towerlab.__file__).resolve().parent
 
 
-def _ignore_at(root: Path) -> Callable[[str, list[str]], set[str]]:
-    import fnmatch
+def _spec(lines):
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray applies to `excludes` and .gitignore
 
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        drop = {n for n in names if any(fnmatch.fnmatch(n, pat) for pat in EXCLUDED_ANYWHERE)}
-        if Path(directory).resolve() == root:
-            drop |= {n for n in names if n in EXCLUDED_ROOT}
-        return drop
+    return PathSpec.from_lines("gitwildmatch", [line.rstrip("\n") for line in lines])
 
-    return ignore
+
+def _copy_filtered(src: Path, dst: Path, patterns: tuple[str, ...], gitignore: bool) -> None:
+    """Copy src to dst without what the patterns (and, when asked, every .gitignore under src) exclude.
+    Ray's upload follows symlinks, so none is copied as a link: a linked file is copied by content when its target
+    is inside src and not excluded itself (a link to ~/.aws/credentials or to .env uploads nothing), and linked
+    directories are left out (no loops, nothing from outside)."""
+    src = src.resolve()
+    fixed = _spec(patterns)
+    ignores: list[tuple[Path, object]] = []  # (directory, its .gitignore's spec)
+
+    def excluded(path: Path, is_dir: bool) -> bool:
+        rel = path.relative_to(src).as_posix() + ("/" if is_dir else "")
+        if fixed.match_file(rel):
+            return True
+        return any(path.is_relative_to(base) and spec.match_file(path.relative_to(base).as_posix() +
+                                                                   ("/" if is_dir else ""))
+                   for base, spec in ignores)
+
+    def allowed(path: Path, is_dir: bool) -> bool:
+        if excluded(path, is_dir):
+            return False
+        if path.is_symlink():
+            target = path.resolve()
+            return not is_dir and target.is_file() and target.is_relative_to(src) and not excluded(target, False)
+        return True
+
+    dst.mkdir(parents=True)
+    for directory, dirs, files in os.walk(src):
+        here = Path(directory)
+        if gitignore and (here / ".gitignore").is_file():
+            ignores.append((here, _spec((here / ".gitignore").read_text(errors="replace").splitlines())))
+        out = dst / here.relative_to(src)
+        dirs[:] = [d for d in sorted(dirs) if allowed(here / d, is_dir=True)]  # os.walk descends into these only
+        for d in dirs:
+            (out / d).mkdir()
+        for f in sorted(files):
+            if allowed(here / f, is_dir=False):
+                shutil.copy2(here / f, out / f)  # follows a (vetted) link: the upload holds the content
 
 
 @contextmanager
@@ -130,9 +209,9 @@ def staged(project: Path) -> Iterator[tuple[Path, Path]]:
     project = project.resolve()
     with tempfile.TemporaryDirectory(prefix="towerlab-submit-") as tmp:
         work = Path(tmp) / "project"
-        shutil.copytree(project, work, ignore=_ignore_at(project), symlinks=True)
+        _copy_filtered(project, work, EXCLUDED_ROOT + EXCLUDED_ANYWHERE, gitignore=True)
         pkg = Path(tmp) / "modules" / "towerlab"
-        shutil.copytree(package_dir(), pkg, ignore=shutil.ignore_patterns(*EXCLUDED_ANYWHERE))
+        _copy_filtered(package_dir(), pkg, EXCLUDED_ANYWHERE, gitignore=False)
         yield work, pkg
 
 
@@ -148,10 +227,13 @@ def build_spec(kind: str, name: str, file: str, overrides: list[str], project: P
                pip: bool = False, now: float | None = None) -> JobSpec:
     """The job for `towerlab <kind> FILE overrides` run from the project's root on the cluster."""
     rel = relative_to_project(file, project, "the recipe" if kind == "train" else "the sweep file")
-    args = ["python", "-m", "towerlab.cli", kind, rel, *overrides, "--tracking-uri", tracking_uri]
+    tracking_uri, env_vars = split_credentials(tracking_uri)
+    shown, secret_env = secret_overrides(list(overrides))
+    args = ["python", "-m", "towerlab.cli", kind, rel, *shown, "--tracking-uri", tracking_uri]
     if kind == "train":
         args.append("--no-progress")
-    env: dict = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}}
+    env: dict = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1", **env_vars,
+                              **secret_env}}
     if pip:
         env["pip"] = pinned_requirements()
     sid = submission_id(kind, name, now)
@@ -166,7 +248,7 @@ def _address(address: str | None) -> str:
         raise ConfigError("give the cluster's dashboard address: --address http://HEAD:8265 (or set "
                           "RAY_API_SERVER_ADDRESS)")
     if not address.startswith(("http://", "https://")):
-        raise ConfigError(f"--address {address}: the Jobs API is the dashboard's HTTP address, e.g. "
+        raise ConfigError(f"--address {redact_uri(address)}: the Jobs API is the dashboard's HTTP address, e.g. "
                           "http://HEAD:8265 (not the GCS port 6379)")
     return address.rstrip("/")
 
@@ -176,6 +258,7 @@ class Jobs:
 
     def __init__(self, address: str | None, token_file: str | None = None):
         self.address = _address(address)
+        self.shown = redact_uri(self.address)  # for messages
         # Ray's SDK prefers RAY_API_SERVER_ADDRESS over the address it is given: make it the one chosen here
         os.environ["RAY_API_SERVER_ADDRESS"] = self.address
         token = read_token(token_file)
@@ -198,16 +281,16 @@ class Jobs:
             yield
         except AuthenticationError as e:
             why = "has no token" if "required" in str(e).split("\n")[0].lower() else "rejected the token"
-            raise ConfigError(f"Ray cluster at {self.address} {why}: pass --token-file PATH or set RAY_AUTH_TOKEN "
+            raise ConfigError(f"Ray cluster at {self.shown} {why}: pass --token-file PATH or set RAY_AUTH_TOKEN "
                               "to the token the cluster was started with") from None
         except ConnectionError as e:
-            raise ConfigError(f"Ray dashboard at {self.address} is unreachable ({type(e).__name__}): check the "
+            raise ConfigError(f"Ray dashboard at {self.shown} is unreachable ({type(e).__name__}): check the "
                               "address (http://HEAD:8265) and that the cluster runs with ray[default]") from None
         except RuntimeError as e:
             text = str(e)
             if job and ("404" in text or "does not exist" in text):
-                raise ConfigError(f"no job '{job}' on {self.address}: see `towerlab jobs ls`") from None
-            raise ConfigError(f"Ray Jobs API at {self.address}: {text.splitlines()[0][:300]}") from None
+                raise ConfigError(f"no job '{job}' on {self.shown}: see `towerlab jobs ls`") from None
+            raise ConfigError(f"Ray Jobs API at {self.shown}: {redact_text(text.splitlines()[0][:300])}") from None
 
     def submit(self, spec: JobSpec, project: Path) -> str:
         with staged(project) as (work, pkg), self._errors():
@@ -237,7 +320,7 @@ class Jobs:
 
         async def tail() -> None:
             async for chunk in self.client.tail_job_logs(job):
-                out.write(chunk)
+                out.write(redact_text(chunk))  # the job's output may echo a credential
                 out.flush()
 
         with self._errors(job):

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from towerlab.config.errors import ConfigError
+from towerlab.config.secrets import redact_uri
 
 DEFAULT_STORE = "mlruns.db"
 
@@ -23,11 +24,8 @@ def resolve_uri(recipe_uri: str | None = None, flag_uri: str | None = None) -> s
 
 
 def redact(uri: str) -> str:
-    """The URI without credentials (user:password@), for messages and tags."""
-    p = urlparse(uri)
-    if p.password or p.username:
-        return uri.replace(f"{p.username}:{p.password}@" if p.password else f"{p.username}@", "***@")
-    return uri
+    """The URI without credentials (user:password@, ?token=...), for messages, tags and the run file."""
+    return redact_uri(uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from towerlab.config import ConfigError, Recipe, to_yaml
+from towerlab.config import ConfigError, Recipe
+from towerlab.config.secrets import redacted_yaml
 from towerlab.models import ContrastiveModel
 from towerlab.train.module import build_module
 from towerlab.train.recipe import load_recipe
@@ -131,7 +132,7 @@ def save_checkpoint(engine, recipe: Recipe, rank: int, client_state: dict, repor
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client_state)
         if rank == 0:
             with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
-                f.write(to_yaml(recipe))
+                f.write(redacted_yaml(recipe))  # a checkpoint travels: no credential in it
         report(Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

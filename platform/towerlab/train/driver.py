@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from towerlab.config import Recipe, flatten, resolve_batch, to_dict, to_yaml
+from towerlab.config import Recipe, flatten, resolve_batch, to_dict
+from towerlab.config.secrets import redact_params, redacted_yaml
 from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, tags as T
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE
@@ -70,7 +71,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         run = MlflowRun(uri, mlflow_run_id or json.loads(run_file.read_text())["mlflow_run_id"])
         run.reopen()
     else:
-        params = flatten(to_dict(recipe))
+        params = redact_params(flatten(to_dict(recipe)))  # no credential reaches MLflow (config/secrets.py)
         params["batch.accumulation"] = plan.accumulation
         params["batch.micro_batch"] = plan.micro_batch
         all_tags = {T.GIT_COMMIT: git_commit(), T.DATA_FINGERPRINT: manifest.fingerprint,
@@ -81,7 +82,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         all_tags.update(tags or {})
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
                               parent_run_id)
-        run.log_text(to_yaml(recipe), "recipe.yaml")
+        run.log_text(redacted_yaml(recipe), "recipe.yaml")
         run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))

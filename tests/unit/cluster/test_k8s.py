@@ -141,3 +141,167 @@ def test_validate_cli(tmp_path, capsys):
     assert main(["k8s", "validate", str(bad)]) == 2
     assert "shutdownAfterJobFinish: unknown field" in capsys.readouterr().err
     assert main(["k8s", "validate", str(tmp_path / "missing.yaml")]) == 2
+
+
+# The security rules of docs/kubernetes.md, on the committed sweep manifest's RayCluster with one thing changed.
+
+def _cluster() -> dict:
+    return _job()  # the first document of sweep-quickstart.yaml is the RayCluster
+
+
+def _head(doc):
+    return doc["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _security_breaks():
+    yield ("auth disabled", lambda d: d["spec"]["authOptions"].update(mode="disabled"),
+           "spec.authOptions.mode: disabled; Ray's token authentication stays on")
+    yield ("auth missing", lambda d: d["spec"].pop("authOptions"), "spec.authOptions.mode: not set")
+    yield ("auth env off", lambda d: _head(d)["containers"][0]["env"].append({"name": "RAY_AUTH_MODE",
+                                                                               "value": "disabled"}),
+           "RAY_AUTH_MODE=disabled: Ray's token authentication stays on")
+    yield ("LoadBalancer", lambda d: d["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
+           "serviceType: LoadBalancer would publish the dashboard")
+    yield ("NodePort", lambda d: d["spec"]["headGroupSpec"].update(serviceType="NodePort"),
+           "serviceType: NodePort would publish the dashboard")
+    yield ("headService", lambda d: d["spec"]["headGroupSpec"].update(headService={"spec": {"type": "NodePort"}}),
+           "headService.spec.type: NodePort")
+    yield ("ingress", lambda d: d["spec"]["headGroupSpec"].update(enableIngress=True), "enableIngress")
+    yield ("privileged", lambda d: _head(d)["containers"][0]["securityContext"].update(privileged=True),
+           "securityContext.privileged: must not be true")
+    yield ("root allowed", lambda d: (_head(d)["containers"][0]["securityContext"].update(runAsNonRoot=False),
+                                      _head(d)["securityContext"].pop("runAsNonRoot")),
+           "runAsNonRoot must be true")
+    yield ("hostPath", lambda d: _head(d)["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+           "volumes[2] host: hostPath volumes are not allowed")
+    yield ("hostNetwork", lambda d: _head(d).update(hostNetwork=True), "spec.hostNetwork: must not be true")
+    yield ("literal password", lambda d: _head(d)["containers"][0]["env"][2].update(value="hunter2", valueFrom=None)
+           or _head(d)["containers"][0]["env"][2].pop("valueFrom"),
+           "env[2] MLFLOW_TRACKING_PASSWORD: a literal secret in the manifest")
+    yield ("literal token", lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+           .append({"name": "HF_TOKEN", "value": "hf_abc"}), "env[3] HF_TOKEN: a literal secret")
+    yield ("password in a URI", lambda d: _head(d)["containers"][0]["env"][0].update(value="http://u:p@mlflow:5000"),
+           "env[0] MLFLOW_TRACKING_URI: a literal secret")
+    yield ("redis password", lambda d: d["spec"]["gcsFaultToleranceOptions"].update(redisPassword={"value": "pw"}),
+           "redisPassword.value: a literal password")
+
+
+@pytest.mark.parametrize("what,mutate,message", list(_security_breaks()), ids=[m[0] for m in _security_breaks()])
+def test_a_security_rule_is_enforced(what, mutate, message):
+    doc = _cluster()
+    assert validate_doc(doc) == []
+    bad = copy.deepcopy(doc)
+    mutate(bad)
+    problems = validate_doc(bad)
+    assert any(message in p for p in problems), problems
+
+
+def test_token_auth_from_the_head_environment_is_accepted():
+    doc = _cluster()
+    doc["spec"].pop("authOptions")
+    _head(doc)["containers"][0]["env"].append({"name": "RAY_AUTH_MODE", "value": "token"})
+    assert validate_doc(doc) == []
+
+
+def test_a_credential_in_a_rayjob_entrypoint_is_refused():
+    job = list(yaml.safe_load_all((ROOT / "cluster/kuberay/sweep-quickstart.yaml").read_text()))[1]
+    job["spec"]["entrypoint"] += " tracking.uri=http://alice:hunter2@mlflow:5000"
+    problems = validate_doc(job)
+    assert any("spec.entrypoint: holds a credential" in p for p in problems), problems
+    assert not any("hunter2" in p for p in problems)
+
+
+COMPANIONS = """
+apiVersion: v1
+kind: Service
+metadata: {name: ray-dashboard}
+spec:
+  type: ClusterIP
+  ports: [{name: dashboard, port: 8265}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: mlflow-credentials}
+stringData: {username: alice, password: hunter2}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: towerlab-config}
+data: {MLFLOW_TRACKING_URI: "http://mlflow:5000"}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: towerlab-shared}
+spec: {accessModes: [ReadWriteMany], resources: {requests: {storage: 100Gi}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: towerlab}
+"""
+
+
+def test_a_file_with_companion_kinds_validates(tmp_path, capsys):
+    f = tmp_path / "all.yaml"
+    f.write_text((ROOT / "cluster/kuberay/sweep-quickstart.yaml").read_text() + "---" + COMPANIONS)
+    assert main(["k8s", "validate", str(f)]) == 0, capsys.readouterr().err
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    (("type: ClusterIP", "type: LoadBalancer"),
+     "Service ray-dashboard.spec.type: LoadBalancer publishes Ray's dashboard"),
+    (("type: ClusterIP", "type: NodePort"), "NodePort publishes Ray's dashboard"),
+    (('data: {MLFLOW_TRACKING_URI: "http://mlflow:5000"}', "data: {MLFLOW_TRACKING_PASSWORD: hunter2}"),
+     "ConfigMap towerlab-config.data.MLFLOW_TRACKING_PASSWORD: a secret in a ConfigMap"),
+    (("apiVersion: v1\nkind: ServiceAccount", "apiVersion: v2\nkind: ServiceAccount"),
+     "ServiceAccount towerlab: apiVersion 'v2': ServiceAccount is served as v1"),
+    (("kind: PersistentVolumeClaim", "kind: Deployment"), "kind 'Deployment' is not checked here"),
+])
+def test_companion_kinds_are_checked_lightly(tmp_path, capsys, change, message):
+    f = tmp_path / "all.yaml"
+    text = COMPANIONS.replace(*change)
+    f.write_text(text)
+    assert main(["k8s", "validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("- a\n- b\n", "#1 document: a manifest document is a mapping (apiVersion, kind, metadata, spec), not a list"),
+    ("just a string\n", "not a str"),
+    ("apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: [x]\nspec: [1, 2]\n",
+     "#1 RayCluster.spec: a list where a mapping goes"),
+    (None, "workerGroupSpecs: a mapping where a list goes"),
+    (None, "containers: a mapping where a list goes"),
+    (None, "#1 RayCluster towerlab-quickstart.spec.headGroupSpec.template.spec.volumes[0]: 'x' is not of type"),
+])
+def test_a_mistyped_structure_is_one_line_per_problem(tmp_path, capsys, text, message):
+    if text is None:
+        doc = _cluster()
+        if "workerGroupSpecs" in message:
+            doc["spec"]["workerGroupSpecs"] = {"groupName": "cpu"}
+        elif "containers" in message:
+            _head(doc)["containers"] = {"name": "ray-head"}
+        else:
+            _head(doc)["volumes"] = ["x"]
+        text = yaml.safe_dump(doc)
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    assert main(["k8s", "validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert all(line.startswith("error: ") for line in err.strip().splitlines())
+
+
+def test_render_never_writes_a_credential(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "r.yaml"
+    for args in (["train.steps=3", "tracking.uri=http://alice:hunter2@mlflow:5000"],
+                 ["data.path=s3://bucket/shards?token=hunter2"],
+                 ["--tracking-uri", "http://alice:hunter2@mlflow:5000"]):
+        assert main(["k8s", "render", "recipes/debug.yaml", *args, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: k8s render: ") and "holds a credential" in err, err
+        assert len(err.strip().splitlines()) == 1 and "hunter2" not in err
+        assert not out.exists()

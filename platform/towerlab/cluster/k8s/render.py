@@ -10,7 +10,8 @@ Everything a pod needs comes from the image: towerlab, its pinned dependencies a
 sweeps) at PROJECT_DIR, built by cluster/Dockerfile on top of the rayproject/ray image of the pinned Ray version.
 The rules of the project hold in every pod: non-root (the image's `ray` user, uid 1000), no privilege escalation,
 requests = limits, Ray's token authentication, MLflow credentials from a Secret, the dashboard as a ClusterIP
-service only, GCS fault tolerance through an external Redis.
+service only, GCS fault tolerance through an external Redis. No credential is ever written into a manifest: an
+override or option that holds one is refused (check_no_credentials).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import shlex
 from dataclasses import dataclass, field
 
 import yaml
+
+from towerlab.config import ConfigError
+from towerlab.config.secrets import has_credentials, redact_text
 
 PROJECT_DIR = "/home/ray/towerlab"
 SHARED_MOUNT = "/mnt/shared"  # the PVC: checkpoints/ (and datasets, e.g. data.path=/mnt/shared/datasets/X)
@@ -164,8 +168,24 @@ def train_overrides(o: K8sOptions) -> list[str]:
     return out
 
 
+def check_no_credentials(o: K8sOptions) -> None:
+    """A manifest is read by everyone with access to the namespace (and lands in git): a credential in an override
+    or an option would be written into it in plain text, so it is refused; secrets reach the pods from Secrets."""
+    given = [("--tracking-uri", "", o.tracking_uri), ("--storage", "", o.storage),
+             ("--redis-address", "", o.redis_address), ("--image", "", o.image)]
+    given += [(f"override {key}", key, value) for key, _, value in (x.partition("=") for x in o.overrides)]
+    for what, key, value in given:
+        if value and has_credentials(value, key):
+            hint = (f"MLflow's come from Secret {o.mlflow_secret} (keys username, password)" if what == "--tracking-uri"
+                    else "give it to the pods from a Kubernetes Secret (env valueFrom.secretKeyRef) and read it in "
+                         "the recipe as ${oc.env:VAR}")
+            raise ConfigError(f"k8s render: {what} {redact_text(value)} holds a credential, which the manifest would "
+                              f"carry in plain text: leave it out; {hint}")
+
+
 def render_train(recipe_file: str, recipe_name: str, o: K8sOptions) -> list[dict]:
     """One RayJob: its own cluster of o.nodes GPU (or CPU) nodes, deleted after the run."""
+    check_no_credentials(o)
     gpu = o.gpus_per_node > 0
     groups = [_worker_group(o, "gpu" if gpu else "cpu", o.nodes, o.nodes, o.nodes, o.gpus_per_node,
                             o.cpus_per_node, o.memory_per_node)]
@@ -175,6 +195,7 @@ def render_train(recipe_file: str, recipe_name: str, o: K8sOptions) -> list[dict
 
 def render_sweep(sweep_file: str, sweep_name: str, o: K8sOptions) -> list[dict]:
     """A RayCluster (an autoscaled CPU + GPU pool for `towerlab submit`) and a RayJob running the sweep."""
+    check_no_credentials(o)
     cpu_group = _worker_group(o, "cpu", 1, 0, o.nodes, 0, o.cpus_per_node, o.memory_per_node)
     groups = [cpu_group]
     if o.gpus_per_node:
