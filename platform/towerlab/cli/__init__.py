@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from towerlab.config import ConfigError
+from towerlab.config.secrets import redact_text
 
 console = Console(stderr=False)  # results
 err = Console(stderr=True)  # errors and warnings
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # e may hold ray[default]
+        err.print(f"[red]error:[/] {escape(redact_text(str(e)))}", highlight=False, soft_wrap=True)  # e may hold ray[default]
         return 2
 
 

@@ -13,6 +13,7 @@ from towerlab.config import ConfigError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from towerlab.tracking import redact
     from towerlab.sweep.load import load_sweep
     from towerlab.sweep.run import STATE_FILE, run_sweep
 
@@ -40,7 +41,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f"{summary.parent_run_id}")
     if summary.best_metric is not None:
         console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
-    console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {summary.tracking_uri}")
+    console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
     return 0
 
 

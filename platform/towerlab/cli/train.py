@@ -90,7 +90,9 @@ def print_summary(recipe, summary) -> None:
         if key in m:
             t.add_row(key, f"{m[key]:.4f}")
     console.print(t)
-    uri = summary.tracking_uri
+    from towerlab.tracking import redact
+
+    uri = redact(summary.tracking_uri)
     if uri.startswith(("http://", "https://")):
         console.print(f"Open the MLflow UI at {uri}")
     else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from towerlab.config import ConfigError, to_dict, to_yaml
+from towerlab.config.secrets import redact_params, redact_text, redacted_yaml
 from towerlab.sweep.schema import SweepConfig
 from towerlab.tracking import MlflowRun, check_reachable, resolve_uri, tags as T
 from towerlab.util import atomic_write
@@ -230,10 +231,10 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
         params.update({"metric": sweep.metric, "mode": sweep.mode, "search.algorithm": sweep.search.algorithm,
                        "search.num_samples": sweep.search.num_samples, "scheduler.name": sweep.scheduler.name,
                        "recipe": sweep.recipe, "workers_per_trial": sweep.workers_per_trial})
-        parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", params,
+        parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", redact_params(params),
                                  {T.SWEEP: sweep.name, T.ROLE: "sweep"})
-        parent.log_text(to_yaml(sweep), "sweep.yaml")
-        parent.log_artifact(str(sweep_file))
+        parent.log_text(redacted_yaml(sweep), "sweep.yaml")
+        parent.log_text(redact_text(Path(sweep_file).read_text()), Path(sweep_file).name)
         root.mkdir(parents=True, exist_ok=True)
         atomic_write(state_file, json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
                                              "sweep_file": str(Path(sweep_file).absolute())}))

@@ -20,6 +20,7 @@ from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE
 from towerlab.train.dataset import captions_per_image, ensure_data
 from towerlab.train.memory import check_fits
+from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
 from towerlab.util import atomic_write
 
@@ -59,6 +60,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     run with no checkpoint of its own starts: population-based training hands a trial another trial's checkpoint."""
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
+    check_preconditions(recipe)  # libaio for nvme offload, a GPU for use_gpu, bf16 support
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
     manifest = ensure_data(recipe)
