@@ -177,7 +177,7 @@ def test_prepare_images_refuses_foreign_directory_and_keeps_users_files(image_fo
 def test_on_demand_prepare_refuses_non_empty_foreign_directory(tmp_path, monkeypatch):
     """`towerlab train` prepares a built-in source into data.path on first use: a typo naming an existing
     directory must not wipe it."""
-    from towerlab.train.launch import ensure_data
+    from towerlab.train.dataset import ensure_data
 
     monkeypatch.chdir(tmp_path)
     docs = tmp_path / "docs"
