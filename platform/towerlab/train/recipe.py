@@ -17,6 +17,7 @@ from towerlab.data import SOURCES
 from towerlab.data.checks import validate_data
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
+from towerlab.models.towers import ACTIVATIONS
 from towerlab.train.memory import validate_scale
 from towerlab.train.evaluate import validate_evals
 from towerlab.util import did_you_mean
@@ -46,6 +47,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
         base["evals"] = DEFAULT_EVALS
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
+    if recipe.model.pretrained:  # the checkpoint's own architecture, tokenizer and image statistics
+        from towerlab.models.imported import configure
+
+        configure(recipe.model)
     validate(recipe)
     return recipe
 
@@ -90,6 +95,12 @@ def validate(r: Recipe) -> None:
     for tower, c in (("vision", v), ("text", r.model.text)):
         if c.width % c.heads:
             raise ConfigError(f"model.{tower}.width={c.width} is not divisible by model.{tower}.heads={c.heads}")
+        if c.act not in ACTIVATIONS:
+            raise ConfigError(f"model.{tower}.act={c.act!r}: use one of {', '.join(ACTIVATIONS)}")
+    if r.model.text.pool not in ("last", "eos", "argmax"):
+        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use last, eos or argmax")
+    if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
+        raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
     if r.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={r.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if r.train.precision not in ("auto", "fp32", "bf16"):
@@ -117,13 +128,14 @@ def validate_pretrained(r: Recipe) -> None:
     m = r.model
     if m.text.pretrained:
         parse(m.text.pretrained, "model.text.pretrained", ("hf",))
+    if m.text.pretrained or m.pretrained.startswith("hf:"):
         a = r.data.augment
         if a.token_mask or a.stopword_removal:
             raise ConfigError("data.augment.token_mask / stopword_removal act on the data's word vocabulary, which a "
                               "pretrained text tower does not read (it has its own tokenizer): turn them off")
     if m.vision.pretrained:
         parse(m.vision.pretrained, "model.vision.pretrained", LOADERS)
-    if (m.text.pretrained or m.vision.pretrained) and r.train.zero_stage == 3:
+    if (m.text.pretrained or m.vision.pretrained or m.pretrained) and r.train.zero_stage == 3:
         raise ConfigError("model.*.pretrained with train.zero_stage=3: pretrained weights are loaded whole on every "
                           "worker, which ZeRO-3's partitioned construction does not do yet; use train.zero_stage=2")
     if m.freeze:

@@ -1,0 +1,176 @@
+"""Whole-checkpoint import (`model.pretrained`), checked against an implementation towerlab did not write: tiny
+random CLIPModels built and saved by transformers, whose own get_image_features / get_text_features are the
+reference; a SiglipModel is refused in one line. Everything is on disk (no Hub)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from towerlab.config import ConfigError
+from towerlab.data.pipeline import tokenizer_spec
+from towerlab.data.tokenizer import HFTokenizer
+from towerlab.models import ContrastiveModel
+from towerlab.models import adapters
+from towerlab.train.recipe import load_recipe
+
+EOS = 5  # the tiny tokenizer's end-of-text id (not 2: transformers reads 2 as the legacy "highest id" rule)
+WORDS = ["<pad>", "<unk>", "<bos>", "x", "y", "<eos>", "a", "photo", "of", "digit", "seven", "three", "the"]
+MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def tiny_tokenizer():
+    """A word-level Hugging Face tokenizer (tokenizers' own classes) that ends every text with <eos>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", EOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def clip_config(act: str = "quick_gelu", eos: int = EOS):
+    from transformers import CLIPConfig
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
+    return CLIPConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=10, eos_token_id=eos,
+                                       pad_token_id=0, bos_token_id=2, **common),
+                      vision_config=dict(image_size=16, patch_size=4, **common), projection_dim=16,
+                      logit_scale_init_value=3.0)
+
+
+def save_clip(path, act: str = "quick_gelu", eos: int = EOS):
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(clip_config(act, eos)).eval()
+    with torch.no_grad():  # random LayerNorm affines and biases too, so a swapped or dropped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=MEAN,
+                       image_std=STD).save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    return path, save_clip(path)
+
+
+def features(out):
+    # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def test_clip_import_gives_transformers_embeddings(clip_dir):
+    path, ref = clip_dir
+    recipe = load_recipe(None, [f"model.pretrained=hf:{path}", "train.workers=1", "data.global_batch=4"])
+    m = recipe.model
+    assert (m.vision.width, m.vision.layers, m.text.context_length, m.embed_dim) == (32, 2, 10, 16)
+    assert (m.vision.act, m.text.act, m.text.pool, m.text.eos_id) == ("quick_gelu", "quick_gelu", "eos", EOS)
+    assert m.vision.mean == pytest.approx(MEAN) and m.vision.std == pytest.approx(STD)
+    assert tokenizer_spec(recipe) == f"hf:{path}"  # the model's own tokenizer feeds the data pipeline
+    model = ContrastiveModel(m, temperature_init=recipe.loss.temperature_init).eval()
+    assert model.logit_scale.item() == pytest.approx(3.0)
+
+    texts = ["a photo of the digit seven", "three", "the the the digit of a photo x"]
+    ids = HFTokenizer(f"hf:{path}", m.text.context_length).encode_batch(texts)
+    assert (ids == EOS).sum(axis=1).tolist() == [1, 1, 1]
+    tokens = torch.from_numpy(ids)
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_i, ours_t = model.towers["image"](images), model.towers["text"](tokens)
+        ref_i = features(ref.get_image_features(pixel_values=images))
+        ref_t = features(ref.get_text_features(input_ids=tokens, attention_mask=(tokens != 0).long()))
+    torch.testing.assert_close(ours_i, ref_i, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_t, ref_t, atol=1e-5, rtol=0)
+    assert ours_i.abs().max() > 0.1  # the comparison is not of zeros
+
+
+def test_legacy_eos_id_2_pools_at_the_highest_id(tmp_path):
+    """Configs written before transformers' PR #24773 say eos_token_id=2 and mean "the highest id" (OpenAI's
+    end-of-text is its vocabulary's last id); with gelu, the other activation."""
+    ref = save_clip(tmp_path, act="gelu", eos=2)
+    m = load_recipe(None, [f"model.pretrained=hf:{tmp_path}"]).model
+    assert (m.text.pool, m.vision.act) == ("argmax", "gelu")
+    model = ContrastiveModel(m).eval()
+    tokens = torch.tensor([[6, 7, 12, 3, 0, 0], [4, 9, 3, 0, 0, 0]])  # 12 and 9: each row's highest id
+    with torch.no_grad():
+        torch.testing.assert_close(model.towers["text"](tokens), features(ref.get_text_features(input_ids=tokens)),
+                                   atol=1e-5, rtol=0)
+
+
+def test_siglip_is_refused_in_one_line(tmp_path):
+    from transformers import SiglipConfig, SiglipModel
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    SiglipModel(SiglipConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=10, **common),
+                             vision_config=dict(image_size=16, patch_size=4, **common))).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"SiglipModel: its ViT has no class token .*vision_model\.head\.probe") as e:
+        load_recipe(None, [f"model.pretrained=hf:{tmp_path}"])
+    assert "\n" not in str(e.value)
+
+
+def test_differing_options_and_parameters_are_named(clip_dir, tmp_path):
+    path, _ = clip_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_config"]["layer_norm_eps"] = 1e-6
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"vision_config\.layer_norm_eps=1e-06: towerlab's LayerNorms use 1e-05"):
+        load_recipe(None, [f"model.pretrained=hf:{tmp_path}"])
+    with pytest.raises(ConfigError, match="a whole checkpoint already holds both towers"):
+        load_recipe(None, [f"model.pretrained=hf:{path}", "model.text.pretrained=hf:x"])
+
+    sd = {k: v for k, v in adapters.to_hf_clip(ContrastiveModel(load_recipe(None, [
+        f"model.pretrained=hf:{path}"]).model, ).state_dict()).items()}
+    sd["vision_model.head.probe"] = torch.zeros(1, 1, 32)
+    with pytest.raises(ConfigError, match=r"parameter vision_model\.head\.probe has no place in towerlab's towers"):
+        adapters.from_hf_clip(sd)
+    del sd["vision_model.head.probe"], sd["text_model.final_layer_norm.bias"]
+    with pytest.raises(ConfigError, match=r"parameter text_model\.final_layer_norm\.bias is missing"):
+        adapters.from_hf_clip(sd)
+
+
+def test_shape_mismatch_names_the_parameter(clip_dir):
+    path, _ = clip_dir
+    m = load_recipe(None, [f"model.pretrained=hf:{path}"]).model
+    model = ContrastiveModel(m)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["towers.text.positional_embedding"] = torch.zeros(7, 32)
+    with pytest.raises(ConfigError, match=r"parameter towers\.text\.positional_embedding has shape \(7, 32\)"):
+        adapters.load_mapped(model, sd, "model.pretrained")
+
+
+def test_hf_to_towerlab_to_hf_is_the_identity(clip_dir):
+    _, ref = clip_dir
+    sd = ref.state_dict()
+    back = adapters.to_hf_clip(adapters.from_hf_clip(sd))
+    assert set(back) == {k for k in sd if not k.endswith("position_ids")}
+    for k, v in back.items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_image_mean_and_std_reach_the_decoder():
+    from towerlab.data.images import decode, png_bytes
+
+    pixels = np.full((4, 4, 3), 255, dtype=np.uint8)
+    out = decode(png_bytes(pixels), 4, mean=MEAN, std=STD)
+    np.testing.assert_allclose(out[:, 0, 0], (1.0 - np.array(MEAN)) / np.array(STD), rtol=1e-6)
+    np.testing.assert_allclose(decode(png_bytes(pixels), 4)[:, 0, 0], [1.0, 1.0, 1.0])  # the default: [-1, 1]
