@@ -1,5 +1,6 @@
 """CLI commands that act on recorded runs: `towerlab eval` (the recipe's evaluators on a saved checkpoint),
-`towerlab reproduce` (rerun a run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
+`towerlab export` (a checkpoint as a transformers CLIPModel or OpenCLIP directory), `towerlab reproduce` (rerun a
+run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console.print(table)
     if args.json:
         atomic_write(args.json, json.dumps({"checkpoint": ckpt, "step": step, "metrics": metrics}, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from towerlab.train.export import export
+
+    uri = _uri(args.tracking_uri) if args.tracking_uri or not Path(args.target).is_dir() else None
+    out = export(args.target, args.format, args.out, uri, warn=lambda msg: err.print(msg, highlight=False,
+                                                                                      markup=False))
+    console.print(f"exported {args.format} to {out}", highlight=False)
     return 0
 
 
@@ -151,12 +162,20 @@ def _experiment(client, name: str, uri: str):
 
 
 def register(sub) -> None:
-    """`eval`, `reproduce` and `ui` under the top-level parser's subcommands."""
+    """`eval`, `export`, `reproduce` and `ui` under the top-level parser's subcommands."""
     e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint")
     e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a checkpoint as a transformers CLIPModel (hf) or OpenCLIP directory")
+    x.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
+    x.add_argument("--format", required=True, choices=("hf", "open_clip"),
+                   help="hf: CLIPModel.from_pretrained loads it; open_clip: open_clip.create_model('local-dir:DIR')")
+    x.add_argument("--out", required=True, help="a new or empty directory (or one an earlier export wrote)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce", help="rerun a run from its MLflow record (recipe, commit, data, versions)")
     r.add_argument("run_id", help="MLflow run id")

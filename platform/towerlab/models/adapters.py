@@ -269,7 +269,8 @@ def from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def open_clip_config(model: ModelConfig) -> dict:
-    """OpenCLIP's model config (as in its model_configs/*.json) for a towerlab model."""
+    """OpenCLIP's open_clip_config.json for a towerlab model: {"model_cfg": as in its model_configs/*.json,
+    "preprocess_cfg": image size, mean and std}."""
     v, t = model.vision, model.text
     if v.act != t.act:
         raise refuse(f"vision.act={v.act}, text.act={t.act}", "OpenCLIP has one activation for both towers")
@@ -278,7 +279,7 @@ def open_clip_config(model: ModelConfig) -> dict:
     # towerlab's pool=last (the last non-padding token) is OpenCLIP's eos with the word vocabulary's EOT id: the
     # word tokenizer ends every caption with exactly one EOT
     pool = {"last": ("eos", 2), "eos": ("eos", t.eos_id), "argmax": ("argmax", t.eos_id)}[t.pool]
-    return {
+    cfg = {
         "embed_dim": model.embed_dim,
         "quick_gelu": v.act == "quick_gelu",
         "vision_cfg": {"image_size": v.image_size, "layers": v.layers, "width": v.width,
@@ -286,12 +287,17 @@ def open_clip_config(model: ModelConfig) -> dict:
         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                      "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pool_type": pool[0],
                      "eos_id": pool[1], "pad_id": 0},
-        "preprocess_cfg": {"mean": list(v.mean), "std": list(v.std)},
     }
+    return {"model_cfg": cfg, "preprocess_cfg": {"size": v.image_size, "mean": list(v.mean), "std": list(v.std),
+                                                 "interpolation": "bilinear", "resize_mode": "squash"}}
 
 
 def model_config_from_open_clip(oc: dict, model: ModelConfig, where: str) -> None:
-    """Set `model`'s sizes and options from an OpenCLIP model config, refusing what towerlab cannot express."""
+    """Set `model`'s sizes and options from an OpenCLIP model config (or an open_clip_config.json holding one as
+    model_cfg, beside its preprocess_cfg), refusing what towerlab cannot express."""
+    pre = oc.get("preprocess_cfg", {})
+    oc = oc.get("model_cfg", oc)
+    pre = {**oc.get("preprocess_cfg", {}), **pre}
     vc, tc = oc.get("vision_cfg", {}), oc.get("text_cfg", {})
     for key, cfg, allowed in (("vision_cfg", vc, {"image_size", "layers", "width", "head_width", "mlp_ratio",
                                                   "patch_size"}),
@@ -314,7 +320,6 @@ def model_config_from_open_clip(oc: dict, model: ModelConfig, where: str) -> Non
     if pool not in ("argmax", "eos"):
         raise refuse(where, f"text_cfg.pool_type={pool!r}: towerlab's text tower pools by argmax or eos")
     t.pool, t.eos_id = pool, int(tc.get("eos_id", 2))
-    pre = oc.get("preprocess_cfg", {})
     v.mean, v.std = list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))), \
         list(pre.get("std", (0.26862954, 0.26130258, 0.27577711)))  # OpenCLIP's defaults (OpenAI's statistics)
 

@@ -17,9 +17,7 @@ from towerlab.models import ContrastiveModel
 from towerlab.models import adapters
 from towerlab.train.recipe import load_recipe
 
-EOS = 5  # the tiny tokenizer's end-of-text id (not 2: transformers reads 2 as the legacy "highest id" rule)
-WORDS = ["<pad>", "<unk>", "<bos>", "x", "y", "<eos>", "a", "photo", "of", "digit", "seven", "three", "the"]
-MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+from clip_testing import EOS, MEAN, STD, WORDS, features, save_clip
 
 
 @pytest.fixture(autouse=True)
@@ -30,53 +28,10 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def tiny_tokenizer():
-    """A word-level Hugging Face tokenizer (tokenizers' own classes) that ends every text with <eos>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-
-
-def clip_config(act: str = "quick_gelu", eos: int = EOS):
-    from transformers import CLIPConfig
-
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
-    return CLIPConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=10, eos_token_id=eos,
-                                       pad_token_id=0, bos_token_id=2, **common),
-                      vision_config=dict(image_size=16, patch_size=4, **common), projection_dim=16,
-                      logit_scale_init_value=3.0)
-
-
-def save_clip(path, act: str = "quick_gelu", eos: int = EOS):
-    from transformers import CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(0)
-    model = CLIPModel(clip_config(act, eos)).eval()
-    with torch.no_grad():  # random LayerNorm affines and biases too, so a swapped or dropped one shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=MEAN,
-                       image_std=STD).save_pretrained(path)
-    return model
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip")
     return path, save_clip(path)
-
-
-def features(out):
-    # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def test_clip_import_gives_transformers_embeddings(clip_dir):
