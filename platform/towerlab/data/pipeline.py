@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -76,10 +77,20 @@ def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_i
 
 
 def tokenizer_spec(recipe: Recipe) -> str:
-    """The Hugging Face tokenizer the run reads, "" for the data's word vocabulary: a pretrained text tower's, or
-    an imported two-tower model's (model.pretrained: hf:DIR)."""
+    """The Hugging Face tokenizer the run reads, "" for the data's word vocabulary: a pretrained text tower's, an
+    imported two-tower model's (model.pretrained: hf:DIR), or the one `towerlab export --format open_clip` wrote
+    beside an OpenCLIP state dict (model.pretrained: open_clip:ARCH:FILE, FILE's directory holding
+    tokenizer_config.json)."""
     m = recipe.model
-    return m.text.pretrained or (m.pretrained if m.pretrained.startswith("hf:") else "")
+    if m.text.pretrained:
+        return m.text.pretrained
+    if m.pretrained.startswith("hf:"):
+        return m.pretrained
+    if m.pretrained.startswith("open_clip:"):
+        folder = Path(m.pretrained.rpartition(":")[2]).expanduser().parent
+        if (folder / "tokenizer_config.json").is_file():
+            return f"hf:{folder}"
+    return ""
 
 
 # Below this many bytes of shards, the driver reads the raw rows itself (pyarrow, well under a second) and hands

@@ -112,3 +112,22 @@ def load_into(model: nn.Module, spec: str) -> None:
         _, file = _open_clip_parts(name)
         sd = adapters.from_open_clip(_read_state_dict(file))
     adapters.load_mapped(model, sd, f"{KEY}={spec}")
+
+
+def spec_of(target: str) -> str | None:
+    """The `model.pretrained` spec of a model (not a run) that `towerlab eval` was given: hf:NAME or
+    open_clip:ARCH:FILE as written, or a directory holding an OpenCLIP export (open_clip_config.json and its
+    weights) or a transformers save_pretrained folder (config.json); None for anything else (a run or checkpoint)."""
+    if target.startswith(tuple(f"{loader}:" for loader in LOADERS)):
+        return target
+    p = Path(target).expanduser()
+    if not p.is_dir():
+        return None
+    if (p / "open_clip_config.json").is_file():
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth"):
+            if (p / name).is_file():
+                return f"open_clip:{p.absolute() / 'open_clip_config.json'}:{p.absolute() / name}"
+        raise ConfigError(f"{p}: open_clip_config.json but no open_clip_model.safetensors beside it")
+    if (p / "config.json").is_file():
+        return f"hf:{p.absolute()}"
+    return None

@@ -15,6 +15,7 @@ from towerlab import losses
 from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml, resolve_batch
 from towerlab.data import SOURCES
 from towerlab.data.checks import validate_data
+from towerlab.data.pipeline import tokenizer_spec
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.models.towers import ACTIVATIONS
@@ -128,7 +129,7 @@ def validate_pretrained(r: Recipe) -> None:
     m = r.model
     if m.text.pretrained:
         parse(m.text.pretrained, "model.text.pretrained", ("hf",))
-    if m.text.pretrained or m.pretrained.startswith("hf:"):
+    if tokenizer_spec(r):
         a = r.data.augment
         if a.token_mask or a.stopword_removal:
             raise ConfigError("data.augment.token_mask / stopword_removal act on the data's word vocabulary, which a "
