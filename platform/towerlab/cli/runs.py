@@ -85,6 +85,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export(args.target, args.format, args.out, uri, warn=lambda msg: err.print(msg, highlight=False,
                                                                                       markup=False))
     console.print(f"exported {args.format} to {out}", highlight=False)
+    if args.register:
+        from towerlab.tracking.logged_models import log_model, metrics_at
+        from towerlab.train.export import EXPORT_FILE
+
+        marker = json.loads((out / EXPORT_FILE).read_text())
+        run_id, step = marker.get("mlflow_run_id"), int(marker.get("step", 0))
+        uri = _uri(args.tracking_uri)
+        metrics = metrics_at(uri, run_id, step) if run_id else {}
+        model_id = log_model(uri, run_id, out, name=f"{args.register}-step{step}", step=step, metrics=metrics,
+                             params={"format": args.format}, register=args.register)
+        console.print(f"logged model {model_id} and registered it as {args.register}", highlight=False)
     return 0
 
 
@@ -197,7 +208,9 @@ def register(sub) -> None:
     x.add_argument("--format", required=True, choices=("hf", "open_clip"),
                    help="hf: CLIPModel.from_pretrained loads it; open_clip: open_clip.create_model('local-dir:DIR')")
     x.add_argument("--out", required=True, help="a new or empty directory (or one an earlier export wrote)")
-    x.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id and --register)")
+    x.add_argument("--register", metavar="NAME", help="also log the export as an MLflow LoggedModel of its run "
+                                                      "(with the run's eval metrics at its step) and register it")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce", help="rerun a run from its MLflow record (recipe, commit, data, versions)")

@@ -330,23 +330,35 @@ def model_config_from_open_clip(oc: dict, model: ModelConfig, where: str) -> Non
 
 def load_mapped(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
     """Copy a mapped state dict into `model`'s image and text towers and logit scale (and bias, when both have
-    one), naming the first parameter whose name or shape differs."""
-    own = model.state_dict()
+    one), naming the first parameter whose name or shape differs. Under ZeRO-3 (deepspeed.zero.Init) a
+    partitioned parameter is gathered for its copy, one at a time (the whole model never is), and re-partitioned
+    from rank 0's values; every rank reads the same checkpoint, so every rank walks the same parameters."""
+    params = dict(model.named_parameters())
+
+    def shape(p: torch.Tensor) -> tuple:
+        return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves an empty placeholder in p itself
+
     for k, v in sd.items():
-        if k == "logit_bias" and k not in own:
+        if k == "logit_bias" and k not in params:
             continue  # a SigLIP bias into a model trained with a softmax loss: not used
-        if k not in own:
+        if k not in params:
             raise refuse(where, f"parameter {k} has no counterpart in the recipe's model")
-        if tuple(own[k].shape) != tuple(v.shape):
+        if shape(params[k]) != tuple(v.shape):
             raise refuse(where, f"parameter {k} has shape {tuple(v.shape)}, the recipe's model "
-                                f"{tuple(own[k].shape)}")
-    expected = {k for k in own if k.startswith(("towers.image.", "towers.text.")) or k == "logit_scale"}
+                                f"{shape(params[k])}")
+    expected = {k for k in params if k.startswith(("towers.image.", "towers.text.")) or k == "logit_scale"}
     missing = sorted(expected - set(sd))
     if missing:
         raise refuse(where, f"parameter {missing[0]} is missing from the checkpoint")
     with torch.no_grad():
-        params = dict(model.named_parameters())
         for k, v in sd.items():
-            if k in params:
-                params[k].copy_(v.to(params[k].dtype))
+            p = params.get(k)
+            if p is None:
+                continue
+            if hasattr(p, "ds_id"):
+                import deepspeed
 
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.copy_(v.to(p.dtype))
+            else:
+                p.copy_(v.to(p.dtype))

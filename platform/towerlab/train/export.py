@@ -152,3 +152,59 @@ def export(target: str, fmt: str, out: str | os.PathLike, tracking_uri: str | No
     return export_model(model, t.recipe, fmt, out, {"checkpoint": str(t.checkpoint), "step": step,
                                                     "mlflow_run_id": t.run_id}, warn)
 
+
+
+def model_format(recipe: Recipe) -> str:
+    """The format a run's models are logged in: hf where it exports there (a Hugging Face tokenizer), else
+    open_clip."""
+    try:
+        check_exportable(recipe, "hf")
+        return "hf"
+    except ConfigError:
+        return "open_clip"
+
+
+def log_run_models(run_dir: str | os.PathLike, uri: str, metric: str | None = None, mode: str = "max",
+                   warn: Callable[[str], None] = print) -> dict[str, str]:
+    """Log a run's last checkpoint, and its best by `metric` (the checkpoint whose step has the best value of it;
+    mode max or min), as MLflow LoggedModels of the run, each with the run's eval metrics at its step and the tag
+    towerlab.role = last | best (one model, tagged both, when they are the same checkpoint). Returns role -> model
+    id. For the driver to call at the end of a run, where train.export_fp32 logs the raw state dict."""
+    from towerlab.tracking.logged_models import log_model, metrics_at
+    from towerlab.train.checkpoint import CKPT_TAG, load_model, resolve_target
+
+    run_dir = Path(run_dir)
+    t = resolve_target(str(run_dir), uri)
+    if t.run_id is None:
+        raise ConfigError(f"{run_dir}: no MLflow run recorded (towerlab_run.json): nothing to log the models to")
+    steps = {}
+    for ckpt in sorted(p for p in run_dir.glob("checkpoint_*") if (p / CKPT_TAG).is_dir()):
+        states = ckpt / CKPT_TAG / "mp_rank_00_model_states.pt"
+        steps[ckpt] = int(torch_load_step(states))
+    roles = {t.checkpoint: ["last"]}
+    if metric:
+        scored = {c: metrics_at(uri, t.run_id, s, prefix=metric).get(metric) for c, s in steps.items()}
+        scored = {c: v for c, v in scored.items() if v is not None}
+        if scored:
+            best = (max if mode == "max" else min)(scored, key=scored.get)
+            roles.setdefault(best, []).append("best")
+        else:
+            warn(f"warning: no checkpoint's step has a value of {metric}: only the last checkpoint is logged")
+    fmt = model_format(t.recipe)
+    ids = {}
+    for ckpt, role in roles.items():
+        model, step = load_model(ckpt, t.recipe)
+        with tempfile.TemporaryDirectory(prefix="towerlab-model-") as d:
+            out = export_model(model, t.recipe, fmt, Path(d) / "model", {"step": step}, warn)
+            model_id = log_model(uri, t.run_id, out, name=f"{t.recipe.name}-step{step}", step=step,
+                                 metrics=metrics_at(uri, t.run_id, step), params={"format": fmt},
+                                 tags={"towerlab.role": ",".join(role)})
+        ids.update({r: model_id for r in role})
+    return ids
+
+
+def torch_load_step(states_file: Path) -> int:
+    """The step a DeepSpeed checkpoint was saved at (its client state), without building the model."""
+    import torch
+
+    return int(torch.load(states_file, map_location="cpu", weights_only=False).get("step", 0))

@@ -136,7 +136,7 @@ def validate_pretrained(r: Recipe) -> None:
                               "pretrained text tower does not read (it has its own tokenizer): turn them off")
     if m.vision.pretrained:
         parse(m.vision.pretrained, "model.vision.pretrained", LOADERS)
-    if (m.text.pretrained or m.vision.pretrained or m.pretrained) and r.train.zero_stage == 3:
+    if (m.text.pretrained or m.vision.pretrained) and r.train.zero_stage == 3:
         raise ConfigError("model.*.pretrained with train.zero_stage=3: pretrained weights are loaded whole on every "
                           "worker, which ZeRO-3's partitioned construction does not do yet; use train.zero_stage=2")
     if m.freeze:

@@ -172,14 +172,14 @@ def test_refusals_are_one_line(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # untouched
 
 
-def checkpoint_dir(recipe, root, step: int):
+def checkpoint_dir(recipe, root, step: int, name: str = "checkpoint_000001"):
     """A checkpoint laid out as training writes one (DeepSpeed's ZeRO-0/1/2 module states under ds/, the resolved
     recipe beside them), holding a model whose weights are not the recipe's initial ones."""
     module = build_module(recipe, rank=0, world_size=1)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.1)
-    ckpt = root / "checkpoint_000001"
+    ckpt = root / name
     (ckpt / CKPT_TAG).mkdir(parents=True)
     torch.save({"module": module.state_dict(), "step": step}, ckpt / CKPT_TAG / "mp_rank_00_model_states.pt")
     (ckpt / RECIPE_FILE).write_text(to_yaml(recipe))
@@ -203,3 +203,68 @@ def test_export_command_on_a_checkpoint(tmp_path, capsys):
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --format hf: the run's tokenizer is the data's word")
+
+
+def test_export_register_logs_a_logged_model_linked_to_the_run(tmp_path, capsys):
+    """--register: the export becomes an MLflow LoggedModel of the run that trained it (its artifacts the exported
+    files, its metrics the run's eval metrics at the checkpoint's step) and a registered model version."""
+    from mlflow import MlflowClient
+
+    from towerlab.tracking import MlflowRun
+    from towerlab.train.checkpoint import RUN_FILE
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run = MlflowRun.start(uri, "exp", "r", params={}, tags={})
+    run.log_metrics({"eval/zeroshot/top1": 0.25}, step=3)
+    run.log_metrics({"eval/zeroshot/top1": 0.5}, step=7)
+    run.log_metrics({"eval/zeroshot/top1": 0.75}, step=9)  # after the checkpoint: not its metric
+    run.end()
+    recipe = load_recipe(None, [])
+    run_dir = tmp_path / "results" / "r"
+    checkpoint_dir(recipe, run_dir, step=7)
+    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.run_id}))
+    out = tmp_path / "oc"
+    assert main(["export", str(run_dir), "--format", "open_clip", "--out", str(out), "--register", "digits",
+                 "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("exp").experiment_id
+    models = client.search_logged_models([exp])
+    assert len(models) == 1
+    m = models[0]
+    assert m.source_run_id == run.run_id and "READY" in str(m.status)
+    assert {(x.key, x.value, x.step) for x in m.metrics} == {("eval/zeroshot/top1", 0.5, 7)}
+    files = {f.path for f in client.list_logged_model_artifacts(m.model_id)}
+    assert {"open_clip_model.safetensors", "open_clip_config.json"} <= files
+    versions = client.search_model_versions("name='digits'")
+    assert [(v.source, v.run_id) for v in versions] == [(f"models:/{m.model_id}", run.run_id)]
+
+
+def test_log_run_models_logs_the_last_and_the_best_checkpoint(tmp_path):
+    from mlflow import MlflowClient
+
+    from towerlab.tracking import MlflowRun
+    from towerlab.train.checkpoint import RUN_FILE
+    from towerlab.train.export import log_run_models
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run = MlflowRun.start(uri, "exp", "r", params={}, tags={})
+    run.log_metrics({"eval/zeroshot/top1": 0.9, "eval/retrieval/recall_at_1_i2t": 0.1}, step=3)
+    run.log_metrics({"eval/zeroshot/top1": 0.5, "eval/retrieval/recall_at_1_i2t": 0.2}, step=7)
+    run.end()
+    recipe = load_recipe(None, [])
+    run_dir = tmp_path / "results" / "r"
+    checkpoint_dir(recipe, run_dir, step=3, name="checkpoint_000001")
+    checkpoint_dir(recipe, run_dir, step=7, name="checkpoint_000002")
+    (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.run_id}))
+    ids = log_run_models(run_dir, uri, metric="eval/zeroshot/top1", warn=lambda m: None)
+    assert set(ids) == {"last", "best"} and ids["last"] != ids["best"]
+    client = MlflowClient(uri)
+    best, last = client.get_logged_model(ids["best"]), client.get_logged_model(ids["last"])
+    assert (best.tags["towerlab.step"], best.tags["towerlab.role"]) == ("3", "best")
+    assert (last.tags["towerlab.step"], last.tags["towerlab.role"]) == ("7", "last")
+    assert {(x.key, x.value) for x in best.metrics} == {("eval/zeroshot/top1", 0.9),
+                                                       ("eval/retrieval/recall_at_1_i2t", 0.1)}
+    # the weights are stored once per logged model: one safetensors file each
+    for mid in ids.values():
+        names = [f.path for f in client.list_logged_model_artifacts(mid)]
+        assert names.count("open_clip_model.safetensors") == 1
