@@ -100,14 +100,41 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
+def _hf_file(name: str, filename: str) -> str | None:
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(resolve_hf(name), filename, _raise_exceptions_for_missing_entries=False)
+    except OSError as e:
+        raise ConfigError(f"{KEY}=hf:{name}: cannot read {filename} ({str(e).splitlines()[0]})") from None
+
+
+def hf_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A save_pretrained folder's (or Hub model's) weights, read from its files: model.safetensors, its sharded
+    index, or pytorch_model.bin. Not through CLIPModel.from_pretrained: under ZeRO-3 this runs inside
+    deepspeed.zero.Init, which would partition a transformers model built there, and whose patched tensor
+    constructors break transformers' first import of its modelling code (torch._dynamo's polyfills)."""
+    path = _hf_file(name, "model.safetensors")
+    if path:
+        return _read_state_dict(Path(path))
+    index = _hf_file(name, "model.safetensors.index.json")
+    if index:
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
+            sd.update(_read_state_dict(Path(_hf_file(name, shard) or shard)))
+        return sd
+    path = _hf_file(name, "pytorch_model.bin")
+    if path:
+        return _read_state_dict(Path(path))
+    raise ConfigError(f"{KEY}=hf:{name}: no model.safetensors or pytorch_model.bin: not a save_pretrained folder")
+
+
 def load_into(model: nn.Module, spec: str) -> None:
     """Copy the checkpoint's weights into `model` (a ContrastiveModel built from the configured section)."""
     loader, name = parse(spec, KEY, LOADERS)
     if loader == "hf":
-        from transformers import CLIPModel
-
         _hf_config(name)  # refuses a SigLIP or other checkpoint before its weights are read
-        sd = adapters.from_hf_clip(hf_call(CLIPModel, name, KEY).state_dict())
+        sd = adapters.from_hf_clip(hf_state_dict(name))
     else:
         _, file = _open_clip_parts(name)
         sd = adapters.from_open_clip(_read_state_dict(file))
