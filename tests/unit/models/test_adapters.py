@@ -129,3 +129,21 @@ def test_image_mean_and_std_reach_the_decoder():
     out = decode(png_bytes(pixels), 4, mean=MEAN, std=STD)
     np.testing.assert_allclose(out[:, 0, 0], (1.0 - np.array(MEAN)) / np.array(STD), rtol=1e-6)
     np.testing.assert_allclose(decode(png_bytes(pixels), 4)[:, 0, 0], [1.0, 1.0, 1.0])  # the default: [-1, 1]
+
+
+def test_tiny_clip_for_the_finetune_recipe(tmp_path, repo_root):
+    """`towerlab recipes tiny-clip DIR` writes a CLIPModel folder the fine-tuning recipe's smoke preset imports:
+    the image tower locked (LiT), the digits' captions and prompts all in its tokenizer's vocabulary."""
+    from towerlab.cli import main
+    from towerlab.data.digits import CAPTIONS, NAMES, PROMPTS
+
+    out = tmp_path / "tiny-clip"
+    assert main(["recipes", "tiny-clip", str(out)]) == 0
+    recipe = load_recipe(repo_root / "recipes" / "digits_clip_finetune.yaml",
+                         ["preset=smoke", f"model.pretrained=hf:{out}"])
+    model = ContrastiveModel(recipe.model)
+    trains = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("towers.")}
+    assert trains == {"text"}
+    texts = [t.format(name=n, digit=d) for t in CAPTIONS + PROMPTS for d, n in enumerate(NAMES)]
+    ids = HFTokenizer(recipe.model.pretrained, recipe.model.text.context_length).encode_batch(texts)
+    assert not (ids == 1).any() and (ids == recipe.model.text.eos_id).sum(axis=1).tolist() == [1] * len(texts)
