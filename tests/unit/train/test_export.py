@@ -268,3 +268,21 @@ def test_log_run_models_logs_the_last_and_the_best_checkpoint(tmp_path):
     for mid in ids.values():
         names = [f.path for f in client.list_logged_model_artifacts(mid)]
         assert names.count("open_clip_model.safetensors") == 1
+
+
+def test_sigmoid_loss_run_exports_as_clipmodel_with_its_bias(clip_dir, tmp_path):
+    from transformers import CLIPModel
+
+    recipe = load_recipe(None, [f"model.pretrained=hf:{clip_dir}", "loss.name=siglip"])
+    model = trained(recipe)
+    assert model.logit_bias is not None
+    warnings: list[str] = []
+    out = export_model(model, recipe, "hf", tmp_path / "hf", warn=warnings.append)
+    assert len(warnings) == 1 and "exports as transformers' CLIPModel" in warnings[0]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["towerlab_logit_bias"] == pytest.approx(model.logit_bias.item())
+    hf = CLIPModel.from_pretrained(out).eval()
+    x = images(recipe)
+    with torch.no_grad():
+        torch.testing.assert_close(features(hf.get_image_features(pixel_values=x)), model.towers["image"](x),
+                                   atol=1e-5, rtol=0)
