@@ -88,6 +88,10 @@ def model_config_from_hf(cfg: Any, preprocessor: dict | None, model: ModelConfig
     # transformers pools at the first eos_token_id, except that eos_token_id == 2 (configs written before its
     # PR #24773) means the highest id, OpenAI's end-of-text
     mt.pool, mt.eos_id = ("argmax", 2) if t.eos_token_id == 2 else ("eos", int(t.eos_token_id))
+    for tower, c, m in (("vision_config", v, mv), ("text_config", t, mt)):
+        if int(m.width * m.mlp_ratio) != c.intermediate_size:  # the towers size their MLP as int(width * ratio)
+            raise refuse("model.pretrained", f"{tower}.intermediate_size={c.intermediate_size} is not expressible "
+                                             f"as int(hidden_size x mlp_ratio)")
     if preprocessor:
         mv.mean = [float(x) for x in preprocessor.get("image_mean", mv.mean)]
         mv.std = [float(x) for x in preprocessor.get("image_std", mv.std)]
