@@ -286,3 +286,31 @@ def test_sigmoid_loss_run_exports_as_clipmodel_with_its_bias(clip_dir, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(features(hf.get_image_features(pixel_values=x)), model.towers["image"](x),
                                    atol=1e-5, rtol=0)
+
+
+def test_open_clip_state_dict_made_by_open_clip_imports(tmp_path):
+    """An OpenCLIP checkpoint OpenCLIP itself made (its CLIP class, random weights, argmax text pooling,
+    quick_gelu) imported with model.pretrained=open_clip:CONFIG:FILE gives OpenCLIP's embeddings."""
+    cfg = {"embed_dim": 16, "quick_gelu": True,
+           "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 8, "patch_size": 4},
+           "text_cfg": {"context_length": 10, "vocab_size": 50, "width": 32, "heads": 4, "layers": 2}}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    with open_clip_model() as oc:
+        ref = oc.CLIP(**cfg).eval()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        torch.save(ref.state_dict(), tmp_path / "tiny.pt")
+        recipe = load_recipe(None, [f"model.pretrained=open_clip:{tmp_path / 'tiny.json'}:{tmp_path / 'tiny.pt'}"])
+        assert (recipe.model.text.pool, recipe.model.vision.act, recipe.model.vision.heads) == ("argmax",
+                                                                                                  "quick_gelu", 4)
+        model = ContrastiveModel(recipe.model).eval()
+        tokens = torch.randint(1, 40, (3, 10), generator=torch.Generator().manual_seed(1))
+        tokens[:, 6] = 49  # the highest id: OpenAI's end-of-text, where argmax pools
+        tokens[:, 7:] = 0
+        x = images(recipe)
+        with torch.no_grad():
+            torch.testing.assert_close(model.towers["image"](x), ref.encode_image(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.towers["text"](tokens), ref.encode_text(tokens), atol=1e-5, rtol=0)
+        assert model.logit_scale.item() == pytest.approx(ref.logit_scale.item())
