@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"  # torch named again: nothing may upgrade it
+	# OpenCLIP, the export tests' reference model, without its dependencies: they pull torchvision, whose PyPI build
+	# fails to import beside a CPU build of torch; the tests import open_clip.model alone, which needs only torch
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch
 	@touch $(STAMP)
 
 demo: setup

@@ -1,5 +1,6 @@
 """CLI commands that act on recorded runs: `towerlab eval` (the recipe's evaluators on a saved checkpoint),
-`towerlab reproduce` (rerun a run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
+`towerlab export` (a checkpoint as a transformers CLIPModel or OpenCLIP directory), `towerlab reproduce` (rerun a
+run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
 """
 
 from __future__ import annotations
@@ -28,32 +29,73 @@ def _uri(flag: str | None) -> str:
     return uri
 
 
-def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str, float], int, str]:
-    """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path)."""
+def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str | None = None,
+                        overrides: list[str] | tuple = ()) -> tuple[dict[str, float], int, str]:
+    """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path). A model rather
+    than a run (hf:NAME, open_clip:ARCH:FILE, or a directory `towerlab export` or save_pretrained wrote) is
+    evaluated untrained, with the data and evaluators of `recipe_path` (default: towerlab's defaults) and
+    `overrides`."""
     import torch
 
     from towerlab.data.pipeline import preprocessor
+    from towerlab.models.imported import spec_of
     from towerlab.train.checkpoint import load_model, resolve_target
     from towerlab.train.evaluate import Evaluators
     from towerlab.train.dataset import ensure_data
 
-    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
-    t = resolve_target(target, uri)
-    model, step = load_model(t.checkpoint, t.recipe)
-    manifest = ensure_data(t.recipe)
+    spec = spec_of(target)
+    if spec is not None:
+        from towerlab.models import ContrastiveModel
+        from towerlab.train.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, [*overrides, f"model.pretrained={spec}"])
+        lc = recipe.loss
+        model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init).eval()
+        step, where = 0, spec
+    else:
+        if recipe_path or overrides:
+            raise ConfigError("--recipe and overrides apply to a model directory (hf:, open_clip:, an export); a "
+                              "checkpoint is evaluated with the recipe it was trained with")
+        uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
+        t = resolve_target(target, uri)
+        recipe = t.recipe
+        model, step = load_model(t.checkpoint, recipe)
+        where = str(t.checkpoint)
+    manifest = ensure_data(recipe)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    evaluators = Evaluators(t.recipe, manifest, preprocessor(t.recipe, manifest, train=False))
-    return evaluators(model, step, names=list(t.recipe.evals)), step, str(t.checkpoint)
+    evaluators = Evaluators(recipe, manifest, preprocessor(recipe, manifest, train=False))
+    return evaluators(model, step, names=list(recipe.evals)), step, where
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    metrics, step, ckpt = evaluate_checkpoint(args.target, args.tracking_uri)
+    metrics, step, ckpt = evaluate_checkpoint(args.target, args.tracking_uri, args.recipe, args.overrides)
     table = Table("metric", "value", title=f"{ckpt} (step {step})")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     console.print(table)
     if args.json:
         atomic_write(args.json, json.dumps({"checkpoint": ckpt, "step": step, "metrics": metrics}, indent=1))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from towerlab.train.export import export
+
+    uri = _uri(args.tracking_uri) if args.tracking_uri or not Path(args.target).is_dir() else None
+    out = export(args.target, args.format, args.out, uri, warn=lambda msg: err.print(msg, highlight=False,
+                                                                                      markup=False))
+    console.print(f"exported {args.format} to {out}", highlight=False)
+    if args.register:
+        from towerlab.tracking.logged_models import log_model, metrics_at
+        from towerlab.train.export import EXPORT_FILE
+
+        marker = json.loads((out / EXPORT_FILE).read_text())
+        run_id, step = marker.get("mlflow_run_id"), int(marker.get("step", 0))
+        uri = _uri(args.tracking_uri)
+        metrics = metrics_at(uri, run_id, step) if run_id else {}
+        model_id = log_model(uri, run_id, out, name=f"{args.register}-step{step}", step=step, metrics=metrics,
+                             params={"format": args.format}, register=args.register)
+        console.print(f"logged model {model_id} and registered it as {args.register}", highlight=False)
     return 0
 
 
@@ -151,12 +193,25 @@ def _experiment(client, name: str, uri: str):
 
 
 def register(sub) -> None:
-    """`eval`, `reproduce` and `ui` under the top-level parser's subcommands."""
-    e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint")
-    e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
+    """`eval`, `export`, `reproduce` and `ui` under the top-level parser's subcommands."""
+    e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint, or on a model directory")
+    e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory; or a model: "
+                                  "hf:NAME, open_clip:ARCH:FILE, a `towerlab export` or save_pretrained directory")
+    e.add_argument("overrides", nargs="*", help="for a model: dotted recipe overrides, e.g. data.source=digits")
+    e.add_argument("--recipe", help="for a model: the recipe whose data and evaluators to use (default: defaults)")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a checkpoint as a transformers CLIPModel (hf) or OpenCLIP directory")
+    x.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory")
+    x.add_argument("--format", required=True, choices=("hf", "open_clip"),
+                   help="hf: CLIPModel.from_pretrained loads it; open_clip: open_clip.create_model('local-dir:DIR')")
+    x.add_argument("--out", required=True, help="a new or empty directory (or one an earlier export wrote)")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id and --register)")
+    x.add_argument("--register", metavar="NAME", help="also log the export as an MLflow LoggedModel of its run "
+                                                      "(with the run's eval metrics at its step) and register it")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce", help="rerun a run from its MLflow record (recipe, commit, data, versions)")
     r.add_argument("run_id", help="MLflow run id")

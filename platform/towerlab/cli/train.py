@@ -214,6 +214,20 @@ def recipe_reference() -> str:
     return render(Recipe, VARIANTS, choices)
 
 
+def cmd_recipes_tiny_clip(args: argparse.Namespace) -> int:
+    from towerlab.data.digits import CAPTIONS, NAMES, PROMPTS
+    from towerlab.data.tokenizer import words
+    from towerlab.models.tiny_clip import make_tiny_clip
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: not empty; give a new directory for the tiny CLIP model")
+    texts = [t.format(name=n, digit=d) for t in CAPTIONS + PROMPTS for d, n in enumerate(NAMES)]
+    make_tiny_clip(out, sorted({w for t in texts for w in words(t)}))
+    console.print(f"wrote a tiny random CLIPModel (digits vocabulary) to {out}", highlight=False)
+    return 0
+
+
 def cmd_recipes_reference(args: argparse.Namespace) -> int:
     text = recipe_reference()
     if args.write is None:
@@ -251,6 +265,10 @@ def register(sub) -> None:
     rp.add_argument("recipe", help="recipe YAML file")
     rp.add_argument("overrides", nargs="*", help="dotted overrides")
     rp.set_defaults(func=cmd_recipes_params)
+    rt = r.add_parser("tiny-clip", help="write a tiny random CLIPModel folder (digits vocabulary) for offline "
+                                        "smoke runs of model.pretrained recipes")
+    rt.add_argument("out", help="a new directory, e.g. models/tiny-clip")
+    rt.set_defaults(func=cmd_recipes_tiny_clip)
     rr = r.add_parser("reference", help="every recipe key with its type, default and meaning (docs/recipes.md)")
     rr.add_argument("--write", metavar="PATH", help="write it to PATH (default: print it)")
     rr.set_defaults(func=cmd_recipes_reference)

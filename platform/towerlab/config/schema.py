@@ -120,6 +120,13 @@ class VisionConfig:
     pretrained: str = ""
     """Empty: build the ViT above; hf:NAME (Hugging Face encoder: local dir or Hub id) or timm:NAME loads a pretrained
     encoder whose own sizes then apply (image_size still sizes the data)."""
+    act: str = "gelu"
+    """The MLP activation of the ViT's blocks: gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh."""
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel mean subtracted from pixels scaled to [0, 1] (with std: [0.5]*3 maps them to [-1, 1]); an
+    imported model (model.pretrained) sets its own."""
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    """Per-channel standard deviation the centred pixels are divided by."""
 
 
 @dataclass
@@ -141,6 +148,14 @@ class TextConfig:
     pretrained: str = ""
     """Empty: build the transformer above; hf:NAME loads a pretrained encoder with its own tokenizer (local dir,
     packaged model such as sentence-transformers/all-MiniLM-L6-v2, or Hub id)."""
+    act: str = "gelu"
+    """The MLP activation of the text transformer's blocks: gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh."""
+    pool: str = "last"
+    """Where the text tower pools: last (the last non-padding token, id 0 pads: the word vocabulary's EOT) | eos
+    (the first eos_id: CLIP tokenizers, which may pad with their end-of-text token) | argmax (the highest id:
+    OpenAI's CLIP vocabulary)."""
+    eos_id: int = 2
+    """The end-of-text id that pool=eos looks for."""
 
 
 @dataclass
@@ -176,6 +191,10 @@ class ModelConfig:
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch) whose gradients are switched off, e.g. "towers.text.encoder.*" for LiT; each
     must match (`towerlab recipes params RECIPE` lists the names)."""
+    pretrained: str = ""
+    """A whole two-tower checkpoint to start from: hf:DIR or hf:HUB_ID (a transformers CLIPModel), or
+    open_clip:ARCH:FILE (an OpenCLIP state dict and its model config). Its architecture, tokenizer and image
+    preprocessing replace the recipe's arch, vision and text sizes; towerlab's own towers hold its weights."""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Image encoding, decoding and augmentation (PIL + numpy), shared by shard writing, Ray Data and evaluation.
 
-Decoded images are float32 CHW in [-1, 1]. Augmentation is a random resized crop (area fraction in
-[crop_scale_min, 1], aspect ratio in [3/4, 4/3]), an optional horizontal flip, and an optional colour jitter
-(brightness, contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], PIL's ImageEnhance).
+Decoded images are float32 CHW, normalised as (pixel / 255 - mean) / std per channel: [-1, 1] with towerlab's
+default mean = std = 0.5, or an imported model's own statistics (CLIP's, for instance).
+
+Augmentation is a random resized crop (area fraction in [crop_scale_min, 1], aspect ratio in [3/4, 4/3]), an
+optional horizontal flip, and an optional colour jitter (brightness, contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], PIL's ImageEnhance).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def colour_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -
     return img
 
 
-def decode(data: bytes, size: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+def decode(data: bytes, size: int, augment: AugmentConfig | None = None, rng: np.random.Generator | None = None,
+           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     box = None
     if augment is not None and augment.random_resized_crop:
@@ -47,7 +50,8 @@ def decode(data: bytes, size: int, augment: AugmentConfig | None = None, rng: np
     img = img.resize((size, size), Image.BILINEAR, box=box)
     if augment is not None and augment.colour_jitter and augment.colour_jitter_strength > 0:
         img = colour_jitter(img, augment.colour_jitter_strength, rng or np.random.default_rng())
-    arr = np.asarray(img, dtype=np.float32) * (2.0 / 255.0) - 1.0
+    m, sd = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    arr = (np.asarray(img, dtype=np.float32) * (1.0 / 255.0) - m) / sd
     if augment is not None and augment.flip and (rng or np.random.default_rng()).random() < 0.5:
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

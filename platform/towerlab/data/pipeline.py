@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -31,12 +32,13 @@ class Preprocessor:
 
     def __init__(self, vocab: list[str], image_size: int, context_length: int, vocab_size: int,
                  augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1,
-                 pretrained_text: str = ""):
+                 pretrained_text: str = "", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         if pretrained_text:  # a pretrained text tower reads its own tokenizer's ids, not the data's vocabulary
             self.tokenizer = HFTokenizer(pretrained_text, context_length)
         else:
             self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
         self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
         self.k = captions_per_image
         self.token_augment = TokenAugment(vocab[:vocab_size], augment)
@@ -51,7 +53,7 @@ class Preprocessor:
     def __call__(self, batch: dict) -> dict:
         from towerlab.data.images import decode
 
-        images = np.stack([decode(b, self.image_size, self.augment, self.rng) for b in batch["image"]])
+        images = np.stack([decode(b, self.image_size, self.augment, self.rng, self.mean, self.std) for b in batch["image"]])
         text = self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
         n = len(images)
         out = {
@@ -70,7 +72,25 @@ def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_i
     return Preprocessor(manifest.vocab, recipe.model.vision.image_size, recipe.model.text.context_length,
                         recipe.model.text.vocab_size, recipe.data.augment if train else None,
                         seed=None if train else 0, captions_per_image=captions_per_image if train else 1,
-                        pretrained_text=recipe.model.text.pretrained)
+                        pretrained_text=tokenizer_spec(recipe), mean=recipe.model.vision.mean,
+                        std=recipe.model.vision.std)
+
+
+def tokenizer_spec(recipe: Recipe) -> str:
+    """The Hugging Face tokenizer the run reads, "" for the data's word vocabulary: a pretrained text tower's, an
+    imported two-tower model's (model.pretrained: hf:DIR), or the one `towerlab export --format open_clip` wrote
+    beside an OpenCLIP state dict (model.pretrained: open_clip:ARCH:FILE, FILE's directory holding
+    tokenizer_config.json)."""
+    m = recipe.model
+    if m.text.pretrained:
+        return m.text.pretrained
+    if m.pretrained.startswith("hf:"):
+        return m.pretrained
+    if m.pretrained.startswith("open_clip:"):
+        folder = Path(m.pretrained.rpartition(":")[2]).expanduser().parent
+        if (folder / "tokenizer_config.json").is_file():
+            return f"hf:{folder}"
+    return ""
 
 
 # Below this many bytes of shards, the driver reads the raw rows itself (pyarrow, well under a second) and hands

@@ -5,7 +5,8 @@ optimizer step (CLIP clamps at 100). Its initial value comes from the recipe's l
 and the bias's from loss.bias_init: towerlab.losses.base.LogitScaleInit, which every loss config inherits.
 
 A tower is built from the recipe's sizes, or loaded pretrained (`model.{vision,text}.pretrained`, see
-pretrained.py); `model.freeze` patterns then switch off the gradients of the parameters they name.
+pretrained.py); a whole checkpoint (`model.pretrained`, see imported.py) is copied into the built towers;
+`model.freeze` patterns then switch off the gradients of the parameters they name.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class ContrastiveModel(nn.Module):
                                         requires_grad=learn_temperature)
         self.logit_bias = nn.Parameter(torch.full((1,), float(bias_init))) if bias_init is not None else None
         self.max_log_scale = math.log(max_logit_scale)
+        if cfg.pretrained and load_weights:  # a whole CLIP checkpoint onto these towers (models/imported.py)
+            from towerlab.models.imported import load_into
+
+            load_into(self, cfg.pretrained)
         freeze(self, cfg.freeze)
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:

@@ -46,16 +46,27 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with (transformers' quick_gelu)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# the MLP activations a tower can use (`act` in the recipe), named as transformers' hidden_act names them
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
 class Block(nn.Module):
     """Pre-LN transformer block (OpenCLIP's ResidualAttentionBlock)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu"):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask)
@@ -63,9 +74,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str = "gelu"):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +106,7 @@ class VisionTower(_Tower):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
 
@@ -108,13 +119,15 @@ class VisionTower(_Tower):
 
 
 class TextTower(_Tower):
-    """Causal transformer over token ids; the sequence is pooled at its last non-padding token (the EOT token)."""
+    """Causal transformer over token ids; the sequence is pooled at its end-of-text token, found as `cfg.pool`
+    says (see `eot_index`)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
+        self.pool, self.eos_id = cfg.pool, cfg.eos_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, embed_dim))
         mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
@@ -124,9 +137,19 @@ class TextTower(_Tower):
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, self.attn_mask[:L, :L].to(x.dtype)))
-        # padding id is 0, so the EOT position is the count of non-zero ids minus one
-        eot = (tokens != 0).sum(dim=1).clamp(min=1) - 1
+        eot = eot_index(tokens, self.pool, self.eos_id)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+
+def eot_index(tokens: torch.Tensor, pool: str, eos_id: int) -> torch.Tensor:
+    """Where each sequence's end-of-text token is. last: the last non-padding token (padding id 0: the word
+    vocabulary ends every caption with its EOT); eos: the first `eos_id` (CLIP tokenizers, which may pad with the
+    end-of-text token itself); argmax: the highest id (OpenAI's CLIP vocabulary, whose EOT is its last id)."""
+    if pool == "eos":
+        return (tokens == eos_id).int().argmax(dim=1)
+    if pool == "argmax":
+        return tokens.int().argmax(dim=1)
+    return (tokens != 0).sum(dim=1).clamp(min=1) - 1
 
 
 class SignalTower(nn.Module):

@@ -16,8 +16,10 @@ from towerlab import losses
 from towerlab.config import DEFAULT_EVALS, ConfigError, Recipe, Variant, load_structured, read_yaml
 from towerlab.config.checks import check_recipe
 from towerlab.data import SOURCES
+from towerlab.data.pipeline import tokenizer_spec
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
+from towerlab.models.towers import ACTIVATIONS
 from towerlab.train.memory import validate_scale
 from towerlab.train.evaluate import validate_evals
 from towerlab.util import did_you_mean
@@ -47,6 +49,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
         base["evals"] = DEFAULT_EVALS
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
+    if recipe.model.pretrained:  # the checkpoint's own architecture, tokenizer and image statistics
+        from towerlab.models.imported import configure
+
+        configure(recipe.model)
     validate(recipe)
     return recipe
 
@@ -79,6 +85,14 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"loss.modalities={list(r.loss.modalities)}: the model has no tower for {missing} (it has "
                           f"{towers}); a 'signal' tower needs model.signal.dim > 0 and data.source=synthetic3")
     losses.check_config(r.loss)
+    for tower, c in (("vision", r.model.vision), ("text", r.model.text)):
+        if c.act not in ACTIVATIONS:
+            raise ConfigError(f"model.{tower}.act={c.act!r}: use one of {', '.join(ACTIVATIONS)}")
+    if r.model.text.pool not in ("last", "eos", "argmax"):
+        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use last, eos or argmax")
+    v = r.model.vision
+    if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
+        raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)
@@ -91,6 +105,7 @@ def validate_pretrained(r: Recipe) -> None:
     m = r.model
     if m.text.pretrained:
         parse(m.text.pretrained, "model.text.pretrained", ("hf",))
+    if tokenizer_spec(r):
         a = r.data.augment
         if a.token_mask or a.stopword_removal:
             raise ConfigError("data.augment.token_mask / stopword_removal act on the data's word vocabulary, which a "
