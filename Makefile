@@ -6,6 +6,7 @@ STAMP   := $(VENV)/.towerlab-installed
 # torch 2.13.0 first, by itself: on CPU machines pip takes the CPU build from the local wheel cache; a range
 # resolved together with other packages could pull a multi-GB CUDA build instead.
 TORCH   ?= torch==2.13.0
+OPEN_CLIP ?= open-clip-torch==3.3.0
 
 .PHONY: setup demo test test-system test-unit bench docs clean
 
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"  # torch named again: nothing may upgrade it
+	# CLIP's BPE vocabulary (model.text.tokenizer=clip_bpe) ships in open-clip-torch; --no-deps: its torchvision and
+	# timm requirements would pull a CUDA torch. towerlab reads only its vocabulary file (and the tests its tokenizer).
+	$(BIN)/python -m pip install -q --no-deps "$(OPEN_CLIP)"
 	@touch $(STAMP)
 
 demo: setup

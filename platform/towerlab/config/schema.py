@@ -67,6 +67,11 @@ class TextConfig:
     # "" builds the transformer above over the data's word vocabulary; hf:NAME loads a pretrained encoder and its
     # own tokenizer (a local dir, a packaged model such as sentence-transformers/all-MiniLM-L6-v2, or a Hub id)
     pretrained: str = ""
+    tokenizer: str = "words"
+    """How captions become ids for a text tower trained from scratch: words (a word vocabulary built from the training
+    captions; prepared towerlab data only) | clip_bpe (CLIP's 49,408-token byte-level BPE from the open-clip-torch
+    wheel: dataset-independent, no unknown tokens; needs model.text.vocab_size >= 49408). Pretrained text towers
+    use their own tokenizer."""
 
 
 @dataclass

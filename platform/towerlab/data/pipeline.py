@@ -22,6 +22,7 @@ from towerlab.config.schema import AugmentConfig, Recipe
 from towerlab.data.formats import read_rows, read_table, wds_row
 from towerlab.data.shards import Manifest
 from towerlab.data.text_augment import TokenAugment, captions_of, choose
+from towerlab.data.bpe import ClipBPETokenizer
 from towerlab.data.tokenizer import HFTokenizer, Tokenizer
 
 
@@ -31,9 +32,11 @@ class Preprocessor:
 
     def __init__(self, vocab: list[str], image_size: int, context_length: int, vocab_size: int,
                  augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1,
-                 pretrained_text: str = ""):
+                 pretrained_text: str = "", tokenizer: str = "words"):
         if pretrained_text:  # a pretrained text tower reads its own tokenizer's ids, not the data's vocabulary
             self.tokenizer = HFTokenizer(pretrained_text, context_length)
+        elif tokenizer == "clip_bpe":  # dataset-independent: the data's vocabulary is not read
+            self.tokenizer = ClipBPETokenizer(context_length)
         else:
             self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
         self.image_size = image_size
@@ -70,7 +73,7 @@ def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_i
     return Preprocessor(manifest.vocab, recipe.model.vision.image_size, recipe.model.text.context_length,
                         recipe.model.text.vocab_size, recipe.data.augment if train else None,
                         seed=None if train else 0, captions_per_image=captions_per_image if train else 1,
-                        pretrained_text=recipe.model.text.pretrained)
+                        pretrained_text=recipe.model.text.pretrained, tokenizer=recipe.model.text.tokenizer)
 
 
 # Below this many bytes of shards, the driver reads the raw rows itself (pyarrow, well under a second) and hands

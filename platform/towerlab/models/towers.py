@@ -108,7 +108,8 @@ class VisionTower(_Tower):
 
 
 class TextTower(_Tower):
-    """Causal transformer over token ids; the sequence is pooled at its last non-padding token (the EOT token)."""
+    """Causal transformer over token ids; the sequence is pooled at its end-of-text token: the last non-padding
+    token for the word vocabulary, the largest id (argmax) for CLIP's BPE."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
@@ -119,13 +120,20 @@ class TextTower(_Tower):
         self.text_projection = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, embed_dim))
         mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
         self.register_buffer("attn_mask", mask, persistent=False)
+        self.pool_argmax = cfg.tokenizer == "clip_bpe"
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, self.attn_mask[:L, :L].to(x.dtype)))
-        # padding id is 0, so the EOT position is the count of non-zero ids minus one
-        eot = (tokens != 0).sum(dim=1).clamp(min=1) - 1
+        if self.pool_argmax:
+            # CLIP's BPE: <end_of_text> is the largest id, and id 0 ("!") may occur inside a caption, so pool at the
+            # argmax as OpenCLIP does (text.argmax(dim=-1))
+            eot = tokens.argmax(dim=-1)
+        else:
+            # the word vocabulary: padding id is 0 and no word has it, so the EOT position is the count of non-zero
+            # ids minus one
+            eot = (tokens != 0).sum(dim=1).clamp(min=1) - 1
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
 

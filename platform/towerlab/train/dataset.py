@@ -58,3 +58,35 @@ def captions_per_image(recipe: Recipe) -> int:
     """Captions per image in a training batch: data.captions_per_image for losses that take several positives,
     else one (chosen at random among the record's captions when data.augment.caption_choice is on)."""
     return recipe.data.captions_per_image if recipe.loss.name in MULTI_POSITIVE_LOSSES else 1
+
+
+# above this share of unknown words in the zero-shot prompts, zero-shot accuracy mostly measures <unk>
+UNKNOWN_WARN = 0.5
+
+
+def prompt_unknown_share(recipe: Recipe, manifest: Manifest) -> float | None:
+    """The share of the zero-shot evaluators' prompt words that the run's word vocabulary maps to <unk>; None when
+    the run has no zero-shot prompts or its tokenizer is not the word vocabulary (BPE has no unknown token; a
+    pretrained tower's tokenizer is its own). Warns on the console when most words are unknown."""
+    from towerlab.data.tokenizer import Tokenizer
+
+    if recipe.model.text.pretrained or recipe.model.text.tokenizer != "words":
+        return None
+    prompts: list[str] = []
+    for ev in recipe.evals.values():
+        if ev.type != "zeroshot":
+            continue
+        source = manifest if ev.data in manifest.data["splits"] else None
+        if source is None and (Path(ev.data) / "manifest.json").is_file():
+            source = read_manifest(ev.data)
+        if source is not None:
+            prompts += [p for ps in source.classes.get("prompts", []) for p in ps]
+    if not prompts:
+        return None
+    t = recipe.model.text
+    share = Tokenizer(manifest.vocab, t.context_length, t.vocab_size).unknown_share(prompts)
+    if share > UNKNOWN_WARN:
+        print(f"warning: {share:.0%} of the zero-shot prompts' words are unknown to the training captions' word "
+              "vocabulary (<unk>): zero-shot accuracy will mostly measure <unk>; set model.text.tokenizer=clip_bpe "
+              "(and model.text.vocab_size=49408)")
+    return share

@@ -17,7 +17,7 @@ from towerlab.config import Recipe, flatten, resolve_batch, to_dict, to_yaml
 from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, tags as T
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE
-from towerlab.train.dataset import captions_per_image, ensure_data
+from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
 from towerlab.train.memory import check_fits
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
 from towerlab.util import atomic_write
@@ -83,6 +83,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                               parent_run_id)
         run.log_text(to_yaml(recipe), "recipe.yaml")
         run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
+        unknown = prompt_unknown_share(recipe, manifest)
+        if unknown is not None:
+            run.log_metrics({"data/prompt_unknown_share": unknown}, 0)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
     summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)

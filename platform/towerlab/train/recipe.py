@@ -106,6 +106,7 @@ def validate(r: Recipe) -> None:
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)
+    validate_tokenizer(r)
     if not r.name or "/" in r.name:
         raise ConfigError(f"name={r.name!r}: a run name is a non-empty string without '/'")
 
@@ -133,6 +134,32 @@ def validate_pretrained(r: Recipe) -> None:
 
         with torch.device("meta"):  # names and shapes only: no memory, no weights read
             ContrastiveModel(m, temperature_init=r.loss.temperature_init, load_weights=False)
+
+
+TOKENIZERS = ("words", "clip_bpe")
+
+
+def validate_tokenizer(r: Recipe) -> None:
+    """model.text.tokenizer: a known name, an embedding table that holds its ids, and no word-vocabulary
+    augmentation over BPE ids."""
+    from towerlab.data.bpe import VOCAB_SIZE
+
+    t = r.model.text
+    if t.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"model.text.tokenizer={t.tokenizer!r}: use {' or '.join(TOKENIZERS)}."
+                          f"{did_you_mean(t.tokenizer, TOKENIZERS)}")
+    if t.tokenizer != "clip_bpe":
+        return
+    if t.pretrained:
+        raise ConfigError(f"model.text.tokenizer=clip_bpe with model.text.pretrained={t.pretrained}: a pretrained "
+                          "text tower reads its own tokenizer; drop one of them")
+    if t.vocab_size < VOCAB_SIZE:
+        raise ConfigError(f"model.text.tokenizer=clip_bpe has {VOCAB_SIZE} token ids but model.text.vocab_size="
+                          f"{t.vocab_size}: set model.text.vocab_size={VOCAB_SIZE}")
+    a = r.data.augment
+    if a.token_mask or a.stopword_removal:
+        raise ConfigError("data.augment.token_mask / stopword_removal act on the word vocabulary's ids, not on "
+                          "model.text.tokenizer=clip_bpe's: turn them off")
 
 
 def data_dir(r: Recipe) -> Path | str:
