@@ -37,6 +37,26 @@ class DataConfig:
     synthetic_size: int = 2048  # rows of the synthetic source
     captions_per_image: int = 1  # >1: k captions per image as positives (decoupled_softmax, sdm; others pick one)
     bad_shards: str = "error"  # a missing or corrupt shard: error (name it and stop) | skip (train without it)
+    verify_shards: bool = False
+    """Check every prepared shard's sha256 against manifest.json before the run starts (reads the whole dataset on
+    every launch, resume and sweep trial, so off by default; a shard that cannot be read still stops the run)."""
+    paths: list[str] = field(default_factory=list)
+    """Several shard locations for data.source=webdataset, read together instead of data.path: each a directory of
+    .tar files, a brace pattern (/data/{00000..00099}.tar, s3://bucket/laion/{00000..04095}.tar) or one .tar."""
+    num_samples: Optional[int] = None
+    """Samples in foreign WebDataset shards (no towerlab manifest) when img2dataset's <shard>_stats.json files are
+    not beside every tar; neither: the driver counts them (reads every shard's tar headers)."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Member suffixes that hold a foreign WebDataset sample's image, in order of preference (OpenCLIP's defaults)."""
+    caption_key: str = "txt"
+    """Member suffix that holds a foreign WebDataset sample's caption; without it, the `caption` field of the sample's
+    .json (img2dataset writes both)."""
+    image_column: str = ""
+    """Column of foreign image-bytes Parquet (data.source=parquet without a manifest.json) holding the encoded image:
+    binary, or a struct with a `bytes` field (Hugging Face datasets' Image); "": the first of jpg (img2dataset),
+    image (Hugging Face), png, webp, jpeg."""
+    caption_column: str = ""
+    """Column of foreign image-bytes Parquet holding the caption; "": the first of caption, txt, text."""
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False

@@ -26,3 +26,9 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.captions_per_image={d.captions_per_image}: must be at least 1")
     if d.bad_shards not in ("error", "skip"):
         raise ConfigError(f"data.bad_shards={d.bad_shards!r}: use error (stop, naming the shard) or skip")
+    if d.num_samples is not None and d.num_samples < 1:
+        raise ConfigError(f"data.num_samples={d.num_samples}: must be at least 1 (or null: counted from the shards)")
+    if not d.image_keys or not all(k and "." not in k for k in d.image_keys):
+        raise ConfigError(f"data.image_keys={list(d.image_keys)}: give member suffixes without dots, e.g. [jpg, png]")
+    if not d.caption_key or "." in d.caption_key:
+        raise ConfigError(f"data.caption_key={d.caption_key!r}: give a member suffix without a dot, e.g. txt")

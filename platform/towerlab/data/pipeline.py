@@ -1,5 +1,7 @@
 """The Ray Data pipeline: read_parquet or read_webdataset over a split's shards (a local directory or a URI, one
-code path through the manifest's pyarrow filesystem) -> decode + augment + tokenize in map_batches.
+code path through the manifest's pyarrow filesystem), or for foreign WebDataset shards (img2dataset's layout, no
+manifest.json) data/foreign.py's reader -> decode + augment + tokenize in map_batches (foreign rows: dirty samples
+dropped and counted in a `skipped` column).
 
 Workers consume it with `get_dataset_shard("train").iter_torch_batches(...)`, reseeding their local shuffle buffer
 every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces; `skip_batches` starts an epoch
@@ -54,6 +56,8 @@ class Preprocessor:
     def __call__(self, batch: dict) -> dict:
         from towerlab.data.images import decode
 
+        if "problem" in batch:  # foreign (web) data: dirty samples are dropped and counted, never a crash
+            return self.tolerant(batch)
         images = np.stack([decode(b, self.image_size, self.augment, self.rng) for b in batch["image"]])
         text = self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
         n = len(images)
@@ -67,6 +71,35 @@ class Preprocessor:
         if "signal" in batch:  # a third modality's feature vectors (synthetic3): no preprocessing
             out["signal"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["signal"]])
         return out
+
+    def tolerant(self, batch: dict) -> dict:
+        """A batch of foreign rows (data/foreign.py): rows with a `problem` (no image, no caption, an unreadable
+        shard) and images that do not decode are dropped; `skipped` carries how many (on the first kept row, so the
+        training loop can sum it per epoch; a batch with no usable row at all goes uncounted)."""
+        from towerlab.data.images import decode
+
+        images, keep = [], []
+        for i, (data, problem) in enumerate(zip(batch["image"], batch["problem"])):
+            if problem:
+                continue
+            try:
+                images.append(decode(data, self.image_size, self.augment, self.rng))
+            except Exception:  # PIL raises many types for undecodable bytes (OSError, SyntaxError, ValueError, ...)
+                continue
+            keep.append(i)
+        kept = {k: [v[i] for i in keep] for k, v in batch.items() if k in ("caption", "captions", "label")}
+        n, s, L = len(keep), self.image_size, self.tokenizer.context_length
+        text = self.token_augment(self.tokenizer.encode_batch(self.texts(kept)), self.rng) if n else \
+            np.zeros((0, self.k, L) if self.k > 1 else (0, L), dtype=np.int64)
+        skipped = np.zeros(n, dtype=np.int64)
+        if n:
+            skipped[0] = len(batch["image"]) - n
+        return {
+            "image": np.stack(images) if n else np.zeros((0, 3, s, s), dtype=np.float32),
+            "text": text.reshape(n, self.k, -1) if self.k > 1 else text,
+            "label": np.asarray(kept["label"], dtype=np.int64),
+            "skipped": skipped,
+        }
 
 
 def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_image: int = 1) -> Preprocessor:
@@ -105,7 +138,11 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
     import ray.data
 
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
-    if _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
+    if manifest.data.get("foreign"):  # shards towerlab did not write, read in place (data/foreign.py)
+        from towerlab.data.foreign import read_train
+
+        ds = read_train(manifest, recipe.data)
+    elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
         fs, fmt = manifest.loc.fs, manifest.shard_format
         ds = ray.data.from_arrow([read_table(fs, f, fmt, manifest.columns) for f in manifest.files("train")])
     else:

@@ -82,7 +82,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
                               parent_run_id)
         run.log_text(to_yaml(recipe), "recipe.yaml")
-        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
+        described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
+        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint} | described),
+                     "data.json")
         unknown = prompt_unknown_share(recipe, manifest)
         if unknown is not None:
             run.log_metrics({"data/prompt_unknown_share": unknown}, 0)
@@ -110,7 +112,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
-                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint},
+                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
+                               # foreign shards have no manifest.json for the workers to read: send the listing
+                               "manifest": manifest if manifest.data.get("foreign") else None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),

@@ -42,10 +42,13 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     if chosen:
         overrides = [*preset_overrides(path, chosen[-1]), *(o for o in overrides if not o.startswith("preset="))]
     base = dict(DEFAULTS)
-    if path is None or "evals" not in read_yaml(path):
-        # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
+    if (path is None or "evals" not in read_yaml(path)) and not any(o.partition("=")[0] == "evals" for o in overrides):
+        # a default dict would merge with (not be replaced by) a recipe's own evals (or an `evals={}` override, which
+        # trains with no evaluators): add it only when there is none
         base["evals"] = DEFAULT_EVALS
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
+    if any(o.replace(" ", "") == "evals={}" for o in overrides):
+        recipe.evals = {}  # merging {} would keep a recipe file's evaluators: `evals={}` means none
     validate(recipe)
     return recipe
 
@@ -70,8 +73,19 @@ def validate(r: Recipe) -> None:
     resolve_batch(r.data.global_batch, r.train.workers, r.data.micro_batch)
     if r.data.source not in ("parquet", "webdataset") and r.data.source not in SOURCES:
         raise ConfigError(f"data.source: {SOURCES.unknown_message(r.data.source)}, parquet, webdataset")
-    if r.data.source in ("parquet", "webdataset") and not r.data.path:
-        raise ConfigError(f"data.source={r.data.source} needs data.path: a directory from `towerlab data prepare`")
+    if r.data.source == "parquet" and not (r.data.path or r.data.paths):
+        raise ConfigError("data.source=parquet needs data.path: a directory from `towerlab data prepare`, or image-bytes "
+                          "Parquet files (img2dataset's or Hugging Face datasets'): a directory, a brace pattern or "
+                          "several in data.paths")
+    if r.data.source == "webdataset" and not (r.data.path or r.data.paths):
+        raise ConfigError("data.source=webdataset needs data.path: a directory from `towerlab data prepare`, a "
+                          "directory of WebDataset .tar shards (img2dataset's output), a brace pattern such as "
+                          "/data/{00000..00099}.tar, or several in data.paths")
+    if r.data.paths and r.data.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.paths is for data.source=webdataset or parquet (foreign shards), not "
+                          f"{r.data.source}: use data.path")
+    if r.data.paths and r.data.path:
+        raise ConfigError("data.path and data.paths are both set: give the shard locations in one of them")
     validate_data(r.data)
     lo = 1.0 / r.loss.max_logit_scale
     if not lo <= r.loss.temperature_init <= 1.0:
