@@ -57,6 +57,9 @@ class DataConfig:
     image (Hugging Face), png, webp, jpeg."""
     caption_column: str = ""
     """Column of foreign image-bytes Parquet holding the caption; "": the first of caption, txt, text."""
+    resampled: bool = False
+    """Foreign shards drawn with replacement (OpenCLIP's --dataset-resampled): an epoch is data.num_samples samples
+    (default: the corpus's count) from shards drawn at random, seeded by `seed` (the same draws every epoch)."""
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False

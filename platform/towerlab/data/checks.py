@@ -32,3 +32,6 @@ def validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.image_keys={list(d.image_keys)}: give member suffixes without dots, e.g. [jpg, png]")
     if not d.caption_key or "." in d.caption_key:
         raise ConfigError(f"data.caption_key={d.caption_key!r}: give a member suffix without a dot, e.g. txt")
+    if d.resampled and d.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.resampled=true draws foreign shards with replacement; data.source={d.source} has "
+                          "none: use data.source=webdataset or parquet, or data.resampled=false")

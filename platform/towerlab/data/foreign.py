@@ -205,14 +205,29 @@ def shard_manifest(d: DataConfig, say=print) -> Manifest:
     return Manifest(Path(base), data, loc)
 
 
-def read_train(manifest: Manifest, d: DataConfig):
+def resample(manifest: Manifest, num_samples: int | None, seed: int) -> list[str]:
+    """Shards drawn with replacement, as many as cover `num_samples` samples (default: the corpus's count) at the
+    corpus's mean samples per shard; each draw is uniform over the shards (OpenCLIP's resampled sampler)."""
+    import math
+
+    import numpy as np
+
+    files = manifest.files("train")
+    total = manifest.count("train")
+    per_shard = max(1.0, total / len(files))
+    draws = max(1, math.ceil((num_samples or total) / per_shard))
+    rng = np.random.default_rng(seed)
+    return [files[i] for i in rng.integers(0, len(files), size=draws)]
+
+
+def read_train(manifest: Manifest, d: DataConfig, seed: int = 0):
     """The foreign shards as a lazy Ray Dataset of raw rows {image, caption, label, problem}: one shard per input
     row, read by Ray Data's tasks."""
     import ray.data
 
     files = manifest.files("train")
     fs = manifest.loc.fs
-    items = [{"shard": f} for f in files]
+    items = [{"shard": f} for f in (resample(manifest, d.num_samples, seed) if d.resampled else files)]
     keys = manifest.data["keys"]
     reader = ShardReader(fs, manifest.shard_format, keys["image"], keys["caption"], d.bad_shards,
                          manifest.data.get("name_prefix", ""))

@@ -141,7 +141,7 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
     if manifest.data.get("foreign"):  # shards towerlab did not write, read in place (data/foreign.py)
         from towerlab.data.foreign import read_train
 
-        ds = read_train(manifest, recipe.data)
+        ds = read_train(manifest, recipe.data, recipe.seed)
     elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
         fs, fmt = manifest.loc.fs, manifest.shard_format
         ds = ray.data.from_arrow([read_table(fs, f, fmt, manifest.columns) for f in manifest.files("train")])

@@ -295,3 +295,17 @@ def test_parquet_columns_named_or_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"data.image_column: no column 'pixels' in .*00000.parquet \(columns: key, "
                                           r"url, caption, status, jpg\): set data.image_column"):
         shard_manifest(load_recipe(None, [*base, "data.image_column=pixels"]).data, say=lambda s: None)
+
+
+def test_resampled_draws_shards_with_replacement_to_cover_an_epoch(shards):
+    from towerlab.data.foreign import resample
+
+    d = recipe(f"data.path={shards['root']}", "data.resampled=true").data
+    m = shard_manifest(d, say=lambda s: None)  # 4 shards, 24 samples: 6 per shard
+    draws = resample(m, None, seed=0)
+    assert len(draws) == 4 and set(draws) <= set(m.files("train"))
+    many = resample(m, 600, seed=0)
+    assert len(many) == 100 and len(set(many)) == 4  # with replacement: every shard, many times
+    assert many == resample(m, 600, seed=0) and many != resample(m, 600, seed=1)
+    with pytest.raises(ConfigError, match="data.resampled=true draws foreign shards"):
+        load_recipe(None, ["data.resampled=true"])
