@@ -44,8 +44,9 @@ def test_train_from_img2dataset_shards(repo_root, tmp_path, make_wds_shards, ray
     client = MlflowClient(mlflow_server)
     common = [str(repo_root / "recipes" / "debug.yaml"), "data.source=webdataset", f"data.path={shards['root']}",
               *BPE, "evals={}", "data.global_batch=16", "train.steps=4", "train.log_every=2",
-              "train.checkpoint_every=4", "--no-progress", "--tracking-uri", mlflow_server]
-    train = run_cli(["train", *common, "name=wds-foreign", "data.bad_shards=skip"], cwd=tmp_path)
+              "train.checkpoint_every=4"]
+    flags = ["--no-progress", "--tracking-uri", mlflow_server]  # after the overrides (argparse)
+    train = run_cli(["train", *common, "name=wds-foreign", "data.bad_shards=skip", *flags], cwd=tmp_path)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "5 WebDataset shard(s), 80 samples (from img2dataset's _stats.json files)" in train.stdout
     exp = client.get_experiment_by_name("towerlab")
@@ -55,7 +56,7 @@ def test_train_from_img2dataset_shards(repo_root, tmp_path, make_wds_shards, ray
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
     assert run.data.metrics["data/skipped_samples_epoch"] >= 1
 
-    bad = run_cli(["train", *common, "name=wds-foreign-bad"], cwd=tmp_path)
+    bad = run_cli(["train", *common, "name=wds-foreign-bad", *flags], cwd=tmp_path)
     assert bad.returncode != 0
     assert f"shard {shards['bad_tar']} cannot be read" in bad.stdout + bad.stderr
 
