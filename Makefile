@@ -6,6 +6,7 @@ STAMP   := $(VENV)/.towerlab-installed
 # torch 2.13.0 first, by itself: on CPU machines pip takes the CPU build from the local wheel cache; a range
 # resolved together with other packages could pull a multi-GB CUDA build instead.
 TORCH   ?= torch==2.13.0
+OPEN_CLIP ?= open-clip-torch==3.3.0
 
 .PHONY: setup demo test test-system test-unit bench docs clean
 
@@ -16,9 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]" "$(TORCH)"  # torch named again: nothing may upgrade it
-	# OpenCLIP, the export tests' reference model, without its dependencies: they pull torchvision, whose PyPI build
-	# fails to import beside a CPU build of torch; the tests import open_clip.model alone, which needs only torch
-	$(BIN)/python -m pip install -q --no-deps open-clip-torch
+	# open-clip-torch without its dependencies (torchvision and timm would pull a CUDA torch, and PyPI's torchvision
+	# fails to import beside a CPU build): towerlab reads its CLIP BPE vocabulary file (model.text.tokenizer=clip_bpe),
+	# the tests use its tokenizer and open_clip.model as reference implementations
+	$(BIN)/python -m pip install -q --no-deps "$(OPEN_CLIP)"
 	@touch $(STAMP)
 
 demo: setup

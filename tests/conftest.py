@@ -68,3 +68,81 @@ def image_folder(tmp_path) -> dict:
 @pytest.fixture
 def make_image_folder():
     return write_image_folder
+
+
+def write_img2dataset_shards(root: Path, shards: int = 2, per_shard: int = 6, size: int = 16, seed: int = 0,
+                             dirty: bool = True, corrupt_shard: bool = True) -> dict:
+    """WebDataset shards in img2dataset's exact output layout (`--output_format webdataset`), written with the
+    `webdataset` library's TarWriter (img2dataset itself does not install here: it needs OpenCV, albumentations,
+    wandb and pandas < 3). Per sample `<key>.jpg` (png in odd shards), `<key>.txt` and `<key>.json` (url, key,
+    status, caption, sizes, sha256, as img2dataset writes them), keys `<shard:05d><index:04d>`; beside each tar
+    `<shard>_stats.json` (with `successes`) and `<shard>.parquet`. With `dirty`, shard 0 also holds a corrupt image
+    (undecodable bytes under .jpg) and a sample without a caption (no .txt, no caption in its json), and the last
+    shard's samples have their caption only in the json; with `corrupt_shard`, one more tar is unreadable (a
+    truncated copy of shard 0) with its stats file. Returns what was written."""
+    import hashlib
+    import io
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from PIL import Image
+
+    colours = ["red", "green", "blue", "white"]
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {"root": root, "tars": [], "good": 0, "corrupt_image": None, "no_caption": None, "bad_tar": None}
+    for s in range(shards):
+        name = f"{s:05d}"
+        fmt = "png" if s % 2 else "jpg"
+        rows = []
+        with wds.TarWriter(str(root / f"{name}.tar")) as sink:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                label = int(rng.integers(0, 4))
+                px = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+                px[: size // 2, : size // 2, min(label, 2)] = 255
+                buf = io.BytesIO()
+                Image.fromarray(px).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
+                image = buf.getvalue()
+                caption = f"a {colours[label]} square in the corner, photo {key}"
+                meta = {"url": f"http://127.0.0.1/img/{key}.{fmt}", "key": key, "status": "success",
+                        "error_message": None, "width": size, "height": size, "original_width": size,
+                        "original_height": size, "exif": "{}", "sha256": hashlib.sha256(image).hexdigest(),
+                        "caption": caption}
+                sample = {"__key__": key, fmt: image, "json": json.dumps(meta).encode()}
+                json_only = dirty and s == shards - 1 and shards > 1
+                if not json_only:
+                    sample["txt"] = caption.encode()
+                if dirty and s == 0 and i == 1:
+                    sample[fmt] = b"\xff\xd8\xff\xe0 not really a jpeg" + bytes(64)
+                    written["corrupt_image"] = key
+                elif dirty and s == 0 and i == 2:
+                    sample.pop("txt")
+                    meta["caption"] = None
+                    sample["json"] = json.dumps(meta).encode()
+                    written["no_caption"] = key
+                else:
+                    written["good"] += 1
+                sink.write(sample)
+                rows.append({"url": meta["url"], "key": key, "status": "success", "caption": meta["caption"]})
+        pq.write_table(pa.Table.from_pylist(rows), root / f"{name}.parquet")
+        (root / f"{name}_stats.json").write_text(json.dumps(
+            {"count": per_shard, "successes": per_shard, "failed_to_download": 0, "failed_to_resize": 0,
+             "duration": 0.1, "status_dict": {"success": per_shard}}))
+        written["tars"].append(root / f"{name}.tar")
+    if corrupt_shard:
+        name = f"{shards:05d}"
+        whole = (root / "00000.tar").read_bytes()
+        (root / f"{name}.tar").write_bytes(whole[: len(whole) // 2 + 100])  # a truncated download
+        (root / f"{name}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+        written["bad_tar"] = root / f"{name}.tar"
+        written["tars"].append(root / f"{name}.tar")
+    return written
+
+
+@pytest.fixture
+def make_wds_shards():
+    return write_img2dataset_shards

@@ -49,11 +49,13 @@ def test_prepare_and_train_from_image_folder(repo_root, tmp_path, make_image_fol
         assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
         assert 0 <= run.data.metrics["eval/zeroshot/top1"] <= 1  # 4 classes from the label column
 
-    # a shard corrupted after preparing: the run stops before Ray starts, naming it, exit 2
+    # a shard corrupted after preparing: with checksum verification on (opt-in), the run stops before Ray starts,
+    # naming it, exit 2
     shard = tmp_path / "data-parquet" / "train" / "part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
     bad = run_cli(["train", str(repo_root / "recipes" / "debug.yaml"), "name=byod-bad", "data.source=parquet",
-                   f"data.path={tmp_path / 'data-parquet'}", "--no-progress", "--tracking-uri", mlflow_server],
+                   f"data.path={tmp_path / 'data-parquet'}", "data.verify_shards=true", "--no-progress",
+                   "--tracking-uri", mlflow_server],
                   cwd=tmp_path, timeout=120)
     assert bad.returncode == 2
     assert "part-00001.parquet does not match its checksum" in bad.stderr and "data.bad_shards=skip" in bad.stderr

@@ -105,8 +105,26 @@ def check_ranges(obj: Any, prefix: str) -> None:
 
 
 def check_data(d) -> None:
-    if d.source in ("parquet", "webdataset") and not d.path:
-        raise ConfigError(f"data.source={d.source} needs data.path: a directory from `towerlab data prepare`")
+    if d.source == "parquet" and not (d.path or d.paths):
+        raise ConfigError("data.source=parquet needs data.path: a directory from `towerlab data prepare`, or image-bytes "
+                          "Parquet files (img2dataset's or Hugging Face datasets'): a directory, a brace pattern or "
+                          "several in data.paths")
+    if d.source == "webdataset" and not (d.path or d.paths):
+        raise ConfigError("data.source=webdataset needs data.path: a directory from `towerlab data prepare`, a "
+                          "directory of WebDataset .tar shards (img2dataset's output), a brace pattern such as "
+                          "/data/{00000..00099}.tar, or several in data.paths")
+    if d.paths and d.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.paths is for data.source=webdataset or parquet (foreign shards), not "
+                          f"{d.source}: use data.path")
+    if d.paths and d.path:
+        raise ConfigError("data.path and data.paths are both set: give the shard locations in one of them")
+    if not d.image_keys or not all(k and "." not in k for k in d.image_keys):
+        raise ConfigError(f"data.image_keys={list(d.image_keys)}: give member suffixes without dots, e.g. [jpg, png]")
+    if not d.caption_key or "." in d.caption_key:
+        raise ConfigError(f"data.caption_key={d.caption_key!r}: give a member suffix without a dot, e.g. txt")
+    if d.resampled and d.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.resampled=true draws foreign shards with replacement; data.source={d.source} has "
+                          "none: use data.source=webdataset or parquet, or data.resampled=false")
 
 
 def check_model(m) -> None:

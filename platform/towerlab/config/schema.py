@@ -93,6 +93,29 @@ class DataConfig:
     (loss_class(name).multi_positive) use them, the others pick one."""
     bad_shards: BadShards = BadShards.error
     """What a missing or corrupt shard does: error (name it and stop) or skip (train without it, with a warning)."""
+    verify_shards: bool = False
+    """Check every prepared shard's sha256 against manifest.json before the run starts (reads the whole dataset on
+    every launch, resume and sweep trial, so off by default; a shard that cannot be read still stops the run)."""
+    paths: list[str] = field(default_factory=list)
+    """Several shard locations for data.source=webdataset, read together instead of data.path: each a directory of
+    .tar files, a brace pattern (/data/{00000..00099}.tar, s3://bucket/laion/{00000..04095}.tar) or one .tar."""
+    num_samples: Optional[int] = num(None, ge=1)
+    """Samples in foreign WebDataset shards (no towerlab manifest) when img2dataset's <shard>_stats.json files are
+    not beside every tar; neither: the driver counts them (reads every shard's tar headers)."""
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Member suffixes that hold a foreign WebDataset sample's image, in order of preference (OpenCLIP's defaults)."""
+    caption_key: str = "txt"
+    """Member suffix that holds a foreign WebDataset sample's caption; without it, the `caption` field of the sample's
+    .json (img2dataset writes both)."""
+    image_column: str = ""
+    """Column of foreign image-bytes Parquet (data.source=parquet without a manifest.json) holding the encoded image:
+    binary, or a struct with a `bytes` field (Hugging Face datasets' Image); "": the first of jpg (img2dataset),
+    image (Hugging Face), png, webp, jpeg."""
+    caption_column: str = ""
+    """Column of foreign image-bytes Parquet holding the caption; "": the first of caption, txt, text."""
+    resampled: bool = False
+    """Foreign shards drawn with replacement (OpenCLIP's --dataset-resampled): an epoch is data.num_samples samples
+    (default: the corpus's count) from shards drawn at random, seeded by `seed` (the same draws every epoch)."""
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False
@@ -150,12 +173,18 @@ class TextConfig:
     packaged model such as sentence-transformers/all-MiniLM-L6-v2, or Hub id)."""
     act: str = "gelu"
     """The MLP activation of the text transformer's blocks: gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh."""
-    pool: str = "last"
-    """Where the text tower pools: last (the last non-padding token, id 0 pads: the word vocabulary's EOT) | eos
+    pool: str = "auto"
+    """Where the text tower pools: auto (argmax for the clip_bpe tokenizer, else last) | last (the last non-padding
+    token, id 0 pads: the word vocabulary's EOT) | eos
     (the first eos_id: CLIP tokenizers, which may pad with their end-of-text token) | argmax (the highest id:
     OpenAI's CLIP vocabulary)."""
-    eos_id: int = 2
+    eos_id: int = num(2, ge=0)
     """The end-of-text id that pool=eos looks for."""
+    tokenizer: str = "words"
+    """How captions become ids for a text tower trained from scratch: words (a word vocabulary built from the training
+    captions; prepared towerlab data only) | clip_bpe (CLIP's 49,408-token byte-level BPE from the open-clip-torch
+    wheel: dataset-independent, no unknown tokens; needs model.text.vocab_size >= 49408). Pretrained text towers
+    use their own tokenizer."""
 
 
 @dataclass

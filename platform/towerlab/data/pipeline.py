@@ -1,5 +1,7 @@
 """The Ray Data pipeline: read_parquet or read_webdataset over a split's shards (a local directory or a URI, one
-code path through the manifest's pyarrow filesystem) -> decode + augment + tokenize in map_batches.
+code path through the manifest's pyarrow filesystem), or for foreign WebDataset shards (img2dataset's layout, no
+manifest.json) data/foreign.py's reader -> decode + augment + tokenize in map_batches (foreign rows: dirty samples
+dropped and counted in a `skipped` column).
 
 Workers consume it with `get_dataset_shard("train").iter_torch_batches(...)`, reseeding their local shuffle buffer
 every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces; `skip_batches` starts an epoch
@@ -23,6 +25,7 @@ from towerlab.config.schema import AugmentConfig, Recipe
 from towerlab.data.formats import read_rows, read_table, wds_row
 from towerlab.data.shards import Manifest
 from towerlab.data.text_augment import TokenAugment, captions_of, choose
+from towerlab.data.bpe import ClipBPETokenizer
 from towerlab.data.tokenizer import HFTokenizer, Tokenizer
 
 
@@ -32,9 +35,11 @@ class Preprocessor:
 
     def __init__(self, vocab: list[str], image_size: int, context_length: int, vocab_size: int,
                  augment: AugmentConfig | None, seed: int | None = None, captions_per_image: int = 1,
-                 pretrained_text: str = "", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 pretrained_text: str = "", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), tokenizer: str = "words"):
         if pretrained_text:  # a pretrained text tower reads its own tokenizer's ids, not the data's vocabulary
             self.tokenizer = HFTokenizer(pretrained_text, context_length)
+        elif tokenizer == "clip_bpe":  # dataset-independent: the data's vocabulary is not read
+            self.tokenizer = ClipBPETokenizer(context_length)
         else:
             self.tokenizer = Tokenizer(vocab, context_length, vocab_size)
         self.image_size = image_size
@@ -53,7 +58,10 @@ class Preprocessor:
     def __call__(self, batch: dict) -> dict:
         from towerlab.data.images import decode
 
-        images = np.stack([decode(b, self.image_size, self.augment, self.rng, self.mean, self.std) for b in batch["image"]])
+        if "problem" in batch:  # foreign (web) data: dirty samples are dropped and counted, never a crash
+            return self.tolerant(batch)
+        images = np.stack([decode(b, self.image_size, self.augment, self.rng, self.mean, self.std)
+                           for b in batch["image"]])
         text = self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
         n = len(images)
         out = {
@@ -67,13 +75,42 @@ class Preprocessor:
             out["signal"] = np.stack([np.asarray(v, dtype=np.float32) for v in batch["signal"]])
         return out
 
+    def tolerant(self, batch: dict) -> dict:
+        """A batch of foreign rows (data/foreign.py): rows with a `problem` (no image, no caption, an unreadable
+        shard) and images that do not decode are dropped; `skipped` carries how many (on the first kept row, so the
+        training loop can sum it per epoch; a batch with no usable row at all goes uncounted)."""
+        from towerlab.data.images import decode
+
+        images, keep = [], []
+        for i, (data, problem) in enumerate(zip(batch["image"], batch["problem"])):
+            if problem:
+                continue
+            try:
+                images.append(decode(data, self.image_size, self.augment, self.rng, self.mean, self.std))
+            except Exception:  # PIL raises many types for undecodable bytes (OSError, SyntaxError, ValueError, ...)
+                continue
+            keep.append(i)
+        kept = {k: [v[i] for i in keep] for k, v in batch.items() if k in ("caption", "captions", "label")}
+        n, s, L = len(keep), self.image_size, self.tokenizer.context_length
+        text = self.token_augment(self.tokenizer.encode_batch(self.texts(kept)), self.rng) if n else \
+            np.zeros((0, self.k, L) if self.k > 1 else (0, L), dtype=np.int64)
+        skipped = np.zeros(n, dtype=np.int64)
+        if n:
+            skipped[0] = len(batch["image"]) - n
+        return {
+            "image": np.stack(images) if n else np.zeros((0, 3, s, s), dtype=np.float32),
+            "text": text.reshape(n, self.k, -1) if self.k > 1 else text,
+            "label": np.asarray(kept["label"], dtype=np.int64),
+            "skipped": skipped,
+        }
+
 
 def preprocessor(recipe: Recipe, manifest: Manifest, train: bool, captions_per_image: int = 1) -> Preprocessor:
     return Preprocessor(manifest.vocab, recipe.model.vision.image_size, recipe.model.text.context_length,
                         recipe.model.text.vocab_size, recipe.data.augment if train else None,
                         seed=None if train else 0, captions_per_image=captions_per_image if train else 1,
                         pretrained_text=tokenizer_spec(recipe), mean=recipe.model.vision.mean,
-                        std=recipe.model.vision.std)
+                        std=recipe.model.vision.std, tokenizer=recipe.model.text.tokenizer)
 
 
 def tokenizer_spec(recipe: Recipe) -> str:
@@ -122,7 +159,11 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
     import ray.data
 
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
-    if _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
+    if manifest.data.get("foreign"):  # shards towerlab did not write, read in place (data/foreign.py)
+        from towerlab.data.foreign import read_train
+
+        ds = read_train(manifest, recipe.data, recipe.seed)
+    elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
         fs, fmt = manifest.loc.fs, manifest.shard_format
         ds = ray.data.from_arrow([read_table(fs, f, fmt, manifest.columns) for f in manifest.files("train")])
     else:

@@ -6,6 +6,8 @@ manifest, so training, evaluation and a reproduced run all map words to the same
 Ids: 0 pad, 1 unknown word, 2 end of text (the text tower pools there), then the words by decreasing frequency.
 
 `HFTokenizer`: a pretrained text tower's own tokenizer (`model.text.pretrained: hf:NAME`), loaded through hub.py.
+
+CLIP's BPE, the dataset-independent choice (`model.text.tokenizer: clip_bpe`), is in data/bpe.py.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Iterable[str]) -> np.ndarray:
         return np.stack([self.encode(t) for t in texts])
+
+    def unknown_share(self, texts: Iterable[str]) -> float:
+        """The share of the words of `texts` that map to <unk> (0 when there are no words)."""
+        ws = [w for t in texts for w in words(t)]
+        return sum(w not in self.ids for w in ws) / len(ws) if ws else 0.0
 
 
 class HFTokenizer:

@@ -27,6 +27,7 @@ import torch
 
 from towerlab.config.errors import ConfigError
 from towerlab.config.schema import ModelConfig
+from towerlab.models.towers import resolved_pool
 
 # towerlab's per-block names (under towers.{image,text}.transformer.blocks.N.) <-> transformers' CLIP encoder layer
 # names (under {vision,text}_model.encoder.layers.N.); attention's q/k/v are handled apart (split/concatenated)
@@ -104,14 +105,15 @@ def _act_from_hf(act: str) -> str:
 def hf_config_dict(model: ModelConfig) -> dict:
     """The CLIPConfig arguments of a towerlab model (refused where transformers' CLIP cannot express it)."""
     v, t = model.vision, model.text
-    if t.pool == "last":
+    pool = resolved_pool(t)
+    if pool == "last":
         raise refuse("text.pool=last", "transformers' CLIP pools at the first eos_token_id, and reads "
                      "eos_token_id=2 (the word vocabulary's end of text) as OpenAI's 'highest id' rule; a model "
                      "pooling at the last non-padding token has no CLIP counterpart (use a subword tokenizer whose "
                      "end-of-text id is not 2, with text.pool=eos)")
-    if t.pool == "eos" and t.eos_id == 2:
+    if pool == "eos" and t.eos_id == 2:
         raise refuse("text.eos_id=2", "transformers' CLIP reads eos_token_id=2 as OpenAI's 'highest id' rule")
-    eos = t.eos_id if t.pool == "eos" else 2  # argmax: the legacy id 2 is what makes transformers take the argmax
+    eos = t.eos_id if pool == "eos" else 2  # argmax: the legacy id 2 is what makes transformers take the argmax
     common = dict(layer_norm_eps=LN_EPS, attention_dropout=0.0)
     return dict(
         projection_dim=model.embed_dim,
@@ -122,7 +124,7 @@ def hf_config_dict(model: ModelConfig) -> dict:
         text_config=dict(vocab_size=t.vocab_size, max_position_embeddings=t.context_length, hidden_size=t.width,
                          num_hidden_layers=t.layers, num_attention_heads=t.heads,
                          intermediate_size=int(t.width * t.mlp_ratio), hidden_act=HF_ACTS[t.act],
-                         eos_token_id=eos, pad_token_id=0 if t.pool != "eos" else t.eos_id,
+                         eos_token_id=eos, pad_token_id=0 if pool != "eos" else t.eos_id,
                          bos_token_id=None, projection_dim=model.embed_dim, **common),
     )
 
@@ -282,7 +284,7 @@ def open_clip_config(model: ModelConfig) -> dict:
         raise refuse("act=gelu_tanh", "OpenCLIP's CLIP towers have gelu and quick_gelu only")
     # towerlab's pool=last (the last non-padding token) is OpenCLIP's eos with the word vocabulary's EOT id: the
     # word tokenizer ends every caption with exactly one EOT
-    pool = {"last": ("eos", 2), "eos": ("eos", t.eos_id), "argmax": ("argmax", t.eos_id)}[t.pool]
+    pool = {"last": ("eos", 2), "eos": ("eos", t.eos_id), "argmax": ("argmax", t.eos_id)}[resolved_pool(t)]
     cfg = {
         "embed_dim": model.embed_dim,
         "quick_gelu": v.act == "quick_gelu",

@@ -120,11 +120,12 @@ class VisionTower(_Tower):
 
 class TextTower(_Tower):
     """Causal transformer over token ids; the sequence is pooled at its end-of-text token, found as `cfg.pool`
-    says (see `eot_index`)."""
+    says (see `eot_index`; pool=auto: the largest id (argmax) for CLIP's BPE, the last non-padding token for the
+    word vocabulary)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
-        self.pool, self.eos_id = cfg.pool, cfg.eos_id
+        self.pool, self.eos_id = resolved_pool(cfg), cfg.eos_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
@@ -139,6 +140,14 @@ class TextTower(_Tower):
         x = self.ln_final(self.transformer(x, self.attn_mask[:L, :L].to(x.dtype)))
         eot = eot_index(tokens, self.pool, self.eos_id)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+
+def resolved_pool(cfg: TextConfig) -> str:
+    """`model.text.pool` with auto resolved: argmax for CLIP's BPE (its end-of-text is the largest id, and id 0,
+    "!", may occur inside a caption), last for the word vocabulary (padding id 0, no word has it)."""
+    if cfg.pool != "auto":
+        return cfg.pool
+    return "argmax" if cfg.tokenizer == "clip_bpe" else "last"
 
 
 def eot_index(tokens: torch.Tensor, pool: str, eos_id: int) -> torch.Tensor:

@@ -8,20 +8,26 @@ from pathlib import Path
 
 from towerlab.config import ConfigError, Recipe, resolve_batch
 from towerlab.data import Manifest, prepare, read_manifest
+from towerlab.data.foreign import is_foreign, shard_manifest
 from towerlab.losses import loss_class
 from towerlab.train.recipe import data_dir
 
 PREPARED = ("parquet", "webdataset")  # data.source values that read data.path as prepared by `towerlab data prepare`
 
 def ensure_data(recipe: Recipe) -> Manifest:
-    """The run's prepared shards; built-in sources are prepared on first use into a local directory (never into a
-    URI: a remote dataset must have been prepared and uploaded already)."""
+    """The run's shards: prepared ones through their manifest (built-in sources are prepared on first use into a
+    local directory, never into a URI; checksums verified with data.verify_shards), foreign WebDataset or Parquet
+    shards listed in place (data/foreign.py)."""
     path = data_dir(recipe)
-    if recipe.data.source not in PREPARED and isinstance(path, Path) and not (path / "manifest.json").exists():
-        prepare(recipe.data.source, path, seed=0, key="data.path",
-                size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
-    manifest = read_manifest(path, verify=True, bad_shards=recipe.data.bad_shards)
-    check_prepared(recipe, manifest)
+    if is_foreign(recipe.data):
+        manifest = shard_manifest(recipe.data)
+        check_foreign(recipe, manifest)
+    else:
+        if recipe.data.source not in PREPARED and isinstance(path, Path) and not (path / "manifest.json").exists():
+            prepare(recipe.data.source, path, seed=0, key="data.path",
+                    size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
+        manifest = read_manifest(path, verify=recipe.data.verify_shards, bad_shards=recipe.data.bad_shards)
+        check_prepared(recipe, manifest)
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     per_worker = manifest.count("train") // plan.world_size
     if per_worker < plan.per_worker:
@@ -29,6 +35,21 @@ def ensure_data(recipe: Recipe) -> Manifest:
                           f"worker per step but {path} gives each of {plan.world_size} workers only {per_worker}: "
                           "lower data.global_batch")
     return manifest
+
+
+def check_foreign(recipe: Recipe, manifest: Manifest) -> None:
+    """What foreign shards cannot give: a word vocabulary (none was built from their captions) and evaluation data
+    (they have no held-out split and no class labels): evaluators read a prepared directory, or there are none."""
+    t = recipe.model.text
+    if not t.pretrained and t.tokenizer == "words":
+        raise ConfigError(f"data.source={recipe.data.source} over {manifest.uri} (shards without a towerlab manifest) has no "
+                          "word vocabulary: set model.text.tokenizer=clip_bpe model.text.vocab_size=49408 "
+                          "(or a pretrained text tower)")
+    for name, ev in recipe.evals.items():
+        if not (Path(ev.data) / "manifest.json").is_file():
+            raise ConfigError(f"evals.{name}.data={ev.data}: foreign shards have no held-out split or "
+                              "labels to evaluate on: set it to a prepared directory (`towerlab data prepare`), or "
+                              "train without evaluators (evals={})")
 
 
 def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
@@ -46,7 +67,7 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
             raise ConfigError(f"evals.{name} is a zero-shot evaluator but {manifest.uri} has no class labels: give the "
                               "recipe an `evals:` section without it (e.g. evals: {retrieval: {type: retrieval}}) "
                               "or prepare the data with a 'label' column in the captions file")
-    if not manifest.data["counts"].get("heldout"):
+    if any(ev.data == "heldout" for ev in recipe.evals.values()) and not manifest.data["counts"].get("heldout"):
         raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
                           "above 0 (e.g. 0.1)")
     for s in manifest.data.get("skipped", []):
@@ -57,3 +78,35 @@ def captions_per_image(recipe: Recipe) -> int:
     """Captions per image in a training batch: data.captions_per_image for losses that take several positives,
     else one (chosen at random among the record's captions when data.augment.caption_choice is on)."""
     return recipe.data.captions_per_image if loss_class(recipe.loss.name).multi_positive else 1
+
+
+# above this share of unknown words in the zero-shot prompts, zero-shot accuracy mostly measures <unk>
+UNKNOWN_WARN = 0.5
+
+
+def prompt_unknown_share(recipe: Recipe, manifest: Manifest) -> float | None:
+    """The share of the zero-shot evaluators' prompt words that the run's word vocabulary maps to <unk>; None when
+    the run has no zero-shot prompts or its tokenizer is not the word vocabulary (BPE has no unknown token; a
+    pretrained tower's tokenizer is its own). Warns on the console when most words are unknown."""
+    from towerlab.data.tokenizer import Tokenizer
+
+    if recipe.model.text.pretrained or recipe.model.text.tokenizer != "words":
+        return None
+    prompts: list[str] = []
+    for ev in recipe.evals.values():
+        if ev.type != "zeroshot":
+            continue
+        source = manifest if ev.data in manifest.data["splits"] else None
+        if source is None and (Path(ev.data) / "manifest.json").is_file():
+            source = read_manifest(ev.data)
+        if source is not None:
+            prompts += [p for ps in source.classes.get("prompts", []) for p in ps]
+    if not prompts:
+        return None
+    t = recipe.model.text
+    share = Tokenizer(manifest.vocab, t.context_length, t.vocab_size).unknown_share(prompts)
+    if share > UNKNOWN_WARN:
+        print(f"warning: {share:.0%} of the zero-shot prompts' words are unknown to the training captions' word "
+              "vocabulary (<unk>): zero-shot accuracy will mostly measure <unk>; set model.text.tokenizer=clip_bpe "
+              "(and model.text.vocab_size=49408)")
+    return share

@@ -18,7 +18,7 @@ from towerlab.config.secrets import redact_params, redacted_yaml
 from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, tags as T
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE
-from towerlab.train.dataset import captions_per_image, ensure_data
+from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
@@ -85,7 +85,12 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
                               parent_run_id)
         run.log_text(redacted_yaml(recipe), "recipe.yaml")
-        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint}), "data.json")
+        described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
+        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint} | described),
+                     "data.json")
+        unknown = prompt_unknown_share(recipe, manifest)
+        if unknown is not None:
+            run.log_metrics({"data/prompt_unknown_share": unknown}, 0)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
     summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)
@@ -110,7 +115,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
-                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint},
+                               "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
+                               # foreign shards have no manifest.json for the workers to read: send the listing
+                               "manifest": manifest if manifest.data.get("foreign") else None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),

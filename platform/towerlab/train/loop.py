@@ -64,18 +64,22 @@ def train_loop_per_worker(config: dict) -> None:
     run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
     if checkpoint:
         run.log_metrics({"train/restored_step": state["step"]}, state["step"])
-    manifest = read_manifest(config["data_dir"])
+    manifest = config.get("manifest") or read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
     evaluate = Evaluators(recipe, manifest, eval_pre)
 
     shard = ray.train.get_dataset_shard("train")
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
     window_start, window_samples = time.perf_counter(), 0
+    foreign = bool(manifest.data.get("foreign"))  # web data: dirty samples are skipped, counted per epoch
     while step < total:
         micro: list[dict] = []
         consumed = 0  # micro-batches of this epoch taken so far
+        skipped = 0  # dirty samples dropped before this worker's batches of this epoch
         for batch in epoch_batches(shard, recipe, plan.micro_batch, epoch):
             consumed += 1
+            if "skipped" in batch:
+                skipped += int(batch.pop("skipped").sum())
             if consumed <= skip:  # trained on before the checkpoint this run resumed from
                 continue
             micro.append(batch)
@@ -96,7 +100,12 @@ def train_loop_per_worker(config: dict) -> None:
             last = step == total
             if step % recipe.train.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
-                metrics.update({f"train/{k}": v for k, v in mean_over_ranks(terms).items()})
+                # the skip count rides on the same collective as the loss terms (every rank logs at the same steps)
+                extra = {"_skipped": torch.tensor(float(skipped))} if foreign else {}
+                means = mean_over_ranks({**terms, **extra})
+                if foreign:
+                    metrics["data/skipped_samples_epoch"] = means.pop("_skipped") * world
+                metrics.update({f"train/{k}": v for k, v in means.items()})
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 metrics["train/epoch"] = epoch

@@ -45,14 +45,17 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     if chosen:
         overrides = [*preset_overrides(path, chosen[-1]), *(o for o in overrides if not o.startswith("preset="))]
     base = dict(DEFAULTS)
-    if path is None or "evals" not in read_yaml(path):
-        # a default dict would merge with (not be replaced by) a recipe's own evals: add it only when there is none
+    if (path is None or "evals" not in read_yaml(path)) and not any(o.partition("=")[0] == "evals" for o in overrides):
+        # a default dict would merge with (not be replaced by) a recipe's own evals (or an `evals={}` override, which
+        # trains with no evaluators): add it only when there is none
         base["evals"] = DEFAULT_EVALS
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
     if recipe.model.pretrained:  # the checkpoint's own architecture, tokenizer and image statistics
         from towerlab.models.imported import configure
 
         configure(recipe.model)
+    if any(o.replace(" ", "") == "evals={}" for o in overrides):
+        recipe.evals = {}  # merging {} would keep a recipe file's evaluators: `evals={}` means none
     validate(recipe)
     return recipe
 
@@ -88,14 +91,15 @@ def validate(r: Recipe) -> None:
     for tower, c in (("vision", r.model.vision), ("text", r.model.text)):
         if c.act not in ACTIVATIONS:
             raise ConfigError(f"model.{tower}.act={c.act!r}: use one of {', '.join(ACTIVATIONS)}")
-    if r.model.text.pool not in ("last", "eos", "argmax"):
-        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use last, eos or argmax")
+    if r.model.text.pool not in ("auto", "last", "eos", "argmax"):
+        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use auto, last, eos or argmax")
     v = r.model.vision
     if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
         raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)
+    validate_tokenizer(r)
 
 
 def validate_pretrained(r: Recipe) -> None:
@@ -122,6 +126,32 @@ def validate_pretrained(r: Recipe) -> None:
 
         with torch.device("meta"):  # names and shapes only: no memory, no weights read
             ContrastiveModel(m, temperature_init=r.loss.temperature_init, load_weights=False)
+
+
+TOKENIZERS = ("words", "clip_bpe")
+
+
+def validate_tokenizer(r: Recipe) -> None:
+    """model.text.tokenizer: a known name, an embedding table that holds its ids, and no word-vocabulary
+    augmentation over BPE ids."""
+    from towerlab.data.bpe import VOCAB_SIZE
+
+    t = r.model.text
+    if t.tokenizer not in TOKENIZERS:
+        raise ConfigError(f"model.text.tokenizer={t.tokenizer!r}: use {' or '.join(TOKENIZERS)}."
+                          f"{did_you_mean(t.tokenizer, TOKENIZERS)}")
+    if t.tokenizer != "clip_bpe":
+        return
+    if t.pretrained:
+        raise ConfigError(f"model.text.tokenizer=clip_bpe with model.text.pretrained={t.pretrained}: a pretrained "
+                          "text tower reads its own tokenizer; drop one of them")
+    if t.vocab_size < VOCAB_SIZE:
+        raise ConfigError(f"model.text.tokenizer=clip_bpe has {VOCAB_SIZE} token ids but model.text.vocab_size="
+                          f"{t.vocab_size}: set model.text.vocab_size={VOCAB_SIZE}")
+    a = r.data.augment
+    if a.token_mask or a.stopword_removal:
+        raise ConfigError("data.augment.token_mask / stopword_removal act on the word vocabulary's ids, not on "
+                          "model.text.tokenizer=clip_bpe's: turn them off")
 
 
 def data_dir(r: Recipe) -> Path | str:
