@@ -145,10 +145,10 @@ class VisionConfig:
     encoder whose own sizes then apply (image_size still sizes the data)."""
     act: str = "gelu"
     """The MLP activation of the ViT's blocks: gelu | quick_gelu (OpenAI's CLIP weights) | gelu_tanh."""
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] = num(default_factory=lambda: [0.5, 0.5, 0.5])
     """Per-channel mean subtracted from pixels scaled to [0, 1] (with std: [0.5]*3 maps them to [-1, 1]); an
     imported model (model.pretrained) sets its own."""
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = num(default_factory=lambda: [0.5, 0.5, 0.5], gt=0)
     """Per-channel standard deviation the centred pixels are divided by."""
 
 
