@@ -67,6 +67,44 @@ def recorded_recipe(uri: str, run_id: str) -> Recipe:
         return load_recipe(path)
 
 
+def _held(recipe: Recipe) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """What a checkpoint of `recipe` holds: every state-dict entry's shape, and whether it trains (the optimizer's
+    state follows the trainable ones). Built on the meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        module = build_module(recipe, rank=0, world_size=1, load_weights=False)
+    trains = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: (tuple(v.shape), k in trains) for k, v in module.state_dict().items()}
+
+
+def resume_differences(run_dir: Path, recipe: Recipe) -> tuple[Path | None, list[str]]:
+    """The run's latest checkpoint and what `recipe` changes of what it holds (model and loss shapes, which
+    parameters train, the ZeRO partitioning): a resume with any of these cannot load it. ([], when there is no
+    checkpoint, or it has no readable recipe to compare with.)"""
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except ConfigError:
+        return None, []
+    try:
+        old = load_recipe(ckpt / RECIPE_FILE)
+    except (ConfigError, OSError):
+        return ckpt, []
+    diffs = []
+    if old.train.zero_stage != recipe.train.zero_stage:
+        diffs.append(f"train.zero_stage {old.train.zero_stage} -> {recipe.train.zero_stage}")
+    elif old.train.zero_stage > 0 and old.train.workers != recipe.train.workers:
+        # ZeRO partitions the optimizer state by worker; DeepSpeed does not re-partition a checkpoint on load
+        diffs.append(f"train.workers {old.train.workers} -> {recipe.train.workers} under ZeRO-{old.train.zero_stage}")
+    was, now = _held(old), _held(recipe)
+    for k in sorted(was.keys() | now.keys()):
+        a, b = was.get(k), now.get(k)
+        if a is None or b is None or a[0] != b[0]:
+            shape = lambda x: "absent" if x is None else "x".join(map(str, x[0])) or "scalar"  # noqa: E731
+            diffs.append(f"{k} {shape(a)} -> {shape(b)}")
+        elif a[1] != b[1]:
+            diffs.append(f"{k} {'trains' if a[1] else 'frozen'} -> {'trains' if b[1] else 'frozen'}")
+    return ckpt, diffs
+
+
 def run_id_of(run_dir: Path) -> str | None:
     f = run_dir / RUN_FILE
     return json.loads(f.read_text())["mlflow_run_id"] if f.is_file() else None
