@@ -34,6 +34,7 @@ def _uri(flag: str | None) -> str:
 
 def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str, float], int, str]:
     """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path)."""
+    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
     import torch
 
     from towerlab.data.pipeline import preprocessor
@@ -43,7 +44,6 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str
 
     from towerlab.tracking.uri import store_errors
 
-    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
     with store_errors(uri or ""):
         t = resolve_target(target, uri)
     model, step = load_model(t.checkpoint, t.recipe)
@@ -98,15 +98,16 @@ def ui_link(base: str, experiment_id: str) -> str:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import requests
-    from mlflow import MlflowClient
-
     from towerlab.tracking import check_reachable, redact, resolve_uri
     from towerlab.tracking.uri import store_errors
 
     uri = resolve_uri(None, args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)  # before importing MLflow: a silent server is an answer within seconds
+    import requests
+    from mlflow import MlflowClient
+
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
-        check_reachable(uri)
         with store_errors(uri):
             exp = _experiment(MlflowClient(uri), args.experiment, uri)
         console.print(ui_link(uri, exp.experiment_id), soft_wrap=True)

@@ -52,7 +52,10 @@ def bound_retries(limits: dict[str, str] = CLIENT_LIMITS) -> None:
             os.environ[k] = v
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+CHECK_TIMEOUT_S = 5.0  # for connecting to the server, and again for its answer
+
+
+def check_reachable(uri: str, timeout: float | None = None) -> None:
     """Fail fast, before any process starts, when the tracking store cannot be reached: a plain HTTP request to the
     server's /health with a `timeout` for connecting and for the answer (a closed port fails at once, a server that
     accepts and never answers after `timeout` seconds), then MLflow's own retries bounded for the rest of the
@@ -62,6 +65,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         import requests
 
         bound_retries()
+        timeout = CHECK_TIMEOUT_S if timeout is None else timeout
         try:
             resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
         except requests.RequestException as e:

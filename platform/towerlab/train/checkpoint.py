@@ -138,17 +138,50 @@ def resolve_target(target: str, uri: str | None) -> Target:
     return Target(latest_checkpoint(run_dir), recipe, target)
 
 
+# What DeepSpeed's optimizer-state files pickle besides what torch.load(weights_only=True) accepts (tensors,
+# containers, numbers, strings): its loss scaler, the ZeRO stage enum and the fragment addresses of ZeRO's flat
+# buffers. Constructing these runs no code of the file's choosing.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                               "deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
+
+
+def check_pickles(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files would run code when unpickled. Every .pt file under the checkpoint's ds/ is
+    read statically (torch lists the globals a file's pickle names without loading it): anything beyond what
+    weights_only loading allows and DEEPSPEED_GLOBALS, or a file that is not torch.save's zip format, is refused
+    before DeepSpeed's own loader (which unpickles without restriction) sees it."""
+    for f in sorted((checkpoint / CKPT_TAG).glob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - DEEPSPEED_GLOBALS
+        except Exception as e:  # noqa: BLE001: not a torch.save zip archive (a bare pickle, a truncated file)
+            raise ConfigError(f"refusing {f}: not a checkpoint written by torch.save ({type(e).__name__}); "
+                              "towerlab loads only its own checkpoints") from None
+        if unsafe:
+            raise ConfigError(f"refusing {f}: loading it would call {', '.join(sorted(unsafe))}, which a "
+                              "checkpoint of towerlab never holds (a pickle that runs code?): evaluate only "
+                              "checkpoints from storage you trust")
+
+
 def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]:
-    """The checkpoint's model in fp32 on CPU, and the step it was saved at."""
+    """The checkpoint's model in fp32 on CPU, and the step it was saved at. Its files are checked first
+    (`check_pickles`): a checkpoint someone else wrote cannot run code here."""
     states_file = checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt"
     if not states_file.is_file():
         raise ConfigError(f"{checkpoint}: {states_file.name} missing: not a complete DeepSpeed checkpoint")
-    # DeepSpeed's checkpoints pickle more than tensors (client state, optimizer config): the file is ours
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    check_pickles(checkpoint)
+    try:
+        # the model states (weights, shapes, client state, the DeepSpeed config) are plain data
+        states = torch.load(states_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{states_file}: cannot be read as tensors and plain data ({type(e).__name__}): not a "
+                          "checkpoint towerlab wrote, or damaged") from None
     if recipe.train.zero_stage == 3:  # ZeRO-3 keeps only placeholders in module: rebuild from the partitions
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # DeepSpeed unpickles its optimizer-state files without restriction: check_pickles vetted them above
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CKPT_TAG)
     else:
         weights = states["module"]
