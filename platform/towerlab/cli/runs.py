@@ -164,15 +164,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not dead:
             console.print(f"no RUNNING run without a heartbeat for {args.stale_after:g} s", highlight=False)
             return 0
-        t = Table("run", "name", "experiment", "last heartbeat", "action",
-                  title=f"RUNNING runs whose driver died (no heartbeat for {args.stale_after:g} s)")
+        t = Table(title=f"RUNNING runs whose driver died (no heartbeat for {args.stale_after:g} s)")
+        t.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `mlflow runs` commands take
+        for col in ("name", "experiment", "last heartbeat", "action"):
+            t.add_column(col)
         for d in dead:
             action = "closed FAILED" if args.fix else "-"
             if args.fix:
                 heartbeat.close_dead(client, d.run_id, d.last_beat)
             t.add_row(d.run_id, d.name or "", d.experiment, heartbeat.when(d.last_beat), action)
     console.print(t)
-    if not args.fix:
+    if args.fix:
+        console.print(f"closed {len(dead)} run{'s' if len(dead) > 1 else ''} FAILED", highlight=False)
+    else:
         console.print("close them FAILED with `towerlab runs doctor --fix`", highlight=False)
     return 0
 
