@@ -43,6 +43,10 @@ class NoopRun:
     def end(self, status: str = "FINISHED") -> None:
         pass
 
+    def flush(self) -> bool:
+        """Send what waits in a buffer (WorkerRun); True when nothing is left."""
+        return True
+
     def metric_keys(self, prefix: str = "") -> list[str]:
         return []
 

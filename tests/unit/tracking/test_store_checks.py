@@ -131,9 +131,10 @@ def test_rank0_buffers_metrics_while_the_store_is_down(tmp_path, monkeypatch, ca
     run.client = client
     run.run_id = client.create_run(client.create_experiment("e")).info.run_id
     run._next_try = 0
-    run.log_metrics({"train/loss": 0.7}, step=4)  # a sixth point: the oldest buffered one goes
+    run.log_metrics({"train/loss": 0.7}, step=4)  # a sixth point: the oldest buffered one (train/lr at 1) goes
     assert run.pending == []
-    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train/loss")] == [(3, 0.8), (4, 0.7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train/loss")] == [
+        (2, 0.9), (3, 0.8), (4, 0.7)]
     assert [m.step for m in client.get_metric_history(run.run_id, "train/lr")] == [2, 3]
     assert client.get_run(run.run_id).data.tags["towerlab.metrics_dropped"] == "2"
     assert "buffered metrics sent, 2 oldest points dropped" in capsys.readouterr().err
