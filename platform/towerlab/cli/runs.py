@@ -34,15 +34,14 @@ def _uri(flag: str | None) -> str:
 
 def evaluate_checkpoint(target: str, tracking_uri: str | None) -> tuple[dict[str, float], int, str]:
     """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path)."""
-    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
+    uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None  # before the heavy imports
     import torch
 
     from towerlab.data.pipeline import preprocessor
-    from towerlab.train.checkpoint import load_model, resolve_target
-    from towerlab.train.evaluate import Evaluators
-    from towerlab.train.dataset import ensure_data
-
     from towerlab.tracking.uri import store_errors
+    from towerlab.train.checkpoint import load_model, resolve_target
+    from towerlab.train.dataset import ensure_data
+    from towerlab.train.evaluate import Evaluators
 
     with store_errors(uri or ""):
         t = resolve_target(target, uri)

@@ -16,6 +16,20 @@ from towerlab.util import free_port
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
+@pytest.fixture(autouse=True)
+def restore_signals():
+    """The commands install towerlab's stop handlers in this (pytest's) process: put pytest's back afterwards."""
+    import signal
+
+    from towerlab.tracking import stop
+
+    saved = {s: signal.getsignal(s) for s in stop.SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    stop._state.update(installed=False, received=None)
+
+
 @pytest.fixture
 def silent_server():
     """A real socket on 127.0.0.1 that accepts every connection and never answers."""

@@ -22,6 +22,20 @@ from towerlab.train.recipe import load_recipe
 
 
 @pytest.fixture(autouse=True)
+def restore_signals():
+    """The commands install towerlab's stop handlers in this (pytest's) process: put pytest's back afterwards."""
+    import signal
+
+    from towerlab.tracking import stop
+
+    saved = {s: signal.getsignal(s) for s in stop.SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    stop._state.update(installed=False, received=None)
+
+
+@pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """Unit tests never start Ray: a launch that got that far is a failure of the test."""
     def refuse(*a, **k):
