@@ -89,6 +89,6 @@ def test_killed_worker_resumes_from_checkpoint(repo_root, tmp_path, ray_cluster,
     assert before_kill - resumed_from <= EVERY
     # the consolidated fp32 weights: every parameter of the tiny towers, whole
     path = client.download_artifacts(run_id, "model/pytorch_model_fp32.pt", str(tmp_path))
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     assert state["model.logit_scale"].shape == (1,) and all(v.dtype == torch.float32 for v in state.values())
     assert sum(v.numel() for v in state.values()) == 3_181_185  # the tiny arch's parameter count

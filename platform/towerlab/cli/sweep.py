@@ -13,7 +13,23 @@ from towerlab.config import ConfigError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from towerlab.tracking import redact
+    from towerlab.cli.train import stopped
+    from towerlab.tracking import redact, stop as signals
+
+    signals.install()  # SIGTERM and Ctrl-C end the parent run and its open children KILLED before the process exits
+    try:
+        summary = _sweep(args)
+    except KeyboardInterrupt:
+        return stopped(f"sweep '{args.resume or args.sweep}'", None)
+    console.print(f"sweep '{summary.name}': {summary.trials} trials, {summary.errors} failed; MLflow parent run "
+                  f"{summary.parent_run_id}")
+    if summary.best_metric is not None:
+        console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
+    console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace):
     from towerlab.sweep.load import load_sweep
     from towerlab.sweep.run import STATE_FILE, run_sweep
 
@@ -37,25 +53,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"[bold]sweep[/] [cyan]{sweep.name}[/]: {len(sweep.space)} searched keys, "
                       f"scheduler {sweep.scheduler.name}, metric {sweep.metric} ({sweep.mode})")
         summary = run_sweep(sweep, args.sweep, tracking_uri=args.tracking_uri)
-    console.print(f"sweep '{summary.name}': {summary.trials} trials, {summary.errors} failed; MLflow parent run "
-                  f"{summary.parent_run_id}")
-    if summary.best_metric is not None:
-        console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
-    console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
-    return 0
+    return summary
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from towerlab.tracking import resolve_uri
+    from towerlab.tracking import check_reachable, resolve_uri
+    from towerlab.tracking.uri import store_errors
+
+    if not (args.sweep or args.runs):
+        raise ConfigError("give --sweep NAME or one or more MLflow run ids")
+    uri = resolve_uri(None, args.tracking_uri)
+    check_reachable(uri)
+    with store_errors(uri):
+        return _compare(args, uri)
+
+
+def _compare(args: argparse.Namespace, uri: str) -> int:
     from towerlab.tracking.compare import compare_runs, compare_sweep, log_to_parent, plot
 
-    uri = resolve_uri(None, args.tracking_uri)
     if args.sweep:
         c = compare_sweep(uri, args.sweep, args.metric, args.mode)
-    elif args.runs:
-        c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot/top1", args.mode or "max")
     else:
-        raise ConfigError("give --sweep NAME or one or more MLflow run ids")
+        c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot/top1", args.mode or "max")
     t = Table("#", "run", "status", *c.keys, c.metric, "train/loss")
     for i, r in enumerate(c.rows, 1):
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

@@ -39,14 +39,18 @@ def _progress_poller(summary, total: int, stop: threading.Event) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from towerlab.tracking import stop as signals
     from towerlab.train.driver import root_cause, train
     from towerlab.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     stop = threading.Event()
     poller: list[threading.Thread] = []
+    started: list = []
+    signals.install()  # SIGTERM and Ctrl-C end the MLflow run KILLED before the process exits
 
     def on_start(summary) -> None:
+        started.append(summary)
         verb = "resuming" if summary.resumed else "starting"
         console.print(f"[bold]{verb}[/] run [cyan]{recipe.name}[/] (MLflow run {summary.run_id})")
         if args.progress:
@@ -56,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(recipe, tracking_uri=args.tracking_uri, on_start=on_start)
+    except KeyboardInterrupt:
+        return stopped(f"training run '{recipe.name}'", started[0].run_id if started else None)
     except Exception as e:
         stop.set()
         if isinstance(e, ConfigError):
@@ -77,6 +83,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             t.join(timeout=5)
     print_summary(recipe, summary)
     return 0
+
+
+def stopped(what: str, run_id: str | None) -> int:
+    """The one line of a command ended by SIGTERM or Ctrl-C (its MLflow runs are KILLED by then), and the exit code
+    of a process ended by that signal."""
+    import signal
+
+    from towerlab.tracking import stop as signals
+
+    name = signal.Signals(signals.received() or signal.SIGINT).name
+    err.print(f"[red]error:[/] {what} stopped by {name}"
+              + (f"; MLflow run {run_id} marked KILLED" if run_id else ""), highlight=False, soft_wrap=True)
+    return signals.exit_code()
 
 
 def print_summary(recipe, summary) -> None:

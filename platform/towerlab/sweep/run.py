@@ -17,15 +17,17 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from towerlab.config import ConfigError, to_dict, to_yaml
+from towerlab.config import ConfigError, to_dict
 from towerlab.config.secrets import redact_params, redact_text, redacted_yaml
 from towerlab.sweep.schema import SweepConfig
-from towerlab.tracking import MlflowRun, check_reachable, resolve_uri, tags as T
+from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, stop, tags as T
+from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_beat
 from towerlab.util import atomic_write
 
 STATE_FILE = "towerlab_sweep.json"
@@ -222,6 +224,7 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                               "`towerlab sweep SWEEP.yaml`")
         state = json.loads(state_file.read_text())
         parent = MlflowRun(uri, state["parent_run_id"])
+        _check_parent(parent, uri, sweep, root)  # before reopening: a refused resume changes nothing
         parent.reopen()
     else:
         if state_file.exists():
@@ -233,15 +236,25 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                        "recipe": sweep.recipe, "workers_per_trial": sweep.workers_per_trial})
         parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", redact_params(params),
                                  {T.SWEEP: sweep.name, T.ROLE: "sweep"})
-        parent.log_text(redacted_yaml(sweep), "sweep.yaml")
-        parent.log_text(redact_text(Path(sweep_file).read_text()), Path(sweep_file).name)
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write(state_file, json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
-                                             "sweep_file": str(Path(sweep_file).absolute())}))
 
+    # from here every way out ends the parent (and its children left open) FINISHED, FAILED or KILLED
     status = "FAILED"
+    heartbeat = Heartbeat(parent.client, parent.run_id).start()
     try:
+        if not resume:
+            parent.log_text(redacted_yaml(sweep), "sweep.yaml")
+            parent.log_text(redact_text(Path(sweep_file).read_text()), Path(sweep_file).name)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                atomic_write(state_file, json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
+                                                     "sweep_file": str(Path(sweep_file).absolute())}))
+            except OSError as e:
+                raise ConfigError(f"storage_path={sweep.storage_path}: cannot hold the sweep directory {root} "
+                                  f"({e.strerror or e}): point it at a directory") from None
+        if stop.installed():  # Tune's own SIGINT handler would end the sweep as if it had finished
+            os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         init_ray((sweep.workers_per_trial + 2) * sweep.max_concurrent_trials)  # + preprocessing + the trial
+        stop.reinstall()  # ray.init replaced the CLI's SIGTERM handler with one that calls sys.exit
         check_state_api()
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics come every eval.every
         ctx = {"overrides": [*sweep.overrides, f"train.workers={sweep.workers_per_trial}",
@@ -282,9 +295,65 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
             parent.log_text(json.dumps(best_config, indent=1), "best_config.json")
         status = "FINISHED"
         return SweepSummary(sweep.name, parent.run_id, uri, best_config, best_metric, len(results), errors)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # a stop signal (SystemExit: Ray's own SIGTERM handler)
         status = "KILLED"
         raise
+    except Exception as e:
+        try:
+            if T.FAILURE not in parent.tags():
+                parent.set_tags({T.FAILURE: f"{type(e).__name__}: {_last_line(e)}"[:500]})
+        except Exception:  # noqa: BLE001: the store failing too must not hide `e`
+            pass
+        raise
     finally:
-        parent.end(status)
+        heartbeat.stop()
+        try:
+            if status != "FINISHED":
+                close_open_children(uri, parent.run_id, status)
+            parent.end(status)
+        except Exception as e:  # noqa: BLE001
+            if status == "FINISHED":
+                raise
+            print(f"warning: could not end the sweep's MLflow runs {status} ({type(e).__name__}); `towerlab runs "
+                  "doctor --fix` closes them once their heartbeat is stale", file=sys.stderr)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def close_open_children(uri: str, parent_run_id: str, status: str) -> list[str]:
+    """End the sweep's child runs still RUNNING with the parent's `status` (the trials die with the sweep's driver):
+    KILLED when it was stopped, FAILED (with the reason) when it failed. Returns their run ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    open_ = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                      "attributes.status = 'RUNNING'")
+    for r in open_:
+        if status == "FAILED" and T.FAILURE not in r.data.tags:
+            client.set_tag(r.info.run_id, T.FAILURE, "the sweep's driver failed before this trial ended")
+        client.set_terminated(r.info.run_id, status=status)
+    return [r.info.run_id for r in open_]
+
+
+def _check_parent(parent: MlflowRun, uri: str, sweep: SweepConfig, root: Path) -> None:
+    """The parent run of a sweep to resume is in this store (not another's, nor deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    fresh = f"start a new sweep with name=... or delete {root}"
+    try:
+        info = parent.client.get_run(parent.run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(f"{root / STATE_FILE} resumes MLflow run {parent.run_id}, which the tracking store "
+                          f"{redact(uri)} does not have: use the store the sweep started in (--tracking-uri), or "
+                          f"{fresh}") from None
+    if info.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"the sweep's MLflow run {parent.run_id} is deleted in {redact(uri)}: restore it, or {fresh}")
+    if is_stale(info):
+        close_dead(parent.client, parent.run_id, last_beat(info))
 

@@ -68,6 +68,44 @@ def recorded_recipe(uri: str, run_id: str) -> Recipe:
         return load_recipe(path)
 
 
+def _held(recipe: Recipe) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """What a checkpoint of `recipe` holds: every state-dict entry's shape, and whether it trains (the optimizer's
+    state follows the trainable ones). Built on the meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        module = build_module(recipe, rank=0, world_size=1, load_weights=False)
+    trains = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: (tuple(v.shape), k in trains) for k, v in module.state_dict().items()}
+
+
+def resume_differences(run_dir: Path, recipe: Recipe) -> tuple[Path | None, list[str]]:
+    """The run's latest checkpoint and what `recipe` changes of what it holds (model and loss shapes, which
+    parameters train, the ZeRO partitioning): a resume with any of these cannot load it. ([], when there is no
+    checkpoint, or it has no readable recipe to compare with.)"""
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except ConfigError:
+        return None, []
+    try:
+        old = load_recipe(ckpt / RECIPE_FILE)
+    except (ConfigError, OSError):
+        return ckpt, []
+    diffs = []
+    if old.train.zero_stage != recipe.train.zero_stage:
+        diffs.append(f"train.zero_stage {old.train.zero_stage} -> {recipe.train.zero_stage}")
+    elif old.train.zero_stage > 0 and old.train.workers != recipe.train.workers:
+        # ZeRO partitions the optimizer state by worker; DeepSpeed does not re-partition a checkpoint on load
+        diffs.append(f"train.workers {old.train.workers} -> {recipe.train.workers} under ZeRO-{old.train.zero_stage}")
+    was, now = _held(old), _held(recipe)
+    for k in sorted(was.keys() | now.keys()):
+        a, b = was.get(k), now.get(k)
+        if a is None or b is None or a[0] != b[0]:
+            shape = lambda x: "absent" if x is None else "x".join(map(str, x[0])) or "scalar"  # noqa: E731
+            diffs.append(f"{k} {shape(a)} -> {shape(b)}")
+        elif a[1] != b[1]:
+            diffs.append(f"{k} {'trains' if a[1] else 'frozen'} -> {'trains' if b[1] else 'frozen'}")
+    return ckpt, diffs
+
+
 def run_id_of(run_dir: Path) -> str | None:
     f = run_dir / RUN_FILE
     return json.loads(f.read_text())["mlflow_run_id"] if f.is_file() else None
@@ -101,17 +139,50 @@ def resolve_target(target: str, uri: str | None) -> Target:
     return Target(latest_checkpoint(run_dir), recipe, target)
 
 
+# What DeepSpeed's optimizer-state files pickle besides what torch.load(weights_only=True) accepts (tensors,
+# containers, numbers, strings): its loss scaler, the ZeRO stage enum and the fragment addresses of ZeRO's flat
+# buffers. Constructing these runs no code of the file's choosing.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                               "deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
+
+
+def check_pickles(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose files would run code when unpickled. Every .pt file under the checkpoint's ds/ is
+    read statically (torch lists the globals a file's pickle names without loading it): anything beyond what
+    weights_only loading allows and DEEPSPEED_GLOBALS, or a file that is not torch.save's zip format, is refused
+    before DeepSpeed's own loader (which unpickles without restriction) sees it."""
+    for f in sorted((checkpoint / CKPT_TAG).glob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - DEEPSPEED_GLOBALS
+        except Exception as e:  # noqa: BLE001: not a torch.save zip archive (a bare pickle, a truncated file)
+            raise ConfigError(f"refusing {f}: not a checkpoint written by torch.save ({type(e).__name__}); "
+                              "towerlab loads only its own checkpoints") from None
+        if unsafe:
+            raise ConfigError(f"refusing {f}: loading it would call {', '.join(sorted(unsafe))}, which a "
+                              "checkpoint of towerlab never holds (a pickle that runs code?): evaluate only "
+                              "checkpoints from storage you trust")
+
+
 def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]:
-    """The checkpoint's model in fp32 on CPU, and the step it was saved at."""
+    """The checkpoint's model in fp32 on CPU, and the step it was saved at. Its files are checked first
+    (`check_pickles`): a checkpoint someone else wrote cannot run code here."""
     states_file = checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt"
     if not states_file.is_file():
         raise ConfigError(f"{checkpoint}: {states_file.name} missing: not a complete DeepSpeed checkpoint")
-    # DeepSpeed's checkpoints pickle more than tensors (client state, optimizer config): the file is ours
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    check_pickles(checkpoint)
+    try:
+        # the model states (weights, shapes, client state, the DeepSpeed config) are plain data
+        states = torch.load(states_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{states_file}: cannot be read as tensors and plain data ({type(e).__name__}): not a "
+                          "checkpoint towerlab wrote, or damaged") from None
     if recipe.train.zero_stage == 3:  # ZeRO-3 keeps only placeholders in module: rebuild from the partitions
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # DeepSpeed unpickles its optimizer-state files without restriction: check_pickles vetted them above
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CKPT_TAG)
     else:
         weights = states["module"]

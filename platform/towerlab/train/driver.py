@@ -7,17 +7,20 @@ Launching the same name again resumes from the latest checkpoint and continues t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from towerlab.config import Recipe, flatten, resolve_batch, to_dict
+from towerlab.config import ConfigError, Recipe, flatten, resolve_batch, to_dict
 from towerlab.config.secrets import redact_params, redacted_yaml
-from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, tags as T
+from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, stop, tags as T
+from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_beat
 from towerlab.tracking.provenance import git_commit, versions
-from towerlab.train.checkpoint import RUN_FILE
+from towerlab.train.checkpoint import RUN_FILE, resume_differences
 from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
@@ -70,7 +73,9 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     run_file = run_dir / RUN_FILE
     resumed = run_file.exists() or mlflow_run_id is not None
     if resumed:
-        run = MlflowRun(uri, mlflow_run_id or json.loads(run_file.read_text())["mlflow_run_id"])
+        # every refusal comes before reopening: a FINISHED run is never turned FAILED by a resume that cannot happen
+        run = MlflowRun(uri, mlflow_run_id or _recorded_run_id(run_file))
+        _check_resumable(run, recipe, uri, run_dir, own=mlflow_run_id is None)
         run.reopen()
     else:
         params = redact_params(flatten(to_dict(recipe)))  # no credential reaches MLflow (config/secrets.py)
@@ -82,37 +87,46 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             all_tags[T.DATA_SKIPPED_SHARDS] = ",".join(x["file"] for x in manifest.data["skipped"])
         all_tags.update({f"{T.VERSION_PREFIX}{k}": v for k, v in versions().items()})
         all_tags.update(tags or {})
+        # start() ends the run FAILED itself when MLflow refuses its params
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
                               parent_run_id)
-        run.log_text(redacted_yaml(recipe), "recipe.yaml")
-        described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
-        run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint} | described),
-                     "data.json")
-        unknown = prompt_unknown_share(recipe, manifest)
-        if unknown is not None:
-            run.log_metrics({"data/prompt_unknown_share": unknown}, 0)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
     summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)
-    if on_start:
-        on_start(summary)
 
+    # From here to the end, every way out ends the run: FINISHED, FAILED with the reason, KILLED on a stop signal.
     status = "FAILED"
+    heartbeat = Heartbeat(run.client, run.run_id).start()
     try:
+        if not resumed:
+            run.log_text(redacted_yaml(recipe), "recipe.yaml")
+            described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
+            run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint} | described),
+                         "data.json")
+            unknown = prompt_unknown_share(recipe, manifest)
+            if unknown is not None:
+                run.log_metrics({"data/prompt_unknown_share": unknown}, 0)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(run_file, json.dumps({"mlflow_run_id": run.run_id, "tracking_uri": redact(uri)}))
+            except OSError as e:
+                raise ConfigError(f"train.storage_path={recipe.train.storage_path}: cannot hold the run directory "
+                                  f"{run_dir} ({e.strerror or e}): point it at a directory") from None
+        if on_start:
+            on_start(summary)
+
         import ray.train
-        from ray.train.torch import TorchTrainer
 
         from towerlab.data.pipeline import train_dataset
         from towerlab.train.loop import train_loop_per_worker
 
         allocator_env(recipe)
         init_ray(cpus_needed(recipe))
+        stop.reinstall()  # ray.init replaced the CLI's SIGTERM handler with one that calls sys.exit
         # Ray Train's controller polls its workers every 2 s by default, and a run's end takes a few polls: about
         # 4 s of idle tail per run (per trial, in a sweep). Polling every 0.5 s costs nothing measurable. Read by
         # the controller, to which Ray Train passes this variable on; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         data_config = ingest_config(recipe)
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
                                "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
@@ -136,16 +150,87 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
 
             export_fp32(result.checkpoint, run)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # a stop signal (SystemExit: Ray's own SIGTERM handler)
         status = "KILLED"
         raise
     except Exception as e:
-        # not when a sweep already closed it KILLED (it stopped the trial), nor over the workers' own diagnosis
-        if (close_on_error or run.status() == "RUNNING") and T.FAILURE not in run.tags():
-            run.set_tags({T.FAILURE: root_cause(e)})
+        # not when a sweep already closed it KILLED (it stopped the trial), nor over the workers' own diagnosis;
+        # and a store that fails here must not hide `e`
+        try:
+            if (close_on_error or run.status() == "RUNNING") and T.FAILURE not in run.tags():
+                run.set_tags({T.FAILURE: root_cause(e)})
+        except Exception:  # noqa: BLE001
+            pass
         raise
     finally:
-        if close_on_error or status == "FINISHED":
-            run.end(status)
+        heartbeat.stop()
         summary.status = status
+        if close_on_error or status == "FINISHED":
+            _end(run, status)
     return summary
+
+
+def _end(run: MlflowRun, status: str) -> None:
+    """End the run; when the store does not answer, say so (the heartbeat has stopped: `towerlab runs doctor --fix`
+    closes it later) rather than replace the error on its way out."""
+    try:
+        run.end(status)
+    except Exception as e:  # noqa: BLE001
+        if status == "FINISHED":
+            raise
+        print(f"warning: could not end MLflow run {run.run_id} {status} ({type(e).__name__}); `towerlab runs doctor "
+              "--fix` closes it once its heartbeat is stale", file=sys.stderr)
+
+
+def _recorded_run_id(run_file: Path) -> str:
+    try:
+        return json.loads(run_file.read_text())["mlflow_run_id"]
+    except (ValueError, KeyError, TypeError, OSError):
+        raise ConfigError(f"{run_file} is not a towerlab run file (no mlflow_run_id): delete {run_file.parent} "
+                          "to start the run afresh, or launch with a new name=") from None
+
+
+def _check_resumable(run: MlflowRun, recipe: Recipe, uri: str, run_dir: Path, own: bool) -> None:
+    """Refuse, in one line, a resume that cannot happen: the run file names a run the store does not have (another
+    store, or a deleted run), or the recipe changes what the checkpoint holds. `own`: the run is this name's (not a
+    sweep's hand-over), so a dead driver's run is closed FAILED with the reason before it is reopened."""
+    from mlflow.exceptions import MlflowException
+
+    fresh = f"to start fresh, launch with a new name= or delete {run_dir}"
+    try:
+        info = run.client.get_run(run.run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        recorded = ""
+        if own:
+            with contextlib.suppress(ValueError, OSError):
+                was = json.loads((run_dir / RUN_FILE).read_text()).get("tracking_uri")
+                recorded = f", recorded in {was}" if was and was != redact(uri) else ""
+        raise ConfigError(f"{run_dir / RUN_FILE} resumes MLflow run {run.run_id}{recorded}, which the tracking "
+                          f"store {redact(uri)} does not have: use that store (--tracking-uri), or {fresh}") from None
+    if info.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow run {run.run_id} of '{recipe.name}' is deleted in {redact(uri)}: restore it "
+                          f"(`mlflow runs restore`), or {fresh}")
+    ckpt, diffs = resume_differences(run_dir, recipe)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ConfigError(f"run '{recipe.name}' cannot resume from {ckpt}: the recipe changes what the checkpoint "
+                          f"holds ({shown}): {fresh}")
+    if own and is_stale(info):
+        close_dead(run.client, run.run_id, last_beat(info))
+
+
+class _Trainer:
+    """TorchTrainer, without the SIGINT handler Ray Train installs in `fit` (it aborts the run and returns as if it
+    had failed): Ctrl-C raises KeyboardInterrupt here like SIGTERM, and the driver ends the run KILLED."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.train.torch import TorchTrainer
+
+        class Trainer(TorchTrainer):
+            def _register_sigint_handler(self, controller) -> None:  # Ray Train V2's hook (private): not ours
+                if not stop.installed():
+                    super()._register_sigint_handler(controller)
+
+        return Trainer(*args, **kwargs)
