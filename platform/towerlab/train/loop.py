@@ -124,3 +124,4 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, skip = epoch + 1, 0
     if rank == 0:
         evaluate.log_plots(run, title=recipe.name)
+        run.flush()  # metrics buffered through a tracking-store outage go out before the worker ends
