@@ -54,6 +54,8 @@ class VisionConfig:
     # "" builds the ViT above; hf:NAME (a Hugging Face vision encoder: local dir or Hub id) or timm:NAME loads a
     # pretrained encoder instead (width/layers/heads then come from it; image_size still sizes the data)
     pretrained: str = ""
+    patch_dropout: float = 0.0
+    """Fraction of patch tokens each training image drops at random (FLIP), in [0, 1); 0 keeps all; eval keeps all."""
 
 
 @dataclass
@@ -101,6 +103,8 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    implementation: str = "auto"
+    """AdamW kernel: auto (torch's default), foreach, fused or forloop; fused/foreach only where torch has them."""
 
 
 @dataclass
@@ -131,6 +135,8 @@ class TrainConfig:
     # (HF Transformers' "auto" uses hidden_size**2: 2M for ViT-g/14)
     reduce_bucket_size: int = 5_000_000
     export_fp32: bool = False  # at the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow
+    compile: bool = False
+    """torch.compile each tower (nn.Module.compile, in place); the first steps pay the compilation time."""
 
 
 @dataclass

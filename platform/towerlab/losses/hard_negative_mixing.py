@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from towerlab.losses import LOSSES
-from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, logits
+from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, generator, logits
 from towerlab.losses.base import positive_mask, row_targets
 
 
@@ -44,8 +44,8 @@ class HardNegativeMixingConfig(LossConfig):
     seed: int = 0
 
 
-def _generator(seed: int, step: int, direction: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + direction)
+def _generator(seed: int, step: int, direction: int, device: torch.device) -> torch.Generator:
+    return generator((seed * 1_000_003 + step) * 2 + direction, device)
 
 
 def synthetic_negatives(
@@ -63,7 +63,7 @@ def synthetic_negatives(
         n_valid = torch.isfinite(vals).sum(dim=1)  # the pool is sorted: its valid entries come first
 
         def draw(*shape: int) -> Tensor:
-            return torch.rand(n, *shape, generator=gen, dtype=qa.dtype)[rows]
+            return torch.rand(n, *shape, generator=gen, dtype=qa.dtype, device=qa.device)[rows]
 
         def pick(count: int) -> Tensor:  # `count` uniform draws from each row's valid pool -> key indices
             j = (draw(count) * n_valid[:, None]).long().clamp(max=kh - 1)
@@ -98,7 +98,7 @@ class HardNegativeMixingLoss(ContrastiveLoss):
 
         def direction(q: Tensor, k: Tensor, rows: slice, p_rows: Tensor) -> Tensor:
             z = logits(q[rows], k, scale)
-            gen = _generator(self.cfg.seed, step or 0, next(direction_id))
+            gen = _generator(self.cfg.seed, step or 0, next(direction_id), q.device)
             if mixing:
                 h, valid = synthetic_negatives(q[rows], k, p_rows, rows, self.cfg, gen)
                 zs = acc(scale) * torch.einsum("bd,bsd->bs", acc(q[rows]), h)
@@ -108,4 +108,4 @@ class HardNegativeMixingLoss(ContrastiveLoss):
         l_xy, l_yx = both_directions(direction, x, y, rows, pos)
         n_xy, n_yx = direction_names(self.cfg.modalities)
         return {"loss": 0.5 * (l_xy + l_yx), n_xy: l_xy, n_yx: l_yx,
-                "mixing": torch.tensor(float(mixing))}
+                "mixing": torch.tensor(float(mixing), device=x.device)}

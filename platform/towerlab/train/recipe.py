@@ -17,7 +17,9 @@ from towerlab.data import SOURCES
 from towerlab.data.checks import validate_data
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
+from towerlab.train.deepspeed_config import offloading
 from towerlab.train.memory import validate_scale
+from towerlab.train.optim import validate_optim
 from towerlab.train.evaluate import validate_evals
 from towerlab.util import did_you_mean
 
@@ -82,6 +84,13 @@ def validate(r: Recipe) -> None:
     for tower, c in (("vision", v), ("text", r.model.text)):
         if c.width % c.heads:
             raise ConfigError(f"model.{tower}.width={c.width} is not divisible by model.{tower}.heads={c.heads}")
+    if not 0.0 <= v.patch_dropout < 1.0:
+        raise ConfigError(f"model.vision.patch_dropout={v.patch_dropout}: the fraction of patches dropped must be in "
+                          "[0, 1) (FLIP uses 0.5 or 0.75; 0 turns it off)")
+    if v.patch_dropout and v.pretrained:
+        raise ConfigError("model.vision.patch_dropout applies to towerlab's own ViT, not to a pretrained vision tower "
+                          "(model.vision.pretrained): set it to 0")
+    validate_optim(r.optim, "cuda" if r.train.use_gpu else "cpu", offloading(r))
     if r.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={r.train.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
     if r.train.precision not in ("auto", "fp32", "bf16"):
