@@ -119,7 +119,7 @@ def _clip_fwd_bwd(n: int, d: int, tiled: bool, device: str) -> dict:
     loss.backward()
     sync(device)
     return {"batch": n, "seconds": time.perf_counter() - t0, "peak_gib": peak_memory(device),
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def tiled_vs_full(device: str, smoke: bool) -> dict:

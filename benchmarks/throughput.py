@@ -8,10 +8,13 @@ and the loss). Configurations are interleaved (round-robin over repeats) so a ch
 of them alike; each figure is the median over repeats, and the ratio is against the eager, no-dropout baseline of
 the same scope. Compilation happens in a warm-up before timing and its duration is reported separately.
 
-    PYTHONPATH=platform .venv/bin/python benchmarks/throughput.py [--batch 256] [--steps 4] [--repeats 5]
+    PYTHONPATH=platform .venv/bin/python benchmarks/throughput.py --compare patch_dropout [--batch 128] [--steps 3]
+    PYTHONPATH=platform .venv/bin/python benchmarks/throughput.py --compare compile --scopes image
 
-Writes benchmarks/results/throughput.json, with the load average before and after (other processes on the machine
-change every figure; the ratios are what to read). Goal: patch dropout 0.5 >= 1.6x samples/s.
+Each comparison (patch_dropout: baseline vs keep 0.5; compile: baseline vs compiled; all: the four) carries its own
+baseline from the same run and is stored under its name in benchmarks/results/throughput.json, with the load
+average before and after (other processes on the machine change every figure; the ratios are what to read).
+Goal: patch dropout 0.5 >= 1.6x samples/s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from towerlab.train.optim import build_optimizer
 from towerlab.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPARISONS = {"patch_dropout": ["baseline", "patch_dropout_0.5"], "compile": ["baseline", "compile"],
+               "all": ["baseline", "patch_dropout_0.5", "compile", "compile+patch_dropout_0.5"]}
 CONFIGS = {"baseline": (0.0, False), "patch_dropout_0.5": (0.5, False), "compile": (0.0, True),
            "compile+patch_dropout_0.5": (0.5, True)}
 
@@ -67,15 +72,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled configurations")
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="all")
+    ap.add_argument("--scopes", nargs="+", choices=["step", "image"], default=["step", "image"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    names = [n for n in CONFIGS if not (args.no_compile and CONFIGS[n][1])]
+    names = COMPARISONS[args.compare]
     result: dict = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "load_average_before": load_before, "scopes": {}}
-    for scope in ("step", "image"):
+    for scope in args.scopes:
         steps, warm = {}, {}
         for name in names:
             steps[name] = make_step(name, scope, args.batch, args.threads)
@@ -83,6 +89,7 @@ def main() -> None:
             for _ in range(2):  # warm-up: allocator, and for compiled towers the compilation (train graph)
                 steps[name]()
             warm[name] = time.perf_counter() - t0
+            print(f"[{scope}] {name}: warm-up {warm[name]:.1f} s", flush=True)
         rates: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(args.repeats):
             for name in names:  # interleaved
@@ -100,7 +107,14 @@ def main() -> None:
     result["note"] = (f"load average {load_before[0]:.1f} before / {result['load_average_after'][0]:.1f} after on "
                       f"{os.cpu_count()} CPUs: other processes shared the cores; compare the ratios, not the rates")
     print(result["note"])
-    print("wrote", write_result(result, "throughput"))
+    import json
+
+    from _results import RESULTS
+
+    path = RESULTS / "throughput.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored.setdefault("comparisons", {})[args.compare] = result
+    print("wrote", write_result(stored, "throughput"))
 
 
 if __name__ == "__main__":
