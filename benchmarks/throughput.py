@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compare", choices=sorted(COMPARISONS), default="all")
+    ap.add_argument("--budget", type=float, default=170.0,
+                    help="seconds; past it the run stops and records how far it got (compilation under load)")
     ap.add_argument("--scopes", nargs="+", choices=["step", "image"], default=["step", "image"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,15 +83,35 @@ def main() -> None:
     result: dict = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "load_average_before": load_before, "scopes": {}}
+    import signal
+
+    def out_of_time(*_):
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, args.budget)
+    try:
+        run_scopes(args, names, result)
+    except TimeoutError:
+        result["unfinished"] = (f"stopped at the {args.budget:.0f} s budget during {result.get('at', '?')}: "
+                                "not measured on this machine at this load")
+        print(result["unfinished"], flush=True)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    finish(args, result)
+
+
+def run_scopes(args, names: list[str], result: dict) -> None:
     for scope in args.scopes:
         steps, warm = {}, {}
         for name in names:
+            result["at"] = f"the {scope} warm-up of {name}"
             steps[name] = make_step(name, scope, args.batch, args.threads)
             t0 = time.perf_counter()
             for _ in range(2):  # warm-up: allocator, and for compiled towers the compilation (train graph)
                 steps[name]()
             warm[name] = time.perf_counter() - t0
             print(f"[{scope}] {name}: warm-up {warm[name]:.1f} s", flush=True)
+        result["at"] = f"the {scope} timed repeats"
         rates: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(args.repeats):
             for name in names:  # interleaved
@@ -103,6 +125,11 @@ def main() -> None:
             "ratio_vs_baseline": {n: med[n] / med["baseline"] for n in names}}
         print(f"[{scope}] " + "; ".join(f"{n}: {med[n]:,.0f} samples/s ({med[n] / med['baseline']:.2f}x, warm-up "
                                         f"{warm[n]:.1f} s)" for n in names), flush=True)
+    result.pop("at", None)
+
+
+def finish(args, result: dict) -> None:
+    load_before = result["load_average_before"]
     result["load_average_after"] = os.getloadavg()
     result["note"] = (f"load average {load_before[0]:.1f} before / {result['load_average_after'][0]:.1f} after on "
                       f"{os.cpu_count()} CPUs: other processes shared the cores; compare the ratios, not the rates")
