@@ -148,7 +148,7 @@ def render(recipe, plan, speed=None) -> None:
 
 def render_speed(recipe, speed) -> None:
     fast, slow = speed.seconds
-    towers = ", ".join(f"{m} {f / 1e9:,.1f}" for m, f in speed.flops_per_sample.items())
+    towers = ", ".join(f"{m} {f / 1e9:,.4g}" for m, f in speed.flops_per_sample.items())
     lo, hi = speed.mfu
     mfu = f"{lo:.0%}" if lo == hi else f"{lo:.0%}-{hi:.0%}"
     when = f"{fast:.3g} s" if fast == slow else f"{fast:.3g}-{slow:.3g} s"

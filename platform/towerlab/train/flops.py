@@ -40,31 +40,52 @@ def peak_tflops(gpu: str) -> float:
 
 
 def tower_flops(recipe: Recipe, samples: int = 2) -> dict[str, float]:
-    """Forward+backward FLOPs per sample of each tower of the recipe's model, counted on the meta device."""
+    """Forward+backward FLOPs per sample of each tower of the recipe's model, counted on the meta device. A
+    pretrained Hugging Face tower reads values while it builds its attention mask, which meta tensors lack: that
+    tower is counted on the CPU instead, built from its configuration (random weights, nothing downloaded)."""
+    out = {}
+    for device in ("meta", "cpu"):
+        model, inputs = _model_and_inputs(recipe, samples, device)
+        for m, x in inputs.items():
+            if m in out:
+                continue
+            try:
+                out[m] = _count(model.towers[m], x) / samples
+            except RuntimeError:
+                if device == "cpu":
+                    raise
+        if len(out) == len(inputs):
+            return out
+    return out
+
+
+def _model_and_inputs(recipe: Recipe, samples: int, device: str):
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from towerlab.models import ContrastiveModel
 
-    with torch.device("meta"):
+    with torch.device(device):
         model = ContrastiveModel(recipe.model, temperature_init=recipe.loss.temperature_init, load_weights=False)
     model.train()
     for tower in model.towers.values():
         if hasattr(tower, "set_grad_checkpointing"):
             tower.set_grad_checkpointing(False)
     v, t = recipe.model.vision, recipe.model.text
-    inputs = {"image": torch.zeros(samples, v.channels, v.image_size, v.image_size, device="meta"),
-              "text": torch.ones(samples, t.context_length, dtype=torch.long, device="meta")}
+    inputs = {"image": torch.zeros(samples, v.channels, v.image_size, v.image_size, device=device),
+              "text": torch.ones(samples, t.context_length, dtype=torch.long, device=device)}
     if "signal" in model.towers:
-        inputs["signal"] = torch.zeros(samples, recipe.model.signal.dim, device="meta")
-    out = {}
-    for m, x in inputs.items():
-        with FlopCounterMode(display=False) as counter:
-            f = model.towers[m](x)
-            if f.requires_grad:
-                f.sum().backward()
-        out[m] = counter.get_total_flops() / samples
-    return out
+        inputs["signal"] = torch.zeros(samples, recipe.model.signal.dim, device=device)
+    return model, inputs
+
+
+def _count(tower, x) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        f = tower(x)
+        if f.requires_grad:
+            f.sum().backward()
+    return counter.get_total_flops()
 
 
 def loss_flops(recipe: Recipe, rows: int, n: int) -> float:

@@ -71,3 +71,14 @@ def test_plan_prints_the_expected_step_time(repo_root, capsys, monkeypatch):
     assert "expected step time on 2 x A100 (bf16 peak 312 TFLOP/s) at MFU 35%-55%" in out
     assert main(["plan", "recipes/debug.yaml", "--gpu", "Quadro 4000"]) == 2
     assert "error: --gpu 'Quadro 4000'" in capsys.readouterr().err
+
+
+def test_pretrained_tower_is_counted_on_the_cpu(repo_root):
+    """A Hugging Face tower reads mask values while it runs (meta tensors have none): counted on the CPU from its
+    configuration; MiniLM-L6 (22M parameters, 6 layers of width 384) over the recipe's context costs more than the
+    projection alone and less than 6 x parameters x tokens would bound it."""
+    r = load_recipe(repo_root / "recipes" / "digits_lit_minilm.yaml")
+    flops = tower_flops(r)
+    tokens = r.model.text.context_length
+    assert 2 * 384 * r.model.embed_dim < flops["text"] < 6 * 23e6 * tokens
+    assert flops["image"] > 0
