@@ -83,20 +83,22 @@ def main() -> None:
     result: dict = {"batch": args.batch, "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "load_average_before": load_before, "scopes": {}}
-    import signal
+    # a watchdog thread, not SIGALRM: compilation blocks the main thread in native code, where a signal handler
+    # never runs; the thread records how far the run got, writes the result and ends the process
+    import threading
 
-    def out_of_time(*_):
-        raise TimeoutError
-
-    signal.signal(signal.SIGALRM, out_of_time)
-    signal.setitimer(signal.ITIMER_REAL, args.budget)
-    try:
-        run_scopes(args, names, result)
-    except TimeoutError:
+    def out_of_time() -> None:
         result["unfinished"] = (f"stopped at the {args.budget:.0f} s budget during {result.get('at', '?')}: "
                                 "not measured on this machine at this load")
         print(result["unfinished"], flush=True)
-    signal.setitimer(signal.ITIMER_REAL, 0)
+        finish(args, result)
+        os._exit(3)
+
+    watchdog = threading.Timer(args.budget, out_of_time)
+    watchdog.daemon = True
+    watchdog.start()
+    run_scopes(args, names, result)
+    watchdog.cancel()
     finish(args, result)
 
 
