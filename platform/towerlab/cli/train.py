@@ -121,9 +121,10 @@ def print_summary(recipe, summary) -> None:
     console.print(f"zero-shot top-1: {m.get('eval/zeroshot/top1', float('nan')):.1%}")
 
 
-def render(recipe, plan) -> None:
+def render(recipe, plan, speed=None) -> None:
     """The plan as `towerlab plan` prints it: batch and negatives, model states per ZeRO stage, activations and
-    loss, and the verdict for the rows the recipe uses (marked *)."""
+    loss, and the verdict for the rows the recipe uses (marked *); with `speed` (a flops.StepEstimate), the
+    expected step time on the planned GPUs."""
     from towerlab.train.memory import gib, negatives
 
     b = plan.batch
@@ -162,6 +163,23 @@ def render(recipe, plan) -> None:
                   f"{verdict}", soft_wrap=True, highlight=False)
     for n in plan.notes:
         console.print(f"note: {n}", soft_wrap=True, highlight=False)
+    if speed is not None:
+        render_speed(recipe, speed)
+
+
+def render_speed(recipe, speed) -> None:
+    fast, slow = speed.seconds
+    towers = ", ".join(f"{m} {f / 1e9:,.4g}" for m, f in speed.flops_per_sample.items())
+    lo, hi = speed.mfu
+    mfu = f"{lo:.0%}" if lo == hi else f"{lo:.0%}-{hi:.0%}"
+    when = f"{fast:.3g} s" if fast == slow else f"{fast:.3g}-{slow:.3g} s"
+    for line in (f"step FLOPs: {towers} GFLOP per sample (forward + backward); {speed.flops_per_worker / 1e12:,.2f} "
+                 f"TFLOP per worker per step",
+                 f"expected step time on {recipe.train.workers} x {speed.gpu} (bf16 peak {speed.peak_tflops:g} "
+                 f"TFLOP/s) at MFU {mfu}: {when} per step, "
+                 f"{recipe.data.global_batch / slow:,.0f}-{recipe.data.global_batch / fast:,.0f} samples/s",
+                 f"MFU: {speed.mfu_source}"):
+        console.print(line, soft_wrap=True, highlight=False)
 
 
 def cmd_plan(args) -> int:
@@ -176,7 +194,12 @@ def cmd_plan(args) -> int:
         overrides += [f"train.device_memory={args.gpu_memory}", "train.use_gpu=true"]
     recipe = load_recipe(args.recipe, overrides)
     plan = plan_memory(recipe, args.gpus_per_node)
-    render(recipe, plan)
+    speed = None
+    if recipe.train.use_gpu or args.gpu or args.peak_tflops:
+        from towerlab.train.flops import estimate_step
+
+        speed = estimate_step(recipe, args.gpu, args.peak_tflops, Path(args.measured) if args.measured else None)
+    render(recipe, plan, speed)
     return 0 if plan.fits else 1
 
 
@@ -275,6 +298,10 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, help="plan for N workers (train.workers)")
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (sets train.use_gpu and device_memory)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for DeepSpeed's estimators")
+    p.add_argument("--gpu", help="the GPU to expect the step time on, e.g. H100, A100 (default: this machine's, "
+                                 "else H100); shown for GPU recipes or when given")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak in TFLOP/s (default: from --gpu)")
+    p.add_argument("--measured", help="the device check's results (default: benchmarks/results/device_check.json)")
     p.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("recipes", help="list recipes; a recipe's parameters").add_subparsers(

@@ -150,6 +150,8 @@ class VisionConfig:
     imported model (model.pretrained) sets its own."""
     std: list[float] = num(default_factory=lambda: [0.5, 0.5, 0.5], gt=0)
     """Per-channel standard deviation the centred pixels are divided by."""
+    patch_dropout: float = num(0.0, ge=0, lt=1)
+    """Fraction of patch tokens each training image drops at random (FLIP), in [0, 1); 0 keeps all; eval keeps all."""
 
 
 @dataclass
@@ -246,6 +248,8 @@ class OptimConfig:
     """Where the cosine schedule ends, as a fraction of lr, in [0, 1]."""
     grad_clip: float = num(1.0, ge=0)
     """Largest global gradient norm (larger gradients are scaled down), at least 0; 0 turns clipping off."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (torch's default), foreach, fused or forloop; fused/foreach only where torch has them."""
 
 
 @dataclass
@@ -299,6 +303,8 @@ class TrainConfig:
     least 1."""
     export_fp32: bool = False
     """At the end, log a consolidated fp32 state dict (zero_to_fp32) to MLflow; needs zero_stage >= 1."""
+    compile: bool = False
+    """torch.compile each tower (nn.Module.compile, in place); the first steps pay the compilation time."""
 
 
 @dataclass

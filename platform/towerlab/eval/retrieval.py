@@ -9,14 +9,16 @@ recall_at_K: MLflow refuses '@' in metric names.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from towerlab.eval.numbers import as_floats
 
 
 def first_hit_ranks(queries: torch.Tensor, keys: torch.Tensor, q_groups: torch.Tensor, k_groups: torch.Tensor,
                     chunk: int = 1024) -> torch.Tensor:
     """[Q] 1-based rank of each query's best correct key among all keys."""
     ranks = []
+    q_groups, k_groups = q_groups.to(queries.device), k_groups.to(queries.device)
     for start in range(0, queries.shape[0], chunk):
         sims = queries[start : start + chunk].float() @ keys.float().T
         correct = k_groups[None, :] == q_groups[start : start + chunk, None]
@@ -25,15 +27,22 @@ def first_hit_ranks(queries: torch.Tensor, keys: torch.Tensor, q_groups: torch.T
     return torch.cat(ranks)
 
 
-def _summary(ranks: torch.Tensor, ks: tuple[int, ...], direction: str) -> dict[str, float]:
-    out = {f"recall_at_{k}_{direction}": int((ranks <= k).sum()) / len(ranks) for k in ks}
-    out[f"median_rank_{direction}"] = float(np.median(ranks.numpy()))
+def _summary(ranks: torch.Tensor, ks: tuple[int, ...], direction: str) -> dict[str, torch.Tensor]:
+    r = ranks.double()
+    out = {f"recall_at_{k}_{direction}": (r <= k).double().mean() for k in ks}
+    out[f"median_rank_{direction}"] = r.quantile(0.5)  # linear interpolation: numpy's median for even counts
     return out
+
+
+def recall_tensors(image_features: torch.Tensor, text_features: torch.Tensor, groups: torch.Tensor,
+                   ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """recall_at_k's metrics as 0-d tensors on the features' device."""
+    i2t = first_hit_ranks(image_features, text_features, groups, groups, chunk)
+    t2i = first_hit_ranks(text_features, image_features, groups, groups, chunk)
+    return _summary(i2t, tuple(ks), "i2t") | _summary(t2i, tuple(ks), "t2i")
 
 
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, groups: torch.Tensor,
                 ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Row i of both feature matrices is a pair; groups[i] identifies its caption."""
-    i2t = first_hit_ranks(image_features, text_features, groups, groups, chunk)
-    t2i = first_hit_ranks(text_features, image_features, groups, groups, chunk)
-    return _summary(i2t, tuple(ks), "i2t") | _summary(t2i, tuple(ks), "t2i")
+    return as_floats(recall_tensors(image_features, text_features, groups, ks, chunk))

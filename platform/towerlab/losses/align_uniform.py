@@ -55,8 +55,9 @@ def sq_dists(a: Tensor, b: Tensor) -> Tensor:
 def log_mean_exp_offdiag(z: Tensor) -> Tensor:
     """log mean_{i != j} exp(z_ij) of a square matrix."""
     n = z.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    return torch.logsumexp(z[off], dim=0) - math.log(n * (n - 1))
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    # masked to -inf rather than selected: no data-dependent shape (a host sync on a GPU)
+    return torch.logsumexp(z.masked_fill(eye, float("-inf")).flatten(), dim=0) - math.log(n * (n - 1))
 
 
 @LOSSES.register("align_uniform", config=AlignUniformConfig)

@@ -163,6 +163,18 @@ def acc(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def host_float(t: Tensor) -> float:
+    """float(t), for the few values the host must hold (the tiled kernels' GEMM scale and their no-shift test). A
+    meta tensor has no value: the device tests run the kernels on meta tensors, where 1.0 stands in."""
+    return 1.0 if t.is_meta else float(t)
+
+
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded generator on `device`, so random draws are made where the tensors live (a CUDA draw needs a CUDA
+    generator). Meta tensors have no random state; a CPU generator stands in, which meta draws accept."""
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+
+
 def logits(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """scale * q k^T (+ bias), in fp32 (or fp64)."""
     out = acc(scale) * (acc(q) @ acc(k).T)

@@ -69,7 +69,7 @@ class _Decoupled(ContrastiveLoss):
         if self.cfg.tiled:
             from towerlab.losses.tiled import band_infonce
 
-            coef = torch.ones(rows.stop - rows.start, dtype=acc(t).dtype) if w_loc is None else w_loc
+            coef = torch.ones(rows.stop - rows.start, dtype=acc(t).dtype, device=x.device) if w_loc is None else w_loc
             r_xy, r_yx = band_infonce(x, y, t, rows, self.cfg.tile_size, coef, exclude_diag=True)
         else:
             pos = acc(t) * (acc(x[rows]) * acc(y[rows])).sum(dim=1)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from towerlab.config.checks import INT64_MAX, fail, num
 from towerlab.losses import LOSSES
-from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, logits
+from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, both_directions, direction_names, generator, logits
 from towerlab.losses.base import positive_mask, row_targets
 
 
@@ -50,8 +50,8 @@ class HardNegativeMixingConfig(LossConfig):
     """Seed of the mixing draws (with the step and direction), in [0, 2**63 - 1]."""
 
 
-def _generator(seed: int, step: int, direction: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + direction)
+def _generator(seed: int, step: int, direction: int, device: torch.device) -> torch.Generator:
+    return generator((seed * 1_000_003 + step) * 2 + direction, device)
 
 
 def synthetic_negatives(
@@ -69,8 +69,9 @@ def synthetic_negatives(
         n_valid = torch.isfinite(vals).sum(dim=1)  # the pool is sorted: its valid entries come first
 
         def draw(*shape: int) -> Tensor:
-            # drawn in fp32 whatever the accumulation dtype: an fp64 run mixes the same points as an fp32 one
-            return torch.rand(n, *shape, generator=gen, dtype=torch.float32)[rows].to(qa.dtype)
+            # drawn in fp32 on the features' device whatever the accumulation dtype: an fp64 run mixes the same points
+            # as an fp32 one
+            return torch.rand(n, *shape, generator=gen, dtype=torch.float32, device=qa.device)[rows].to(qa.dtype)
 
         def pick(count: int) -> Tensor:  # `count` uniform draws from each row's valid pool -> key indices
             j = (draw(count) * n_valid[:, None]).long().clamp(max=kh - 1)
@@ -109,7 +110,7 @@ class HardNegativeMixingLoss(ContrastiveLoss):
 
         def direction(q: Tensor, k: Tensor, rows: slice, p_rows: Tensor) -> Tensor:
             z = logits(q[rows], k, scale)
-            gen = _generator(self.cfg.seed, step or 0, next(direction_id))
+            gen = _generator(self.cfg.seed, step or 0, next(direction_id), q.device)
             if mixing:
                 h, valid = synthetic_negatives(q[rows], k, p_rows, rows, self.cfg, gen)
                 zs = acc(scale) * torch.einsum("bd,bsd->bs", acc(q[rows]), h)
@@ -119,4 +120,4 @@ class HardNegativeMixingLoss(ContrastiveLoss):
         l_xy, l_yx = both_directions(direction, x, y, rows, pos)
         n_xy, n_yx = direction_names(self.cfg.modalities)
         return {"loss": 0.5 * (l_xy + l_yx), n_xy: l_xy, n_yx: l_yx,
-                "mixing": torch.tensor(float(mixing))}
+                "mixing": torch.tensor(float(mixing), device=x.device)}

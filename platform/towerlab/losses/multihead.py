@@ -51,7 +51,7 @@ def split_heads(f: Tensor, heads: int) -> Tensor:
         return f
     if f.shape[1] % heads:
         raise ValueError(f"multihead: feature dim {f.shape[1]} is not divisible by loss.num_heads={heads}")
-    return F.normalize(f.reshape(f.shape[0], heads, -1), dim=-1)
+    return F.normalize(acc(f).reshape(f.shape[0], heads, -1), dim=-1)  # in fp32: bf16 features lose the heads' norms
 
 
 @LOSSES.register("multihead", config=MultiheadConfig)

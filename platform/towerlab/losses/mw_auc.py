@@ -37,7 +37,8 @@ def softplus(u: Tensor) -> Tensor:
 
 def auc_single_positive(z: Tensor, diag: Tensor) -> Tensor:
     """Per-row mean over n != i of softplus(z_in - z_ii) ([b, N] logits, [b, N] diagonal mask)."""
-    z_pos = z[diag][:, None]
+    # each row's one positive, read without boolean indexing (a data-dependent shape: a host sync on a GPU)
+    z_pos = z.masked_fill(~diag, 0.0).sum(dim=1, keepdim=True)
     terms = softplus(z - z_pos).masked_fill(diag, 0.0)
     return terms.sum(dim=1) / max(z.shape[1] - 1, 1)
 

@@ -43,6 +43,6 @@ class SiglipLoss(ContrastiveLoss):
         else:
             z = logits(x[rows], y, scale, bias)
             diag = diag_mask(rows, z.shape[1], z.device)
-            pos = F.softplus(-z[diag]).mean()
+            pos = F.softplus(-z.diagonal(rows.start)).mean()  # (k, rows.start + k): no data-dependent indexing
             neg = F.softplus(z.masked_fill(diag, float("-inf"))).sum(dim=1).mean()
         return {"loss": pos + neg, "loss_pos": pos, "loss_neg": neg}

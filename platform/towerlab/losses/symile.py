@@ -24,7 +24,7 @@ from torch import Tensor
 
 from towerlab.config.checks import INT64_MAX, num
 from towerlab.losses import LOSSES
-from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, logits, row_targets
+from towerlab.losses.base import ContrastiveLoss, LossConfig, acc, diag_mask, generator, logits, row_targets
 
 
 @dataclass
@@ -37,10 +37,12 @@ class SymileConfig(LossConfig):
     """Seed of the negative tuples' permutations (with the step and anchor), in [0, 2**63 - 1]."""
 
 
-def symile_permutations(n: int, m: int, anchor: int, seed: int, step: int) -> list[Tensor]:
-    """The independent permutations of the non-anchor modalities (in modality order) for one anchor."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + anchor)
-    return [torch.randperm(n, generator=g) for _ in range(m - 1)]
+def symile_permutations(n: int, m: int, anchor: int, seed: int, step: int,
+                        device: torch.device = torch.device("cpu")) -> list[Tensor]:
+    """The independent permutations of the non-anchor modalities (in modality order) for one anchor, drawn on
+    `device` (the features')."""
+    g = generator((seed * 1_000_003 + step) * 64 + anchor, device)
+    return [torch.randperm(n, generator=g, device=device) for _ in range(m - 1)]
 
 
 @LOSSES.register("symile", config=SymileConfig)
@@ -57,7 +59,7 @@ class SymileLoss(ContrastiveLoss):
         out: dict[str, Tensor] = {}
         for a in range(m):
             others = [f for i, f in enumerate(fs) if i != a]
-            perms = symile_permutations(n, m, a, self.cfg.seed, step)
+            perms = symile_permutations(n, m, a, self.cfg.seed, step, fs[0].device)
             key = torch.stack([f[p] for f, p in zip(others, perms)]).prod(dim=0)  # [N, d] fused shuffled tuples
             positive = torch.stack([f[rows] for f in others]).prod(dim=0)  # [b, d] the true tuples
             z = logits(fs[a][rows], key, scale)

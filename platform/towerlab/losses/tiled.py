@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from towerlab.losses.base import acc
+from towerlab.losses.base import acc, host_float
 
 UNSHIFTED_MAX_LOGIT = 40.0  # the unshifted path needs every exp(Z), Z in [-U, U], to be a normal fp32 number
 
@@ -53,25 +53,26 @@ def _blocks(n: int, lo: int, hi: int, size: int) -> list[Block]:
     return out
 
 
-def _diag(i: Block, j: Block) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+def _diag(i: Block, j: Block, device: torch.device) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """(tile rows, tile columns, global indices) of the global-diagonal entries of tile (I, J), or None."""
     a, b = max(i[0], j[0]), min(i[1], j[1])
     if a >= b:
         return None
-    k = torch.arange(a, b)
+    k = torch.arange(a, b, device=device)
     return k - i[0], k - j[0], k
 
 
 class _Tiles:
     """The tile loop both kernels share: inputs in the accumulation dtype, the scale, two scratch buffers, and the
-    (row block, column block) pairs that meet the band."""
+    (row block, column block) pairs that meet the band. Every buffer is made on the inputs' device."""
 
     def __init__(self, x: Tensor, y: Tensor, scale: Tensor, lo: int, hi: int, tile: int, cols_in_band: bool):
         self.x, self.y = acc(x.detach()), acc(y.detach())
-        self.t = float(scale)
+        self.t = host_float(scale)  # addmm's alpha is a number: one host sync per call
         self.lo, self.hi = lo, hi
         n = self.x.shape[0]
-        self.buf = [torch.empty(min(tile, n) ** 2, dtype=self.x.dtype) for _ in range(2)]
+        self.device = self.x.device
+        self.buf = [torch.empty(min(tile, n) ** 2, dtype=self.x.dtype, device=self.device) for _ in range(2)]
         blocks = _blocks(n, lo, hi, tile)
         self.pairs = [
             (i, j, lo <= i[0] < hi, cols_in_band and lo <= j[0] < hi)
@@ -81,7 +82,10 @@ class _Tiles:
         ]
 
     def vec(self, fill: float = 0.0) -> Tensor:
-        return torch.full((self.hi - self.lo,), fill, dtype=self.x.dtype)
+        return torch.full((self.hi - self.lo,), fill, dtype=self.x.dtype, device=self.device)
+
+    def diag(self, i: Block, j: Block) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        return _diag(i, j, self.device)
 
     def logits(self, i: Block, j: Block, bias: float = 0.0) -> Tensor:
         """Z_IJ = t x_I y_J^T + bias, written into scratch buffer 0 by one GEMM."""
@@ -111,14 +115,14 @@ class BandInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, pos_coef, lo: int, hi: int, tile: int, exclude_diag: bool):  # type: ignore[override]
         tl = _Tiles(x, y, scale, lo, hi, tile, cols_in_band=True)
-        u = abs(tl.t) * float(tl.x.norm(dim=1).max()) * float(tl.y.norm(dim=1).max())
+        u = abs(tl.t) * host_float(tl.x.norm(dim=1).max()) * host_float(tl.y.norm(dim=1).max())
         fixed = u <= UNSHIFTED_MAX_LOGIT  # no shift needed (see Numerics)
         # fixed: running sums of exp(Z), lse = log(sum); general: running log-sum-exps
         s_r, s_c = (tl.vec(), tl.vec()) if fixed else (tl.vec(-math.inf), tl.vec(-math.inf))
         z_pos = tl.vec()
         for i, j, row, col in tl.pairs:
             z = tl.logits(i, j)
-            d = _diag(i, j)
+            d = tl.diag(i, j)
             if d is not None:
                 z_pos[d[2] - lo] = z[d[0], d[1]]
                 if exclude_diag:
@@ -155,7 +159,7 @@ class BandInfoNCE(torch.autograd.Function):
             alpha, beta = g_r * torch.exp(-lse_r), g_c * torch.exp(-lse_c)
         for i, j, row, col in tl.pairs:
             z = tl.logits(i, j)
-            d = _diag(i, j)
+            d = tl.diag(i, j)
             if exclude_diag and d is not None:
                 z[d[0], d[1]] = -math.inf
             if fixed:  # G = exp(Z) * (alpha_i + beta_j)
@@ -190,13 +194,13 @@ class BandSigmoid(torch.autograd.Function):
     def forward(ctx, x, y, scale, bias, lo: int, hi: int, tile: int):  # type: ignore[override]
         tl = _Tiles(x, y, scale, lo, hi, tile, cols_in_band=False)
         want_grad = any(ctx.needs_input_grad[:4])
-        neg, z_pos = torch.zeros((), dtype=tl.x.dtype), tl.vec()
+        neg, z_pos = torch.zeros((), dtype=tl.x.dtype, device=tl.device), tl.vec()
         dx = torch.zeros_like(tl.x) if want_grad else None
         dy = torch.zeros_like(tl.y) if want_grad else None
-        db = torch.zeros((), dtype=tl.x.dtype)
+        db = torch.zeros((), dtype=tl.x.dtype, device=tl.device)
         for i, j, _, _ in tl.pairs:
-            z = tl.logits(i, j, float(bias))
-            d = _diag(i, j)
+            z = tl.logits(i, j, host_float(bias))
+            d = tl.diag(i, j)
             if d is not None:
                 z_pos[d[2] - lo] = z[d[0], d[1]]
                 z[d[0], d[1]] = -math.inf
@@ -216,14 +220,14 @@ class BandSigmoid(torch.autograd.Function):
         x, y, scale, bias, z_pos, dx, dy, db = ctx.saved_tensors
         (lo, hi), ctx.args = ctx.args, None
         xa, ya = acc(x.detach()), acc(y.detach())
-        g_neg = float(g_neg) if g_neg is not None else 0.0
-        g_pos = float(g_pos) if g_pos is not None else 0.0
+        g_neg = host_float(g_neg) if g_neg is not None else 0.0
+        g_pos = host_float(g_pos) if g_pos is not None else 0.0
         # d softplus(-z_ii) / dz_ii = -sigmoid(-z_ii): the positives' gradient on the diagonal, added in place.
         p = torch.sigmoid(-z_pos).mul_(-g_pos)
         dx, dy = dx.mul_(g_neg), dy.mul_(g_neg)
         dx[lo:hi].addcmul_(ya[lo:hi], p[:, None])
         dy[lo:hi].addcmul_(xa[lo:hi], p[:, None])
-        t = float(scale)
+        t = host_float(scale)
         dt = torch.dot(dx.reshape(-1), xa.reshape(-1))  # includes the diagonal's p_i x_i.y_i
         db_total = g_neg * db + p.sum()
         return (dx.mul_(t).to(x.dtype), dy.mul_(t).to(y.dtype), dt.to(scale.dtype).reshape(scale.shape),
@@ -235,7 +239,7 @@ def band_infonce(x: Tensor, y: Tensor, scale: Tensor, rows: slice, tile: int, po
     """Per-row (x-to-y, y-to-x) losses of this rank's rows: log-sum-exp of t x_i y^T (resp. t y_i x^T) minus
     pos_coef_i t x_i.y_i (pos_coef defaults to 1: plain InfoNCE; pass zeros for bare log-sum-exps)."""
     t = acc(scale)
-    coef = torch.ones(rows.stop - rows.start, dtype=t.dtype) if pos_coef is None else pos_coef
+    coef = torch.ones(rows.stop - rows.start, dtype=t.dtype, device=x.device) if pos_coef is None else pos_coef
     return BandInfoNCE.apply(x, y, t, coef, rows.start, rows.stop, tile, exclude_diag)
 
 
@@ -246,7 +250,7 @@ def tiled_symmetric_infonce(
     in every softmax and is ignored. CE with smoothing = LSE - (1-eps) z_ii - eps mean_j z_ij, and
     mean_j z_ij = t x_i . mean(y), so smoothing costs O(N d)."""
     t = acc(scale)
-    coef = torch.full((rows.stop - rows.start,), 1.0 - eps, dtype=t.dtype)
+    coef = torch.full((rows.stop - rows.start,), 1.0 - eps, dtype=t.dtype, device=x.device)
     l_xy, l_yx = band_infonce(x, y, t, rows, tile, coef)
     if eps:
         xa, ya = acc(x), acc(y)
@@ -258,7 +262,7 @@ def tiled_symmetric_infonce(
 def tiled_sigmoid(x: Tensor, y: Tensor, scale: Tensor, bias: Optional[Tensor], rows: slice, tile: int) -> tuple[Tensor, Tensor]:
     """SigLIP terms, means over local rows: positives softplus(-z_ii) and negatives sum_{j != i} softplus(z_ij)."""
     t = acc(scale)
-    b = torch.zeros((), dtype=t.dtype) if bias is None else acc(bias)
+    b = torch.zeros((), dtype=t.dtype, device=x.device) if bias is None else acc(bias)
     neg, pos = BandSigmoid.apply(x, y, t, b, rows.start, rows.stop, tile)
     nb = rows.stop - rows.start
     return pos / nb, neg / nb

@@ -19,7 +19,7 @@ from torch import nn
 
 from towerlab.config.errors import ConfigError
 from towerlab.config.schema import ModelConfig
-from towerlab.models.towers import SignalTower, TextTower, VisionTower, normalize
+from towerlab.models.towers import SignalTower, TextTower, VisionTower, normalize, tower_input
 
 
 class ContrastiveModel(nn.Module):
@@ -54,7 +54,8 @@ class ContrastiveModel(nn.Module):
         freeze(self, cfg.freeze)
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        return normalize(self.towers[modality](x))
+        tower = self.towers[modality]
+        return normalize(tower(tower_input(tower, x)))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Normalised features for every modality present in `inputs` (keys: image, text, signal)."""

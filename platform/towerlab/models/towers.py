@@ -88,6 +88,27 @@ class Transformer(nn.Module):
         return x
 
 
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout (Li et al., 2023; OpenCLIP's PatchDropout): in training, each image keeps a random
+    max(1, int(n * (1 - p))) of its n patch tokens (the class token is never dropped), so the transformer runs on
+    a shorter sequence; in evaluation every token is kept. The draw is made on the tokens' device, from the
+    default generator the feature cache records and replays."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.vision.patch_dropout={p}: must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        b, n, w = x.shape
+        keep = max(1, int(n * (1.0 - self.p)))
+        idx = torch.rand(b, n, device=x.device).topk(keep, dim=1).indices
+        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, w))
+
+
 class _Tower(nn.Module):
     transformer: Transformer
 
@@ -105,6 +126,7 @@ class VisionTower(_Tower):
         self.conv1 = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
+        self.patch_dropout = PatchDropout(cfg.patch_dropout)
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
         self.ln_post = nn.LayerNorm(cfg.width)
@@ -112,8 +134,10 @@ class VisionTower(_Tower):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        pos = self.positional_embedding.to(x.dtype)
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        # positions are added before patch dropout, so a kept token keeps its own position
+        x = torch.cat([cls, self.patch_dropout(x + pos[1:])], dim=1)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
 
@@ -174,6 +198,14 @@ class SignalTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_final(self.mlp(x)) @ self.proj
+
+
+def tower_input(tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` on the tower's device, and in its compute dtype when it holds values (images, signals; token ids stay
+    integers). DeepSpeed's bf16 casts the parameters, never the inputs, and a conv or linear refuses mixed dtypes.
+    Under ZeRO-3 a partitioned parameter still carries the device and dtype the tower computes in."""
+    p = next(tower.parameters())
+    return x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

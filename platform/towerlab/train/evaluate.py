@@ -9,6 +9,8 @@ directory) is read and preprocessed once, when the evaluators are built. Within 
 kept across evaluations, since the weights change.
 
 Every rank runs the due evaluators (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs.
+Evaluation data stays on the host; each chunk moves to the model's device as it is encoded (the model's encode), the
+metrics are computed there as tensors and cross back to the host once per evaluation.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from towerlab.config import ConfigError, Recipe
 from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
-from towerlab.eval import class_embeddings, geometry, recall_at_k, topk_accuracy
+from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
 from towerlab.eval.plot import geometry_plot
 from towerlab.models import ContrastiveModel
 from towerlab.registry import Registry
 
-EVALUATORS: Registry[Callable[..., dict[str, float]]] = Registry("evaluator type")
+EVALUATORS: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("evaluator type")
 DEFAULT_KS = {"zeroshot": [1, 5], "retrieval": [1, 5, 10]}
 
 
@@ -64,27 +66,27 @@ class Embedder:
 
 
 @EVALUATORS.register("zeroshot")
-def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Zero-shot classification: top-K accuracy against prompt-ensembled class embeddings."""
     if not data.prompts_per_class:  # captioned images without labels: nothing to classify
         return {}
     classes = class_embeddings(embed(data, "prompts"), data.prompts_per_class)
-    return topk_accuracy(embed(data, "image"), classes, data.labels, tuple(cfg.ks or DEFAULT_KS["zeroshot"]),
+    return topk_tensors(embed(data, "image"), classes, data.labels, tuple(cfg.ks or DEFAULT_KS["zeroshot"]),
                          cfg.chunk)
 
 
 @EVALUATORS.register("retrieval")
-def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Image->text and text->image retrieval: recall@K and median rank."""
-    return recall_at_k(embed(data, "image"), embed(data, "text"), data.groups,
+    return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups,
                        tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
 
 
 @EVALUATORS.register("geometry")
-def geometry_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, float]:
+def geometry_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Modality gap, alignment, uniformity and effective rank per modality, logit scale."""
-    return geometry(embed(data, "image"), embed(data, "text"), float(model.logit_scale.detach().exp()[0]),
-                    cfg.chunk)
+    return geometry_tensors(embed(data, "image"), embed(data, "text"), model.logit_scale.detach().exp()[0],
+                            cfg.chunk)
 
 
 def validate_evals(recipe: Recipe) -> None:
@@ -155,14 +157,16 @@ class Evaluators:
         model.eval()
         try:
             embed = Embedder(model, self.recipe.eval.batch_size)
-            out: dict[str, float] = {}
+            metrics: dict[str, torch.Tensor] = {}
             for name in names:
                 cfg, data = self.specs[name], self.data[name]
                 for metric, value in EVALUATORS.get(cfg.type)(cfg, data, embed, model).items():
-                    out[f"eval/{name}/{metric}"] = value
-                    self.history.setdefault(f"eval/{name}/{metric}", []).append((step, value))
-                if cfg.type == "geometry":
-                    self.last_embeddings[name] = (embed(data, "image"), embed(data, "text"))
+                    metrics[f"eval/{name}/{metric}"] = value
+                if cfg.type == "geometry":  # for the plot, on the host
+                    self.last_embeddings[name] = (embed(data, "image").cpu(), embed(data, "text").cpu())
+            out = as_floats(metrics)
+            for key, value in out.items():
+                self.history.setdefault(key, []).append((step, value))
             return out
         finally:
             model.train(was_training)

@@ -29,7 +29,9 @@ class ContrastiveTrainModule(nn.Module):
     def loss(self, local: dict[str, torch.Tensor], labels: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
         """The loss of this rank's rows: `local` features are gathered with gradient; labels without."""
         gathered = {m: all_gather_with_grad(f) for m, f in local.items()}
-        meta = {"step": step} if labels is None else {"step": step, "labels": gather_no_grad(labels)}
+        # labels follow the features to their device: NCCL gathers device tensors only
+        device = next(iter(local.values())).device
+        meta = {"step": step} if labels is None else {"step": step, "labels": gather_no_grad(labels.to(device))}
         out = self.loss_fn(gathered, logit_scale=self.model.logit_scale.exp(), logit_bias=self.model.logit_bias,
                            rank=self.rank, world_size=self.world_size, **meta)
         out["logit_scale"] = self.model.logit_scale.detach().exp()
@@ -61,4 +63,15 @@ def build_module(recipe: Recipe, rank: int, world_size: int, ds_config: dict | N
                                  learn_temperature=lc.learn_temperature, max_logit_scale=lc.max_logit_scale,
                                  load_weights=load_weights)
         loss_fn = losses.build(**asdict(lc))
-        return ContrastiveTrainModule(model, loss_fn, rank, world_size)
+        module = ContrastiveTrainModule(model, loss_fn, rank, world_size)
+    if recipe.train.compile:
+        compile_towers(model)
+    return module
+
+
+def compile_towers(model: ContrastiveModel) -> None:
+    """torch.compile every tower in place (nn.Module.compile keeps the parameter names, so checkpoints, freeze
+    patterns and ZeRO partitions see the same module tree). Compilation happens at the first forward of each input
+    shape; patch dropout keeps the shape fixed, so training compiles once and evaluation once more."""
+    for tower in model.towers.values():
+        tower.compile()

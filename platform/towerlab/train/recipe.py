@@ -20,7 +20,9 @@ from towerlab.data.pipeline import tokenizer_spec
 from towerlab.data.location import is_uri
 from towerlab.models import arch_preset, archs
 from towerlab.models.towers import ACTIVATIONS
+from towerlab.train.deepspeed_config import offloading
 from towerlab.train.memory import validate_scale
+from towerlab.train.optim import validate_optim
 from towerlab.train.evaluate import validate_evals
 from towerlab.util import did_you_mean
 
@@ -96,6 +98,7 @@ def validate(r: Recipe) -> None:
     v = r.model.vision
     if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
         raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
+from towerlab.train.deepspeed_config import offloading
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)

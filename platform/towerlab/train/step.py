@@ -31,6 +31,9 @@ def contrastive_step(engine, micro: list[dict], step: int) -> dict[str, torch.Te
     the feature cache: the loss sees all k micro-batches of every rank as negatives (the whole global batch), and
     DeepSpeed steps at its accumulation boundary after the k-th backward."""
     micro = [expand_positives(b) for b in micro]  # k captions per image -> k positive pairs per image
+    # on the engine's device (Ray Data hands host tensors unless told otherwise); the towers cast to their dtype
+    micro = [{k: v.to(engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+             for b in micro]
     towers = engine.module.model.towers
     inputs = [{m: b[m] for m in towers if m in b} for b in micro]  # image, text and (synthetic3) signal
     if len(micro) == 1:
