@@ -98,7 +98,10 @@ def validate(r: Recipe) -> None:
     v = r.model.vision
     if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
         raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
-from towerlab.train.deepspeed_config import offloading
+    if v.patch_dropout and v.pretrained:
+        raise ConfigError("model.vision.patch_dropout applies to towerlab's own ViT, not to a pretrained vision tower "
+                          "(model.vision.pretrained): set it to 0")
+    validate_optim(r.optim, "cuda" if r.train.use_gpu else "cpu", offloading(r))
     validate_scale(r)
     validate_evals(r)
     validate_pretrained(r)
