@@ -90,10 +90,9 @@ def _count(tower, x) -> float:
 
 def loss_flops(recipe: Recipe, rows: int, n: int) -> float:
     """The loss's logit matmuls per worker: forward and two gradient products per matrix (one for SigLIP)."""
-    from towerlab.train.memory import SYMMETRIC_FAMILIES_ONE_MATRIX
+    from towerlab.train.memory import logit_matrices
 
-    mats = 1 if recipe.loss.name in SYMMETRIC_FAMILIES_ONE_MATRIX else max(2, len(recipe.loss.modalities))
-    return mats * 3 * 2 * rows * n * recipe.model.embed_dim
+    return logit_matrices(recipe) * 3 * 2 * rows * n * recipe.model.embed_dim
 
 
 @dataclass

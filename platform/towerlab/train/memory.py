@@ -189,8 +189,7 @@ def loss_bytes(recipe: Recipe, plan: BatchPlan, tiled: bool) -> float:
     n, rows = plan.global_batch, plan.per_worker
     mods = len(recipe.loss.modalities)
     feats = 2 * n * recipe.model.embed_dim * 4 * mods
-    # one sigmoid matrix (siglip); the softmax families hold one per direction
-    mats = 1 if loss_class(recipe.loss.name).one_logit_matrix else max(2, mods)
+    mats = logit_matrices(recipe)
     if tiled:
         size = recipe.loss.tile_size
         return feats + mats * 3 * min(size, rows) * min(size, n) * 4
@@ -251,6 +250,12 @@ def check_fits(recipe: Recipe) -> MemoryPlan:
     if not plan.fits:
         raise ConfigError(plan.refusal(recipe.name))
     return plan
+
+
+def logit_matrices(recipe: Recipe) -> int:
+    """Logit matrices the loss holds per step: one for a sigmoid family (one_logit_matrix: siglip), else one per
+    direction (at least two: image->text and text->image)."""
+    return 1 if loss_class(recipe.loss.name).one_logit_matrix else max(2, len(recipe.loss.modalities))
 
 
 def negatives(recipe: Recipe, batch: BatchPlan) -> list[tuple[str, str]]:
