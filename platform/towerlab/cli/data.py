@@ -22,7 +22,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.source not in SOURCES:
         raise ConfigError(SOURCES.unknown_message(args.source))
     m = prepare(args.source, args.out, shards=args.shards, seed=args.seed, size=args.size, key="--out")
-    counts = ", ".join(f"{k}: {v}" for k, v in m.data["counts"].items())
+    counts = ", ".join(f"{k}: {v}" for k, v in m.counts.items())
     console.print(f"wrote {args.source} to {m.root} ({counts}; {len(m.files('train'))} train shards; "
                   f"fingerprint {m.fingerprint[:12]})")
     return 0
@@ -46,7 +46,7 @@ def cmd_prepare_images(args) -> int:
         console.print(f"  skipped: {line}", highlight=False, soft_wrap=True)
     for group in r.duplicate_image_examples:
         console.print(f"  same image: {', '.join(group)}", highlight=False)
-    counts = ", ".join(f"{k}: {v}" for k, v in m.data["counts"].items())
+    counts = ", ".join(f"{k}: {v}" for k, v in m.counts.items())
     console.print(f"wrote {m.shard_format} shards to {m.root} ({counts}; {r.shards_written} shards written, "
                   f"{r.shards_reused} kept from an earlier run; fingerprint {m.fingerprint[:12]})", highlight=False,
                   soft_wrap=True)

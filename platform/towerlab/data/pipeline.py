@@ -159,7 +159,7 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
     import ray.data
 
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
-    if manifest.data.get("foreign"):  # shards towerlab did not write, read in place (data/foreign.py)
+    if manifest.foreign:  # shards towerlab did not write, read in place (data/foreign.py)
         from towerlab.data.foreign import read_train
 
         ds = read_train(manifest, recipe.data, recipe.seed)

@@ -78,8 +78,32 @@ class Manifest:
     def classes(self) -> dict:
         return self.data["classes"]
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Records per split ({"train": ..., "heldout": ...})."""
+        return self.data["counts"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Shards left out under data.bad_shards=skip: [{file, rows, problem}]."""
+        return self.data.get("skipped", [])
+
+    @property
+    def signal_dim(self) -> int | None:
+        """Features per record of the third modality (synthetic3), None without one."""
+        return self.data.get("signal_dim")
+
+    @property
+    def foreign(self) -> bool:
+        """Shards towerlab did not write (img2dataset, Hugging Face Parquet), listed in place (data/foreign.py)."""
+        return bool(self.data.get("foreign"))
+
     def count(self, split: str) -> int:
-        return self.data["counts"][split]
+        return self.counts[split]
 
     def files(self, split: str) -> list[str]:
         if split not in self.data["splits"]:

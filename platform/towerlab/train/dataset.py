@@ -57,20 +57,20 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
     if recipe.data.source in PREPARED and manifest.shard_format != recipe.data.source:
         raise ConfigError(f"data.source={recipe.data.source} but {manifest.uri} holds {manifest.shard_format} shards: "
                           f"set data.source={manifest.shard_format}")
-    if recipe.model.signal.dim and recipe.model.signal.dim != manifest.data.get("signal_dim"):
+    if recipe.model.signal.dim and recipe.model.signal.dim != manifest.signal_dim:
         raise ConfigError(f"model.signal.dim={recipe.model.signal.dim} but {manifest.uri} has "
-                          + (f"signals of {manifest.data['signal_dim']} features: set model.signal.dim="
-                             f"{manifest.data['signal_dim']}" if "signal_dim" in manifest.data else
+                          + (f"signals of {manifest.signal_dim} features: set model.signal.dim="
+                             f"{manifest.signal_dim}" if manifest.signal_dim is not None else
                              "no 'signal' column: use data.source=synthetic3, or set model.signal.dim=0"))
     for name, ev in recipe.evals.items():
-        if ev.type == "zeroshot" and ev.data in manifest.data["splits"] and not manifest.classes.get("prompts"):
+        if ev.type == "zeroshot" and ev.data in manifest.splits and not manifest.classes.get("prompts"):
             raise ConfigError(f"evals.{name} is a zero-shot evaluator but {manifest.uri} has no class labels: give the "
                               "recipe an `evals:` section without it (e.g. evals: {retrieval: {type: retrieval}}) "
                               "or prepare the data with a 'label' column in the captions file")
-    if any(ev.data == "heldout" for ev in recipe.evals.values()) and not manifest.data["counts"].get("heldout"):
+    if any(ev.data == "heldout" for ev in recipe.evals.values()) and not manifest.counts.get("heldout"):
         raise ConfigError(f"{manifest.uri} has no held-out records to evaluate on: prepare it again with --heldout "
                           "above 0 (e.g. 0.1)")
-    for s in manifest.data.get("skipped", []):
+    for s in manifest.skipped:
         print(f"warning: skipping shard {s['file']} ({s['rows']} rows): {s['problem']} (data.bad_shards=skip)")
 
 
@@ -96,7 +96,7 @@ def prompt_unknown_share(recipe: Recipe, manifest: Manifest) -> float | None:
     for ev in recipe.evals.values():
         if ev.type != "zeroshot":
             continue
-        source = manifest if ev.data in manifest.data["splits"] else None
+        source = manifest if ev.data in manifest.splits else None
         if source is None and (Path(ev.data) / "manifest.json").is_file():
             source = read_manifest(ev.data)
         if source is not None:

@@ -83,8 +83,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         params["batch.micro_batch"] = plan.micro_batch
         all_tags = {T.GIT_COMMIT: git_commit(), T.DATA_FINGERPRINT: manifest.fingerprint,
                     T.DATA_SOURCE: recipe.data.source, T.RUN_NAME: recipe.name, T.BATCH_PLAN: plan.describe()}
-        if manifest.data.get("skipped"):
-            all_tags[T.DATA_SKIPPED_SHARDS] = ",".join(x["file"] for x in manifest.data["skipped"])
+        if manifest.skipped:
+            all_tags[T.DATA_SKIPPED_SHARDS] = ",".join(x["file"] for x in manifest.skipped)
         all_tags.update({f"{T.VERSION_PREFIX}{k}": v for k, v in versions().items()})
         all_tags.update(tags or {})
         # start() ends the run FAILED itself when MLflow refuses its params
@@ -99,7 +99,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         if not resumed:
             run.log_text(redacted_yaml(recipe), "recipe.yaml")
             described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
-            run.log_text(json.dumps(manifest.data["counts"] | {"fingerprint": manifest.fingerprint} | described),
+            run.log_text(json.dumps(manifest.counts | {"fingerprint": manifest.fingerprint} | described),
                          "data.json")
             unknown = prompt_unknown_share(recipe, manifest)
             if unknown is not None:
@@ -131,7 +131,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
                                "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
                                # foreign shards have no manifest.json for the workers to read: send the listing
-                               "manifest": manifest if manifest.data.get("foreign") else None},
+                               "manifest": manifest if manifest.foreign else None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),

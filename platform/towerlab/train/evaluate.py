@@ -102,13 +102,13 @@ def validate_evals(recipe: Recipe) -> None:
 
 def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples: int | None) -> EvalData:
     """`spec` is a split of the run's data (e.g. heldout) or a directory of prepared shards (its heldout split)."""
-    if spec in manifest.data["splits"]:
+    if spec in manifest.splits:
         source, split = manifest, spec
     elif (Path(spec) / "manifest.json").is_file():
         source, split = read_manifest(spec), "heldout"
     else:
         raise ConfigError(f"evaluation data '{spec}': neither a split of {manifest.root} "
-                          f"({', '.join(manifest.data['splits'])}) nor a directory with a manifest.json "
+                          f"({', '.join(manifest.splits)}) nor a directory with a manifest.json "
                           "(make one with `towerlab data prepare`)")
     # through the dataset's own reader: Parquet or WebDataset shards, a local path or a URI
     rows = split_columns(source, split, ["image", "caption", "label"])

@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
     window_start, window_samples = time.perf_counter(), 0
-    foreign = bool(manifest.data.get("foreign"))  # web data: dirty samples are skipped, counted per epoch
+    foreign = manifest.foreign  # web data: dirty samples are skipped, counted per epoch
     while step < total:
         micro: list[dict] = []
         consumed = 0  # micro-batches of this epoch taken so far
