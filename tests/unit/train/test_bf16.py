@@ -11,8 +11,6 @@ not subtle: an exception, a non-finite loss, or a loss that does not move."""
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -26,21 +24,6 @@ from towerlab.train.step import contrastive_step
 
 pytestmark = pytest.mark.slow
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def gloo():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _train(repo_root, precision: str, micro_batch: int) -> tuple[list[float], torch.dtype]:

@@ -4,8 +4,6 @@ gradient), for ZeRO stages 0 and 2."""
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -17,21 +15,6 @@ from towerlab.train.step import contrastive_step
 from towerlab.train.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def gloo():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _step(recipe, micro_batch: int, batch: dict, stage: int) -> list[torch.Tensor]:

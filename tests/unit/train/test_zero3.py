@@ -72,10 +72,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, repo: str) -> None:
     for stage, ckpt in ((0, False), (2, False), (3, True)):
         recipe = load_recipe(os.path.join(repo, "recipes", "debug.yaml"),
                              [*base, f"train.zero_stage={stage}", f"model.grad_checkpointing={str(ckpt).lower()}"])
-        # set past validation (which refuses a tau outside the clamp): the scale starts at 1/0.07 = 14.29, so
-        # the first clamp to 10 acts and the test sees the clamp work on each stage's layout
-        recipe.loss.max_logit_scale = 10.0
         engine = _engine(recipe, rank, world)
+        # the clamp's bound lowered after the build (a recipe, and the loss built from it, refuse a tau outside the
+        # clamp): the scale starts at 1/0.07 = 14.29, so the first clamp to 10 acts and the test sees the clamp work
+        # on each stage's layout
+        engine.module.model.max_log_scale = math.log(10.0)
         losses = []
         for s in range(STEPS):
             losses.append(mean_over_ranks(contrastive_step(engine, _batch(recipe, rank, world, s), s))["loss"])
