@@ -93,6 +93,8 @@ def stopped(what: str, run_id: str | None) -> int:
     from towerlab.tracking import stop as signals
 
     name = signal.Signals(signals.received() or signal.SIGINT).name
+    # on a line of its own: Ray's workers stream progress bars to this stderr that end without a newline
+    err.print()
     err.print(f"[red]error:[/] {what} stopped by {name}"
               + (f"; MLflow run {run_id} marked KILLED" if run_id else ""), highlight=False, soft_wrap=True)
     return signals.exit_code()
