@@ -1,5 +1,7 @@
 """Makes the shared unit-test helpers beside this file (clip_testing.py) importable under pytest's importlib import
-mode, and holds the one-process gloo group that in-process DeepSpeed tests share (`gloo`)."""
+mode, and holds fixtures several modules share: the one-process gloo group of in-process DeepSpeed tests (`gloo`), Hugging
+Face kept offline (`offline`), and pytest's signal handlers restored after a command installed towerlab's
+(`restore_signals`)."""
 
 import os
 import sys
@@ -30,3 +32,26 @@ def gloo():
 
     ds_groups._WORLD_GROUP = None
     ds_comm.cdb = None
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """transformers and huggingface_hub never reach for the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def restore_signals():
+    """The commands install towerlab's stop handlers in this (pytest's) process: put pytest's back afterwards."""
+    import signal
+
+    from towerlab.tracking import stop
+
+    saved = {s: signal.getsignal(s) for s in stop.SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    stop._state.update(installed=False, received=None)

@@ -16,18 +16,7 @@ from towerlab.util import free_port
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def restore_signals():
-    """The commands install towerlab's stop handlers in this (pytest's) process: put pytest's back afterwards."""
-    import signal
-
-    from towerlab.tracking import stop
-
-    saved = {s: signal.getsignal(s) for s in stop.SIGNALS}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-    stop._state.update(installed=False, received=None)
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 
 @pytest.fixture

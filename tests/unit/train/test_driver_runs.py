@@ -21,18 +21,7 @@ from towerlab.train.driver import train
 from towerlab.train.recipe import load_recipe
 
 
-@pytest.fixture(autouse=True)
-def restore_signals():
-    """The commands install towerlab's stop handlers in this (pytest's) process: put pytest's back afterwards."""
-    import signal
-
-    from towerlab.tracking import stop
-
-    saved = {s: signal.getsignal(s) for s in stop.SIGNALS}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-    stop._state.update(installed=False, received=None)
+pytestmark = pytest.mark.usefixtures("restore_signals")
 
 
 @pytest.fixture(autouse=True)

@@ -24,12 +24,7 @@ from clip_testing import MEAN, features, open_clip_model, save_clip
 TEXTS = ["a photo of the digit seven", "three", "the the digit of a photo x"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
