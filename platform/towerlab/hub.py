@@ -40,6 +40,20 @@ def resolve_hf(name: str) -> str:
     return name
 
 
+def anchored(spec: str | None) -> str | None:
+    """`spec` (LOADER:NAME, or open_clip:ARCH:FILE) with a relative local path made absolute: the driver resolves
+    it where the user typed it; Ray workers run in another directory, where `models/x` would name nothing (or a Hub
+    id). Hub ids and absent paths are left as they are."""
+    if not spec:
+        return spec
+    loader, sep, rest = spec.partition(":")
+    head, path = (rest.rpartition(":")[0] + ":", rest.rpartition(":")[2]) if loader == "open_clip" else ("", rest)
+    local = Path(path).expanduser()
+    if sep and path and not local.is_absolute() and local.exists():
+        return f"{loader}:{head}{local.resolve()}"
+    return spec
+
+
 def hf_call(what, name: str, key: str, **kwargs):
     """Call a transformers `from_pretrained` with one clear line when the model cannot be had."""
     from transformers.utils import logging as hf_logging

@@ -110,6 +110,8 @@ def print_summary(recipe, summary) -> None:
                 "eval/retrieval/recall_at_1_i2t", "eval/retrieval/recall_at_1_t2i"):
         if key in m:
             t.add_row(key, f"{m[key]:.4f}")
+    for role, model_id in summary.models.items():
+        t.add_row(f"{role} model", model_id)
     console.print(t)
     from towerlab.tracking import redact
 

@@ -38,6 +38,11 @@ class Offload(StrEnum):
     nvme = "nvme"
 
 
+class Mode(StrEnum):
+    max = "max"  # a larger value is better
+    min = "min"
+
+
 @dataclass
 class AugmentConfig:
     """Training-time augmentation of images and captions (evaluation data is never augmented)."""
@@ -344,6 +349,14 @@ class TrackingConfig:
     """MLflow tracking URI (null: --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db)."""
     experiment: str = "towerlab"
     """MLflow experiment the run is recorded under."""
+    log_models: bool = True
+    """At the end, log the last checkpoint, and the best by best_metric, as MLflow LoggedModels (in the hf format where
+    the model exports there, else open_clip); a model with no counterpart in either is skipped with a warning."""
+    best_metric: Optional[str] = None
+    """Metric that picks the best checkpoint, as logged (e.g. eval/zeroshot/top1); null: top1 of the recipe's first
+    zeroshot evaluator (none: only the last checkpoint is logged)."""
+    best_mode: Mode = Mode.max
+    """Whether a larger (max) or smaller (min) best_metric is better."""
 
 
 @dataclass

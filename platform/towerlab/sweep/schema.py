@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from towerlab.config.checks import INT64_MAX, num
-from towerlab.config.schema import TrackingConfig
+from towerlab.config.schema import Mode, TrackingConfig
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
@@ -31,11 +31,6 @@ class Scheduler(StrEnum):
     none = "none"
     asha = "asha"
     pbt = "pbt"
-
-
-class Mode(StrEnum):
-    max = "max"
-    min = "min"
 
 
 @dataclass

@@ -186,7 +186,8 @@ def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=CKPT_TAG)
     else:
         weights = states["module"]
-    module = build_module(recipe, rank=0, world_size=1)
+    # the checkpoint holds every weight: a pretrained start is built from its configuration, not loaded again
+    module = build_module(recipe, rank=0, world_size=1, load_weights=False)
     module.load_state_dict({k: v.float() for k, v in weights.items()})
     module.model.eval()
     return module.model, int(states.get("step", 0))

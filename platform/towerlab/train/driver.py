@@ -38,6 +38,7 @@ class Summary:
     metrics: dict = field(default_factory=dict)
     resumed: bool = False
     status: str = "FINISHED"
+    models: dict = field(default_factory=dict)  # role (last, best) -> MLflow LoggedModel id
 
 
 def root_cause(e: BaseException) -> str:
@@ -149,6 +150,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             from towerlab.train.checkpoint import export_fp32
 
             export_fp32(result.checkpoint, run)
+        if recipe.tracking.log_models and result.checkpoint is not None:
+            summary.models = _log_models(recipe, run_dir, uri)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # a stop signal (SystemExit: Ray's own SIGTERM handler)
         status = "KILLED"
@@ -180,6 +183,32 @@ def _end(run: MlflowRun, status: str) -> None:
             raise
         print(f"warning: could not end MLflow run {run.run_id} {status} ({type(e).__name__}); `towerlab runs doctor "
               "--fix` closes it once its heartbeat is stale", file=sys.stderr)
+
+
+def best_metric(recipe: Recipe) -> str | None:
+    """The metric that picks a run's best checkpoint: tracking.best_metric, else top1 of the first zeroshot
+    evaluator."""
+    if recipe.tracking.best_metric:
+        return recipe.tracking.best_metric
+    return next((f"eval/{name}/top1" for name, e in recipe.evals.items() if e.type == "zeroshot"), None)
+
+
+def _log_models(recipe: Recipe, run_dir: Path, uri: str) -> dict[str, str]:
+    """The last and the best checkpoint as MLflow LoggedModels. The training itself succeeded: a model that has no
+    counterpart in an exchange format, or a store that refuses the upload, is a warning, not a failed run."""
+    from towerlab.train.export import log_run_models
+
+    def warn(line: str) -> None:
+        print(line if line.startswith("warning:") else f"warning: {line}", file=sys.stderr)
+
+    try:
+        return log_run_models(run_dir, uri, best_metric(recipe), recipe.tracking.best_mode, warn=warn)
+    except ConfigError as e:
+        warn(f"the run's models are not logged to MLflow: {e}")
+    except Exception as e:  # noqa: BLE001
+        warn(f"the run's models are not logged to MLflow ({root_cause(e)}); `towerlab export {run_dir} --format hf "
+             "--out DIR --register NAME` logs one later")
+    return {}
 
 
 def _recorded_run_id(run_file: Path) -> str:

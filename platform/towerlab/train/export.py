@@ -207,4 +207,4 @@ def torch_load_step(states_file: Path) -> int:
     """The step a DeepSpeed checkpoint was saved at (its client state), without building the model."""
     import torch
 
-    return int(torch.load(states_file, map_location="cpu", weights_only=False).get("step", 0))
+    return int(torch.load(states_file, map_location="cpu", weights_only=True).get("step", 0))

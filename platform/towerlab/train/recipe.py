@@ -18,6 +18,7 @@ from towerlab.config.checks import check_recipe
 from towerlab.data import SOURCES
 from towerlab.data.pipeline import tokenizer_spec
 from towerlab.data.location import is_uri
+from towerlab.hub import anchored
 from towerlab.models import arch_preset, archs
 from towerlab.models.towers import ACTIVATIONS
 from towerlab.train.deepspeed_config import offloading
@@ -52,6 +53,9 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         # trains with no evaluators): add it only when there is none
         base["evals"] = DEFAULT_EVALS
     recipe: Recipe = load_structured(Recipe, path, overrides, VARIANTS, base=base)
+    m = recipe.model
+    m.pretrained, m.vision.pretrained, m.text.pretrained = map(anchored, (m.pretrained, m.vision.pretrained,
+                                                                          m.text.pretrained))
     if recipe.model.pretrained:  # the checkpoint's own architecture, tokenizer and image statistics
         from towerlab.models.imported import configure
 

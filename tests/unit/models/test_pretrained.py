@@ -122,3 +122,18 @@ def test_timm_tower_without_timm_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as on a machine without it (an import of None raises)
     with pytest.raises(ConfigError, match="timm is not installed; `pip install timm`"):
         vision_tower("timm:vit_tiny_patch16_224", embed_dim=8, image_size=16)
+
+
+def test_a_relative_local_checkpoint_is_anchored_where_the_recipe_was_loaded(tmp_path, monkeypatch):
+    """Ray workers run in another directory: a local `hf:models/x` must reach them as an absolute path, while Hub
+    ids (and paths that do not exist here) stay as typed."""
+    from towerlab.hub import anchored
+
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    (tmp_path / "oc.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert anchored("hf:models/x") == f"hf:{tmp_path / 'models' / 'x'}"
+    assert anchored("open_clip:ViT-B-32:oc.safetensors") == f"open_clip:ViT-B-32:{tmp_path / 'oc.safetensors'}"
+    assert anchored("hf:openai/clip-vit-base-patch32") == "hf:openai/clip-vit-base-patch32"
+    assert anchored(f"hf:{tmp_path}") == f"hf:{tmp_path}"
+    assert anchored(None) is None
