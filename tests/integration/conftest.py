@@ -115,7 +115,10 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        # MLflow 3's server also starts a job runner (eight huey consumer processes) for its GenAI jobs: nothing
+        # here uses it, and on 2 cores its start-up competes with the tests
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", 120, proc)

@@ -160,9 +160,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not port_free(args.port):
         raise ConfigError(f"port {args.port} on 127.0.0.1 is in use: pass --port with a free one")
     mlflow = Path(sys.executable).parent / "mlflow"
-    # its own process group: mlflow ui runs uvicorn and job workers, all stopped together below
+    # its own process group: mlflow ui runs uvicorn (and its workers), all stopped together below; without the
+    # job runner MLflow 3 starts for its GenAI jobs (eight processes a runs table does not need)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     proc = subprocess.Popen([str(mlflow if mlflow.exists() else "mlflow"), "ui", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True)
+                             "--host", "127.0.0.1", "--port", str(args.port)], start_new_session=True, env=env)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the UI as Ctrl-C does
     base = f"http://127.0.0.1:{args.port}"
     try:

@@ -165,18 +165,27 @@ def check_pickles(checkpoint: Path) -> None:
                               "checkpoints from storage you trust")
 
 
+def states_file(checkpoint: Path) -> Path:
+    """Rank 0's model-states file of a DeepSpeed checkpoint (the client state, and below ZeRO-3 the weights):
+    mp_rank_00_model_states.pt, or under ZeRO-3, where every rank writes its own, zero_pp_rank_0_mp_rank_00_...;
+    `checkpoint`/ds/mp_rank_00_model_states.pt (absent) when it has neither."""
+    ds = Path(checkpoint) / CKPT_TAG
+    zero3 = ds / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return zero3 if zero3.is_file() else ds / "mp_rank_00_model_states.pt"
+
+
 def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]:
     """The checkpoint's model in fp32 on CPU, and the step it was saved at. Its files are checked first
     (`check_pickles`): a checkpoint someone else wrote cannot run code here."""
-    states_file = checkpoint / CKPT_TAG / "mp_rank_00_model_states.pt"
-    if not states_file.is_file():
-        raise ConfigError(f"{checkpoint}: {states_file.name} missing: not a complete DeepSpeed checkpoint")
+    path = states_file(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"{checkpoint}: {path.name} missing: not a complete DeepSpeed checkpoint")
     check_pickles(checkpoint)
     try:
         # the model states (weights, shapes, client state, the DeepSpeed config) are plain data
-        states = torch.load(states_file, map_location="cpu", weights_only=True)
+        states = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{states_file}: cannot be read as tensors and plain data ({type(e).__name__}): not a "
+        raise ConfigError(f"{path}: cannot be read as tensors and plain data ({type(e).__name__}): not a "
                           "checkpoint towerlab wrote, or damaged") from None
     if recipe.train.zero_stage == 3:  # ZeRO-3 keeps only placeholders in module: rebuild from the partitions
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -171,7 +171,7 @@ def log_run_models(run_dir: str | os.PathLike, uri: str, metric: str | None = No
     towerlab.role = last | best (one model, tagged both, when they are the same checkpoint). Returns role -> model
     id. For the driver to call at the end of a run, where train.export_fp32 logs the raw state dict."""
     from towerlab.tracking.logged_models import log_model, metrics_at
-    from towerlab.train.checkpoint import CKPT_TAG, load_model, resolve_target
+    from towerlab.train.checkpoint import CKPT_TAG, load_model, resolve_target, states_file
 
     run_dir = Path(run_dir)
     t = resolve_target(str(run_dir), uri)
@@ -179,8 +179,7 @@ def log_run_models(run_dir: str | os.PathLike, uri: str, metric: str | None = No
         raise ConfigError(f"{run_dir}: no MLflow run recorded (towerlab_run.json): nothing to log the models to")
     steps = {}
     for ckpt in sorted(p for p in run_dir.glob("checkpoint_*") if (p / CKPT_TAG).is_dir()):
-        states = ckpt / CKPT_TAG / "mp_rank_00_model_states.pt"
-        steps[ckpt] = int(torch_load_step(states))
+        steps[ckpt] = torch_load_step(states_file(ckpt))
     roles = {t.checkpoint: ["last"]}
     if metric:
         scored = {c: metrics_at(uri, t.run_id, s, prefix=metric).get(metric) for c, s in steps.items()}

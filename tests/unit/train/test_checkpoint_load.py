@@ -68,3 +68,21 @@ def test_deepspeeds_own_types_pass(tmp_path, repo_root):
                                          "state": {0: {"exp_avg": torch.zeros(2)}}}},
                ckpt / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     check_pickles(ckpt)  # no error
+
+
+def test_the_step_is_read_from_rank_0s_states_under_zero3_too(tmp_path):
+    """ZeRO-3 writes one model-states file per rank (zero_pp_rank_R_mp_rank_00_...), no mp_rank_00_model_states.pt:
+    the step (and the checkpoint's completeness) comes from rank 0's."""
+    from towerlab.train.checkpoint import states_file
+    from towerlab.train.export import torch_load_step
+
+    ds = tmp_path / "ckpt" / "ds"
+    ds.mkdir(parents=True)
+    assert not states_file(ds.parent).is_file()  # neither layout: incomplete
+    torch.save({"module": None, "step": 7}, ds / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"module": None, "step": 9}, ds / "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    assert states_file(ds.parent).name == "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    assert torch_load_step(states_file(ds.parent)) == 7
+    (ds / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    torch.save({"module": {}, "step": 4}, ds / "mp_rank_00_model_states.pt")
+    assert torch_load_step(states_file(ds.parent)) == 4
