@@ -1,4 +1,4 @@
-"""`towerlab sweep` end to end on a real `ray start` cluster and a real MLflow server: a 12-trial ASHA sweep with
+"""`towerlab sweep` end to end on a real `ray start` cluster and a real MLflow server: an 8-trial ASHA sweep with
 early stops and deliberately failing (NaN) trials finishes; the parent/child runs and their statuses are right;
 a sweep whose driver is SIGKILLed resumes with `--resume`, without rerunning finished trials."""
 
@@ -51,33 +51,34 @@ def _parent(client, name):
 
 
 def test_asha_sweep_with_failures(repo_root, tmp_path, ray_cluster, mlflow_server):
-    space = ("  loss.temperature_init: {grid: [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]}\n"
+    space = ("  loss.temperature_init: {grid: [0.02, 0.1, 0.3, 1.0]}\n"
              "  optim.lr: {grid: [0.003, 1.0e+30]}\n")  # lr=1e30 diverges: a NaN loss, an isolated failure
-    # one worker per trial keeps 12 trials' start-ups affordable on 2 cores; a stopped trial's placement group is
+    # one worker per trial keeps 8 trials' start-ups affordable on 2 cores; a stopped trial's placement group is
     # still freed by Ray Train's cleaner through the State API, which is what this test is about
-    f = _sweep_file(tmp_path, repo_root, "asha12", space,
+    f = _sweep_file(tmp_path, repo_root, "asha8", space,
                     "scheduler: {name: asha, grace_period: 5, reduction_factor: 2}\nmax_concurrent_trials: 2\n"
                     "workers_per_trial: 1\n")
     out = run_cli(["sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "12 trials, 6 failed" in out.stdout.replace("\n", " ")
+    assert "8 trials, 4 failed" in out.stdout.replace("\n", " ")
 
     client = MlflowClient(mlflow_server)
-    parent = _parent(client, "asha12")
+    parent = _parent(client, "asha8")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["best.optim.lr"] == "0.003"
     assert "best/eval/zeroshot/top1" in parent.data.metrics
     assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     kids = _children(client, parent.info.run_id)
-    assert len(kids) == 12
+    assert len(kids) == 8
     by_status: dict[str, list] = {}
     for k in kids:
         by_status.setdefault(k.info.status, []).append(k)
     assert "RUNNING" not in by_status
     failed = by_status.get("FAILED", [])
-    assert len(failed) == 6 and all(k.data.params["optim.lr"] == "1e+30" for k in failed)
+    assert len(failed) == 4 and all(k.data.params["optim.lr"] == "1e+30" for k in failed)
     assert all("non-finite loss" in k.data.tags.get("towerlab.failure", "") for k in failed)
-    assert len(by_status.get("KILLED", [])) >= 2, {s: len(v) for s, v in by_status.items()}  # ASHA stopped some
+    # ASHA stopped some: of 4 finite trials at least one falls below the best half at a rung (grace 5, factor 2)
+    assert len(by_status.get("KILLED", [])) >= 1, {s: len(v) for s, v in by_status.items()}
     assert len(by_status.get("FINISHED", [])) >= 1
     for k in kids:  # the child run says what it is, and carries its resolved recipe
         assert k.info.run_name.startswith("clip t=") and " b=64" in k.info.run_name and " lr=" in k.info.run_name
@@ -86,10 +87,10 @@ def test_asha_sweep_with_failures(repo_root, tmp_path, ray_cluster, mlflow_serve
                   for k in by_status["KILLED"]]
     assert min(last_steps) < STEPS, last_steps  # stopped before its budget
 
-    compare = run_cli(["compare", "--sweep", "asha12", "--tracking-uri", mlflow_server], cwd=tmp_path)
+    compare = run_cli(["compare", "--sweep", "asha8", "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert compare.returncode == 0, compare.stderr
-    assert (tmp_path / "results" / "compare-asha12.png").stat().st_size > 1000
-    assert "compare-asha12.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert (tmp_path / "results" / "compare-asha8.png").stat().st_size > 1000
+    assert "compare-asha8.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_resume_after_sigkill(repo_root, tmp_path, ray_cluster, mlflow_server):
