@@ -79,3 +79,27 @@ def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.5) ->
         if time.monotonic() >= deadline:
             return None
         time.sleep(interval)
+
+
+VERBOSE_ENV = "TOWERLAB_VERBOSE"  # `-v`: set by the CLI, passed to every Ray task and actor of the job
+
+
+def verbose() -> bool:
+    """Whether Ray's worker logs and Ray Data's progress stream to the console (`towerlab train|sweep -v`); else
+    they go to files and the console keeps towerlab's own lines."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def redirect_output(path: str | os.PathLike) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and subprocess output too) to the
+    end of `path`. For a Ray worker whose logs are not streamed to the console: they stay findable in the run
+    directory."""
+    import sys
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

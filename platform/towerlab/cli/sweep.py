@@ -97,6 +97,8 @@ def register(sub) -> None:
     s.add_argument("--resume", metavar="NAME", help="continue sweep NAME (after the driver was stopped or killed)")
     s.add_argument("--storage-path", default="results", help="where sweeps keep their state (default: results)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (else the sweep file, MLFLOW_TRACKING_URI, ./mlruns.db)")
+    s.add_argument("-v", "--verbose", action="store_true", help="stream the trials' Ray worker logs and Ray Data's "
+                   "progress")
     s.set_defaults(func=cmd_sweep)
 
     c = sub.add_parser("compare", help="table and plot of a sweep's trials, or of any runs")

@@ -73,8 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ImportError:  # pragma: no cover
             TrainingFailedError = RayError  # type: ignore[misc,assignment]
         if isinstance(e, (TrainingFailedError, RayError)):
-            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {escape(root_cause(e))}", highlight=False,
-                      soft_wrap=True)
+            logs = started[0].logs if started and started[0].logs else None
+            err.print(f"[red]error:[/] training run '{recipe.name}' failed: {escape(root_cause(e))}"
+                      + (f" (worker logs: {logs})" if logs else ""), highlight=False, soft_wrap=True)
             return 1
         raise
     finally:
@@ -112,6 +113,8 @@ def print_summary(recipe, summary) -> None:
             t.add_row(key, f"{m[key]:.4f}")
     for role, model_id in summary.models.items():
         t.add_row(f"{role} model", model_id)
+    if summary.logs:
+        t.add_row("worker logs", summary.logs)
     console.print(t)
     from towerlab.tracking import redact
 
@@ -293,6 +296,8 @@ def register(sub) -> None:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 loss.name=siglip")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (else recipe, MLFLOW_TRACKING_URI, ./mlruns.db)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    t.add_argument("-v", "--verbose", action="store_true", help="stream Ray's worker logs and Ray Data's progress "
+                   "(default: in <run dir>/logs)")
     t.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="batch plan, negatives and per-worker memory by ZeRO stage (exit 1: "

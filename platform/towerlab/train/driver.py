@@ -25,7 +25,8 @@ from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unkno
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
-from towerlab.util import atomic_write
+from towerlab.data.location import is_uri
+from towerlab.util import atomic_write, verbose
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Summary:
     resumed: bool = False
     status: str = "FINISHED"
     models: dict = field(default_factory=dict)  # role (last, best) -> MLflow LoggedModel id
+    logs: str | None = None  # where the workers' output went, when not streamed to the console
 
 
 def root_cause(e: BaseException) -> str:
@@ -91,7 +93,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         # start() ends the run FAILED itself when MLflow refuses its params
         run = MlflowRun.start(uri, recipe.tracking.experiment, mlflow_name or recipe.name, params, all_tags,
                               parent_run_id)
-    summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed)
+    summary = Summary(run.run_id, uri, recipe.tracking.experiment, resumed=resumed,
+                      logs=worker_log_dir(recipe, run_dir))
 
     # From here to the end, every way out ends the run: FINISHED, FAILED with the reason, KILLED on a stop signal.
     status = "FAILED"
@@ -131,6 +134,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
                                "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
+                               "log_dir": summary.logs,
                                # foreign shards have no manifest.json for the workers to read: send the listing
                                "manifest": manifest if manifest.foreign else None},
             scaling_config=ray.train.ScalingConfig(
@@ -183,6 +187,14 @@ def _end(run: MlflowRun, status: str) -> None:
             raise
         print(f"warning: could not end MLflow run {run.run_id} {status} ({type(e).__name__}); `towerlab runs doctor "
               "--fix` closes it once its heartbeat is stale", file=sys.stderr)
+
+
+def worker_log_dir(recipe: Recipe, run_dir: Path) -> str | None:
+    """Where the workers write their output when it is not streamed to the console (`-v` streams it): <run
+    dir>/logs, on local storage; None with -v, or when the run directory is a URI (Ray keeps the logs then)."""
+    if verbose() or is_uri(recipe.train.storage_path):
+        return None
+    return str(run_dir / "logs")
 
 
 def best_metric(recipe: Recipe) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ from towerlab.train.engine import clamp_logit_scale, fix_logit_scale, initialize
 from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import build_module
 from towerlab.train.step import contrastive_step, mean_over_ranks
+from towerlab.util import redirect_output
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -40,6 +42,8 @@ def train_loop_per_worker(config: dict) -> None:
     recipe: Recipe = config["recipe"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("log_dir"):  # not streamed to the console (no -v): kept in the run directory
+        redirect_output(Path(config["log_dir"]) / f"rank{rank}.log")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if recipe.train.use_gpu else "cpu")
     if not recipe.train.use_gpu:
         torch.set_num_threads(recipe.train.cpus_per_worker)

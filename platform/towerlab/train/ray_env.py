@@ -4,10 +4,11 @@ workers. Everything here runs on the driver, before the TorchTrainer starts."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from towerlab.config import Recipe
-from towerlab.util import free_port
+from towerlab.util import VERBOSE_ENV, free_port, verbose
 
 MMAP_THRESHOLD = "131072"  # bytes: glibc's own starting value, fixed (see allocator_env)
 
@@ -42,15 +43,24 @@ def init_ray(min_cpus: int) -> None:
 
         api = os.environ.get("RAY_API_SERVER_ADDRESS") or get_address_for_submission_client(address)
         os.environ["RAY_API_SERVER_ADDRESS"] = api
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+        ray.init(address=address, **_console(api))
         return
     # address="local": always a new local instance, never a cluster some other process left running
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     ray.init(address="local", num_cpus=max(min_cpus, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+             dashboard_host="127.0.0.1", dashboard_port=port, **_console(api))
+
+
+def _console(api: str) -> dict:
+    """ray.init's arguments for the console: quiet by default (no worker logs streamed, Ray's own INFO lines off;
+    the workers write theirs under the run directory), everything with `-v`. The job's env vars reach every task and
+    actor, so a sweep's trials know too."""
+    loud = verbose()
+    env = {"RAY_API_SERVER_ADDRESS": api, **({VERBOSE_ENV: "1"} if loud else {})}
+    return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING,
+            "runtime_env": {"env_vars": env}}
 
 
 def cpus_needed(recipe: Recipe) -> int:
@@ -64,6 +74,8 @@ def ingest_config(recipe: Recipe):
     import ray.train
     from ray.data import DataContext
 
+    # Ray Data's progress bars (a few hundred lines per run, from the split coordinator) only with -v
+    DataContext.get_current().enable_progress_bars = verbose()
     if not recipe.data.deterministic:
         return ray.train.DataConfig()
     DataContext.get_current().execution_options.preserve_order = True
