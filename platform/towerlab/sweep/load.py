@@ -67,10 +67,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
             try:
                 check_positives(recipe, *facts)
             except ConfigError as e:
-                raise ConfigError(f"{src}: {where + ': ' if where else ''}{e}") from None
+                raise ConfigError(f"{src}: {where}: {e}") from None
     check_metric(sweep, src, plan)
     if sweep.scheduler.name == "pbt":
-        check_pbt(sweep, src, plan.recipes[0][1])
+        check_pbt(sweep, src, plan.base)
     check_scheduler(sweep, src, plan)
     return sweep
 
@@ -78,10 +78,12 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
 @dataclass(frozen=True)
 class TrialPlan:
     """What the trials' recipes say, read before anything starts: the base recipe (sweep overrides applied) and one
-    recipe per searched value (grid and choice values, both bounds of a range), each with what it differs by; the
-    fewest and most training steps of a trial; the searched keys that take integers."""
+    recipe per searched value (grid and choice values, both bounds of a range), each with what it differs by (every
+    trial trains one of these values of each key, so what all of them have every trial has); the fewest and most
+    training steps of a trial; the searched keys that take integers."""
 
-    recipes: list[tuple[str, Recipe]]  # ("" for the base, "space.KEY=VALUE" for the others)
+    base: Recipe
+    recipes: list[tuple[str, Recipe]]  # ("space.KEY=VALUE", the recipe with that value): what trials train
     min_steps: int
     max_steps: int
     int_keys: frozenset[str]
@@ -94,13 +96,13 @@ def trial_plan(sweep: SweepConfig, sweep_file: str | os.PathLike) -> TrialPlan:
     src, file = str(sweep_file), recipe_path(sweep, sweep_file)
     base = [*sweep.overrides, f"train.workers={sweep.workers_per_trial}"]
     try:
-        recipes = [("", load_recipe(file, base))]
+        base_recipe = load_recipe(file, base)
     except ConfigError as e:
         raise ConfigError(f"{src}: overrides: {e}") from None
-    int_keys = set()
+    recipes, int_keys = [], set()
     for key, spec in sweep.space.items():
         kind, values = next(iter(spec.items()))
-        if kind in RANGES and key_type(recipes[0][1], key) is int:
+        if kind in RANGES and key_type(base_recipe, key) is int:
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"{src}: space.{key}.{kind}={list(values)}: {key} takes integers, so this range "
                                   "would give every trial a fraction: give integer bounds (then sampled as "
@@ -112,7 +114,7 @@ def trial_plan(sweep: SweepConfig, sweep_file: str | os.PathLike) -> TrialPlan:
             except ConfigError as e:
                 raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
     steps = [r.train.steps for _, r in recipes]
-    return TrialPlan(recipes, min(steps), max(steps), frozenset(int_keys))
+    return TrialPlan(base_recipe, recipes, min(steps), max(steps), frozenset(int_keys))
 
 
 def key_type(recipe: Recipe, key: str) -> Any:
@@ -135,7 +137,8 @@ def check_metric(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:
         logged = logged_metrics(recipe)
         if sweep.metric in logged:
             continue
-        when = f" when {where}" if where else ""
+        # named only when the key matters: a metric no trial logs is not about one searched value
+        when = f" when {where}" if any(sweep.metric in logged_metrics(r) for _, r in plan.recipes) else ""
         hint = did_you_mean(sweep.metric, logged).strip()
         raise ConfigError(f"{src}: metric={sweep.metric} is not logged by recipe {name}{when}: it logs "
                           f"{', '.join(logged)}{f' ({hint})' if hint else ''}")

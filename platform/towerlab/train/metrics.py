@@ -6,7 +6,7 @@ Worked out from the recipe, not from a list kept by hand:
   calling the loss once on a tiny batch of random features, plus train/logit_scale (train/module.py adds it) and
   the loop's own train/lr, train/samples_per_s and train/epoch (train/loop.py);
 - eval/NAME/METRIC for every evaluator of `evals`, as its type declares (train/evaluate.py `declares`).
-Foreign (web) data adds data/skipped_samples_epoch; Tune also receives `step`.
+Foreign (web) data adds data/skipped_samples_epoch. (Tune also receives `step`, its time attribute, not a metric.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from towerlab.train.evaluate import metric_names
 
 LOOP = ("train/lr", "train/samples_per_s", "train/epoch", "train/logit_scale")  # train/loop.py, train/module.py
 FOREIGN = "data/skipped_samples_epoch"  # train/loop.py, for shards without a towerlab manifest
-STEP = "step"  # reported to Tune with every metric (its schedulers' time attribute)
 
 
 def loss_terms(recipe: Recipe) -> tuple[str, ...]:
@@ -40,7 +39,7 @@ def loss_terms(recipe: Recipe) -> tuple[str, ...]:
 
 def logged_metrics(recipe: Recipe) -> list[str]:
     """Every metric name a run of `recipe` reports, sorted."""
-    names = {f"train/{t}" for t in loss_terms(recipe)} | set(LOOP) | {STEP}
+    names = {f"train/{t}" for t in loss_terms(recipe)} | set(LOOP)
     if recipe.data.source in ("webdataset", "parquet"):  # may be foreign shards; which, only the data can tell
         names.add(FOREIGN)
     for name, cfg in recipe.evals.items():
