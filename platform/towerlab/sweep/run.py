@@ -226,7 +226,7 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
             raise ConfigError(f"no sweep '{sweep.name}' to resume under {root.parent}: start it with "
                               "`towerlab sweep SWEEP.yaml`")
         state = read_state(state_file)
-        if not tune.Tuner.can_restore(str(root)):
+        if not tune_resumable(root):
             raise ConfigError(f"sweep '{sweep.name}' has no Ray Tune state under {root} to resume (its first start "
                               f"ended before Tune saved any): start it anew after removing {state_file}, or set "
                               "name=... for a new sweep")
@@ -350,13 +350,21 @@ def _state_callback(state_file: Path, state: dict):
     return WriteState()
 
 
-def forget_failed_start(root: Path) -> bool:
-    """After a first start that failed or was stopped: when Tune saved no experiment state under `root` there is
-    nothing `--resume` could continue, so remove the sweep's state file and the name can be used again. True when
-    it was removed (or never written)."""
+def tune_resumable(root: Path) -> bool:
+    """Whether Tune saved under `root` what Tuner.restore needs: the tuner (tuner.pkl, written when the Tuner is
+    built, which Tuner.can_restore looks for) and an experiment state (written once the experiment runs; without it
+    the restore fails)."""
     from ray.tune import Tuner
+    from ray.tune.execution.tune_controller import TuneController
 
-    if Tuner.can_restore(str(root)):
+    return Tuner.can_restore(str(root)) and any(root.glob(TuneController.CKPT_FILE_TMPL.format("*")))
+
+
+def forget_failed_start(root: Path) -> bool:
+    """After a first start that failed or was stopped: when Tune saved nothing under `root` that `--resume` could
+    continue, remove the sweep's state file so the name can be used again. True when it was removed (or never
+    written)."""
+    if tune_resumable(root):
         return False
     (root / STATE_FILE).unlink(missing_ok=True)
     return True
