@@ -27,7 +27,7 @@ def loss_terms(recipe: Recipe) -> tuple[str, ...]:
     """The terms the recipe's loss returns ("loss" and the family's named terms), from one call on a tiny batch."""
     cfg = recipe.loss
     fn = losses.build(**asdict(cfg))
-    n, d = 4, 4
+    n, d = 4, recipe.model.embed_dim  # the features' real width (multihead splits it into heads)
     g = torch.Generator().manual_seed(0)
     feats = {m: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1) for m in cfg.modalities}
     bias = None if cfg.bias_init is None else torch.tensor(float(cfg.bias_init))
