@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ def key_type(recipe: Recipe, key: str) -> Any:
         return None
     hint = typing.get_type_hints(type(obj)).get(leaf)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] and X | None
+    return args[0] if union and len(args) == 1 else hint
 
 
 def check_metric(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:

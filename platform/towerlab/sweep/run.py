@@ -8,8 +8,8 @@ before its run ended is marked FAILED. At the end the parent records the best tr
 
 State lives under <storage_path>/<name>/: Tune's experiment state, towerlab_sweep.json (the parent run id; written
 once Tune has started, and removed again when a first start ends before Tune saved any state, so the name stays
-free), and trials/<trial>/ (each trial's Ray Train checkpoints). `--resume NAME` restores Tune from there: finished trials are
-not rerun, unfinished ones resume from their latest Train checkpoint into their same child run.
+free), and trials/<trial>/ (each trial's Ray Train checkpoints). `--resume NAME` restores Tune from there: finished
+trials are not rerun, unfinished ones resume from their latest Train checkpoint into their same child run.
 """
 
 from __future__ import annotations

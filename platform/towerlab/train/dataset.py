@@ -122,8 +122,8 @@ def check_positives(recipe: Recipe, labelled: bool, captions: int, where: str) -
     if captions > 1:
         raise ConfigError(f"{head}: set data.captions_per_image={captions} (an image's captions are its "
                           f"positives), or {fix}")
-    raise ConfigError(f"{head} and one caption per record{f' (data.captions_per_image={k} repeats it)' if k > 1 else ''}"
-                      f": {fix}")
+    repeats = f" (data.captions_per_image={k} repeats it)" if k > 1 else ""
+    raise ConfigError(f"{head} and one caption per record{repeats}: {fix}")
 
 
 def captions_per_image(recipe: Recipe) -> int:

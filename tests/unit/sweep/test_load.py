@@ -107,7 +107,8 @@ PBT_OK = "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
     # PBT: Tune refuses a search algorithm with it; an interval no trial reaches; a population of one
     (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: optuna, num_samples: 4}\n"
      "scheduler: {name: pbt, perturbation_interval: 5}\n", "use search.algorithm=grid or random"),
-    (PBT_OK + "space: {loss.temperature_init: {grid: [0.05, 0.5]}}\nscheduler: {name: pbt, perturbation_interval: 10}\n",
+    (PBT_OK + "space: {loss.temperature_init: {grid: [0.05, 0.5]}}\n"
+     "scheduler: {name: pbt, perturbation_interval: 10}\n",
      "scheduler.perturbation_interval=10: trials of train.steps=10 end before the first perturbation"),
     (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: random}\n"
      "scheduler: {name: pbt, perturbation_interval: 5}\n", "this sweep has 1 trial"),
@@ -143,7 +144,8 @@ def test_metrics_every_trial_logs_are_accepted(tmp_path, repo_root, body):
 def test_asha_max_t_is_the_most_steps_of_a_trial(tmp_path, repo_root):
     from towerlab.sweep.load import trial_plan
 
-    p = _write(tmp_path, repo_root, "space: {train.steps: {grid: [20, 300]}}\nscheduler: {name: asha, grace_period: 25}\n")
+    p = _write(tmp_path, repo_root, "space: {train.steps: {grid: [20, 300]}}\n"
+                                    "scheduler: {name: asha, grace_period: 25}\n")
     s = load_sweep(p)
     plan = trial_plan(s, p)
     assert (plan.min_steps, plan.max_steps) == (20, 300)
@@ -156,7 +158,8 @@ def test_integer_ranges_are_sampled_as_integers(tmp_path, repo_root):
 
     from towerlab.sweep.load import trial_plan
 
-    p = _write(tmp_path, repo_root, "space: {train.steps: {uniform: [10, 40]}, data.global_batch: {loguniform: [16, 64]},"
+    p = _write(tmp_path, repo_root, "space: {train.steps: {uniform: [10, 40]}, "
+                                    "data.global_batch: {loguniform: [16, 64]},"
                                     " optim.weight_decay: {uniform: [0, 1]}, optim.lr: {loguniform: [1.0e-4, 1]}}\n"
                                     "search: {algorithm: random}\n")
     s = load_sweep(p)
@@ -188,7 +191,10 @@ def test_needs_labels_loss_searched_on_unlabelled_data_is_refused(tmp_path, repo
     load_sweep(_write(tmp_path, repo_root, "space: {loss.name: {grid: [sdm, mw_auc, decoupled_softmax]}}\n"))
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[3] / "sweeps").glob("*.yaml")))
+SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SWEEPS.glob("*.yaml")))
 def test_shipped_sweeps_load(repo_root, name):
     from towerlab.sweep.load import trial_plan
 

@@ -34,8 +34,8 @@ def recipe(repo_root, *overrides):
     ("decoupled_softmax", False, 1, 2, "has no class labels and one caption per record "
                                        "(data.captions_per_image=2 repeats it)"),
     ("sdm", False, 3, 1, "set data.captions_per_image=3 (an image's captions are its positives), or use a labelled"),
-    ("mw_auc", False, 1, 1, "loss.name=mw_auc takes its positives from class labels; data D has none: use a "
-                            "labelled dataset (`towerlab data prepare images` with a 'label' column) or loss.name=clip"),
+    ("mw_auc", False, 1, 1, "loss.name=mw_auc takes its positives from class labels; data D has none: use a labelled"
+                            " dataset (`towerlab data prepare images` with a 'label' column) or loss.name=clip"),
     ("hard_negative_mixing", False, 3, 3, "loss.name=hard_negative_mixing takes its positives from class labels"),
 ])
 def test_check_positives(repo_root, loss, labelled, captions, per_image, expected):
