@@ -139,12 +139,28 @@ class ContrastiveLoss(nn.Module):
         n = feats[0].shape[0]
         if any(f.shape[0] != n for f in feats):
             raise ValueError(f"loss '{self.cfg.name}': batch sizes differ across modalities {[f.shape[0] for f in feats]}")
+        if self.needs_labels and meta.get("pos_mask") is None:
+            check_labelled(self.cfg.name, meta.get("labels"))
         return self.compute(feats, logit_scale, logit_bias, local_rows(n, rank, world_size), meta)
 
     def compute(
         self, feats: list[Tensor], scale: Tensor, bias: Optional[Tensor], rows: slice, meta: dict[str, Any]
     ) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+def check_labelled(name: str, labels: Optional[Tensor]) -> None:
+    """A family that takes positives from labels, given a batch in which no row has one (-1 marks an unlabelled row:
+    web data, captions without a label column), would treat every pair as positive: zero loss and zero gradient
+    for most families. One clear error instead; the driver refuses such data before launch (train/dataset.py
+    check_positives), so this is the guard of the last resort. Without `labels` at all the positives are the
+    diagonal, which is what a direct call without labels asks for."""
+    if labels is None or labels.is_meta:  # a meta tensor has no values to look at
+        return
+    if labels.numel() and not bool((labels >= 0).any()):
+        raise ValueError(f"loss '{name}' takes its positives from labels, but every label in this batch is -1 "
+                         "(unlabelled data): train on labelled data, several captions per image "
+                         "(data.captions_per_image > 1), or loss.name=clip")
 
 
 def local_rows(n: int, rank: int, world_size: int) -> slice:
@@ -211,7 +227,8 @@ def direction_names(mods: list[str]) -> tuple[str, str]:
 
 def positive_mask(n: int, meta: dict[str, Any], device: Optional[torch.device] = None) -> Tensor:
     """[n, n] bool, True where (i, j) is a positive pair: from meta `pos_mask`, else `labels` (same class or
-    identity), else the diagonal alone. The diagonal is always positive."""
+    identity), else the diagonal alone. The diagonal is always positive. A negative label marks an unlabelled row
+    (data.formats: -1): its only positive is the diagonal, never the other unlabelled rows."""
     eye = torch.eye(n, dtype=torch.bool, device=device)
     if meta.get("pos_mask") is not None:
         m = meta["pos_mask"].to(device=device, dtype=torch.bool)
@@ -222,7 +239,7 @@ def positive_mask(n: int, meta: dict[str, Any], device: Optional[torch.device] =
         lab = meta["labels"].to(device)
         if lab.shape != (n,):
             raise ValueError(f"labels has shape {tuple(lab.shape)}, expected ({n},) (the gathered batch)")
-        return (lab[:, None] == lab[None, :]) | eye
+        return ((lab[:, None] == lab[None, :]) & (lab >= 0)[:, None]) | eye
     return eye
 
 

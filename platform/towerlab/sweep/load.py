@@ -1,22 +1,34 @@
-"""Loading and validating a sweep file before anything starts: the schema, the recipe it names, every searched key
-(by loading the recipe with a sample value of each), the metric, mode, algorithm and scheduler names."""
+"""Loading and validating a sweep file before anything starts (no Ray, no MLflow): the schema, the recipe it names,
+every searched key (by loading the recipe with each searched value, both bounds of a range), integer keys searched
+over integer ranges only, data that gives every trial's loss its positives, the metric among those every trial
+logs, and the scheduler settings Ray Tune would assert on or never act on."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from towerlab.config import ConfigError, load_structured
+from towerlab.config import ConfigError, Recipe, load_structured
 from towerlab.config.checks import check_ranges
-from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
+from towerlab.sweep.schema import DISTRIBUTIONS, RANGES, SweepConfig
+from towerlab.train.dataset import check_positives, peek_positives
+from towerlab.train.metrics import logged_metrics
 from towerlab.train.recipe import load_recipe
+from towerlab.util import did_you_mean
 
 PBT_KEY = "loss.temperature_init"  # what population-based training perturbs
+NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # a sweep name: a directory name and part of MLflow run names
 
 
 def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
     return (Path(sweep_file).parent / sweep.recipe).resolve()
-
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> SweepConfig:
@@ -33,8 +45,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
     if not sweep.space:
         raise ConfigError(f"{src}: 'space' is empty: give at least one key, e.g. loss.temperature_init: "
                           "{choice: [0.03, 0.07]}")
-    if "/" in sweep.name or not sweep.name:
-        raise ConfigError(f"{src}: name={sweep.name!r}: a sweep name is a non-empty string without '/'")
+    if not NAME.fullmatch(sweep.name) or sweep.name in (".", ".."):
+        # it names a directory under storage_path (`..` would be storage_path's parent) and the MLflow parent run
+        raise ConfigError(f"{src}: name={sweep.name[:120]!r}: a sweep name is 1 to 100 letters, digits, '.', '_' or "
+                          "'-' (not '.' or '..'), e.g. name=clip-temperatures")
     for key, spec in sweep.space.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"{src}: space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, "
@@ -42,24 +56,123 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{src}: space.{key}.{kind}: expected a non-empty list")
-        if kind in ("uniform", "loguniform") and (len(values) != 2 or not values[0] < values[1]):
+        if kind in RANGES and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                      for v in values):
+            raise ConfigError(f"{src}: space.{key}.{kind}={list(values)}: the bounds must be finite numbers")
+        if kind in RANGES and (len(values) != 2 or not values[0] < values[1]):
             raise ConfigError(f"{src}: space.{key}.{kind}: expected [low, high] with low < high")
         if kind == "loguniform" and values[0] <= 0:
             raise ConfigError(f"{src}: space.{key}.loguniform: bounds must be > 0")
         if kind == "grid" and sweep.search.algorithm == "optuna":
             raise ConfigError(f"{src}: space.{key}: optuna cannot search a grid; use choice")
-    # every searched key must exist in the recipe, with a valid type: load it once per key's sample values
+    plan = trial_plan(sweep, path)
+    for where, recipe in plan.recipes:
+        facts = peek_positives(recipe)  # a loss that needs labels, on data without them: refused before Ray
+        if facts is not None:
+            try:
+                check_positives(recipe, *facts)
+            except ConfigError as e:
+                raise ConfigError(f"{src}: {where}: {e}") from None
+    check_metric(sweep, src, plan)
+    if sweep.scheduler.name == "pbt":
+        check_pbt(sweep, src, plan.base)
+    check_scheduler(sweep, src, plan)
+    return sweep
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What the trials' recipes say, read before anything starts: the base recipe (sweep overrides applied) and one
+    recipe per searched value (grid and choice values, both bounds of a range), each with what it differs by (every
+    trial trains one of these values of each key, so what all of them have every trial has); the fewest and most
+    training steps of a trial; the searched keys that take integers."""
+
+    base: Recipe
+    recipes: list[tuple[str, Recipe]]  # ("space.KEY=VALUE", the recipe with that value): what trials train
+    min_steps: int
+    max_steps: int
+    int_keys: frozenset[str]
+
+
+def trial_plan(sweep: SweepConfig, sweep_file: str | os.PathLike) -> TrialPlan:
+    """Load the trials' recipe once with the sweep's overrides and once per searched value, so every searched key
+    exists with a valid value (a ConfigError naming the sweep file and the value otherwise), and ranges over
+    integer keys have integer bounds (they are then sampled as integers: sweep/space.py)."""
+    src, file = str(sweep_file), recipe_path(sweep, sweep_file)
     base = [*sweep.overrides, f"train.workers={sweep.workers_per_trial}"]
+    try:
+        base_recipe = load_recipe(file, base)
+    except ConfigError as e:
+        raise ConfigError(f"{src}: overrides: {e}") from None
+    recipes, int_keys = [], set()
     for key, spec in sweep.space.items():
         kind, values = next(iter(spec.items()))
-        for v in values if kind in ("grid", "choice") else values[:1]:
+        if kind in RANGES and key_type(base_recipe, key) is int:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{src}: space.{key}.{kind}={list(values)}: {key} takes integers, so this range "
+                                  "would give every trial a fraction: give integer bounds (then sampled as "
+                                  f"integers), or a choice of integers, e.g. {key}: {{choice: [a, b]}}")
+            int_keys.add(key)
+        for v in values:  # grid and choice: every value; a range: both bounds
             try:
-                load_recipe(recipe_path(sweep, path), [*base, f"{key}={v}"])
+                recipes.append((f"space.{key}={v}", load_recipe(file, [*base, f"{key}={v}"])))
             except ConfigError as e:
                 raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
-    if sweep.scheduler.name == "pbt":
-        check_pbt(sweep, src, load_recipe(recipe_path(sweep, path), base))
-    return sweep
+    steps = [r.train.steps for _, r in recipes]
+    return TrialPlan(base_recipe, recipes, min(steps), max(steps), frozenset(int_keys))
+
+
+def key_type(recipe: Recipe, key: str) -> Any:
+    """The declared type of dotted recipe key `key` (Optional[X] as X), None when it is not a dataclass field."""
+    *parents, leaf = key.split(".")
+    obj: Any = recipe
+    for part in parents:
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+    if not dataclasses.is_dataclass(obj):
+        return None
+    hint = typing.get_type_hints(type(obj)).get(leaf)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] and X | None
+    return args[0] if union and len(args) == 1 else hint
+
+
+def check_metric(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:
+    """The sweep's metric is one every trial reports: else ASHA and PBT never see it and no best is found."""
+    name = Path(sweep.recipe).name
+    for where, recipe in plan.recipes:
+        logged = logged_metrics(recipe)
+        if sweep.metric in logged:
+            continue
+        # named only when the key matters: a metric no trial logs is not about one searched value
+        when = f" when {where}" if any(sweep.metric in logged_metrics(r) for _, r in plan.recipes) else ""
+        hint = did_you_mean(sweep.metric, logged).strip()
+        raise ConfigError(f"{src}: metric={sweep.metric} is not logged by recipe {name}{when}: it logs "
+                          f"{', '.join(logged)}{f' ({hint})' if hint else ''}")
+
+
+def check_scheduler(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:
+    """What Ray Tune's schedulers would assert on or never act on, given the trials' training steps (Tune counts
+    time in reported steps: sweep/space.py passes the most steps of a trial as ASHA's max_t)."""
+    s, steps = sweep.scheduler, f"train.steps={plan.max_steps}"
+    if s.name == "asha" and s.grace_period >= plan.max_steps:
+        raise ConfigError(f"{src}: scheduler.grace_period={s.grace_period}: no trial trains more than {steps} steps, "
+                          f"so ASHA could never stop one: use a grace_period below {plan.max_steps} (e.g. "
+                          f"{max(1, plan.max_steps // 4)}), or scheduler.name=none")
+    if s.name == "pbt":
+        if sweep.search.algorithm == "optuna":
+            raise ConfigError(f"{src}: scheduler pbt chooses the trials' temperatures itself and Ray Tune refuses it "
+                              "with a search algorithm: use search.algorithm=grid or random")
+        if s.perturbation_interval >= plan.min_steps:
+            raise ConfigError(f"{src}: scheduler.perturbation_interval={s.perturbation_interval}: trials of "
+                              f"train.steps={plan.min_steps} end before the first perturbation: use an interval "
+                              f"below {plan.min_steps}, or scheduler.name=none")
+        population = sweep.search.num_samples
+        if sweep.search.algorithm == "grid":
+            population *= math.prod(len(v) for spec in sweep.space.values() for k, v in spec.items() if k == "grid")
+        if population < 2:
+            raise ConfigError(f"{src}: scheduler pbt hands checkpoints from better trials to worse ones, but this "
+                              f"sweep has {population} trial: raise search.num_samples or give a grid of "
+                              f"{PBT_KEY} values")
 
 
 def check_pbt(sweep: SweepConfig, src: str, recipe) -> None:

@@ -6,9 +6,10 @@ trial opens a child run nested under it (via `train`). A Tune callback on the dr
 a trial stopped early by ASHA is killed with its Train run, so its child is marked KILLED; a trial that errored
 before its run ended is marked FAILED. At the end the parent records the best trial and its config.
 
-State lives under <storage_path>/<name>/: Tune's experiment state, towerlab_sweep.json (the parent run id), and
-trials/<trial>/ (each trial's Ray Train checkpoints). `--resume NAME` restores Tune from there: finished trials are
-not rerun, unfinished ones resume from their latest Train checkpoint into their same child run.
+State lives under <storage_path>/<name>/: Tune's experiment state, towerlab_sweep.json (the parent run id; written
+once Tune has started, and removed again when a first start ends before Tune saved any state, so the name stays
+free), and trials/<trial>/ (each trial's Ray Train checkpoints). `--resume NAME` restores Tune from there: finished
+trials are not rerun, unfinished ones resume from their latest Train checkpoint into their same child run.
 """
 
 from __future__ import annotations
@@ -204,13 +205,14 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
     """Run (or with `resume`, continue) a validated sweep to its end and return its summary.
 
     Checks the tracking store, then opens the MLflow parent run (or reopens the one recorded in the sweep's state
-    file), writes the state file, starts or joins Ray (its State API must answer: Ray Train frees stopped trials'
-    workers through it), and runs a Tune function trial per configuration: each trial calls train/driver.py's
-    `train` with the sampled overrides, nested under the parent. The parent ends FINISHED with the best trial's
-    metric and config, or FAILED/KILLED when the sweep itself fails or is interrupted."""
+    file), starts or joins Ray (its State API must answer: Ray Train frees stopped trials' workers through it), and
+    runs a Tune function trial per configuration: each trial calls train/driver.py's `train` with the sampled
+    overrides, nested under the parent. The state file is written when Tune sets up the experiment. The parent ends
+    FINISHED with the best trial's metric and config, or FAILED/KILLED when the sweep itself fails or is
+    interrupted."""
     from ray import tune
 
-    from towerlab.sweep.load import recipe_path
+    from towerlab.sweep.load import recipe_path, trial_plan
     from towerlab.train.ray_env import init_ray
     from towerlab.sweep.space import param_space, scheduler, search_algorithm
 
@@ -218,11 +220,16 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
     check_reachable(uri)
     root = sweep_dir(sweep)
     state_file = root / STATE_FILE
+    plan = None if resume else trial_plan(sweep, sweep_file)  # integer keys, and ASHA's max_t
     if resume:
         if not state_file.exists():
             raise ConfigError(f"no sweep '{sweep.name}' to resume under {root.parent}: start it with "
                               "`towerlab sweep SWEEP.yaml`")
-        state = json.loads(state_file.read_text())
+        state = read_state(state_file)
+        if not tune_resumable(root):
+            raise ConfigError(f"sweep '{sweep.name}' has no Ray Tune state under {root} to resume (its first start "
+                              f"ended before Tune saved any): start it anew after removing {state_file}, or set "
+                              "name=... for a new sweep")
         parent = MlflowRun(uri, state["parent_run_id"])
         _check_parent(parent, uri, sweep, root)  # before reopening: a refused resume changes nothing
         parent.reopen()
@@ -246,8 +253,6 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
             parent.log_text(redact_text(Path(sweep_file).read_text()), Path(sweep_file).name)
             try:
                 root.mkdir(parents=True, exist_ok=True)
-                atomic_write(state_file, json.dumps({"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
-                                                     "sweep_file": str(Path(sweep_file).absolute())}))
             except OSError as e:
                 raise ConfigError(f"storage_path={sweep.storage_path}: cannot hold the sweep directory {root} "
                                   f"({e.strerror or e}): point it at a directory") from None
@@ -265,15 +270,22 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
         # the trial itself only waits on its TorchTrainer: it needs (almost) no CPU of its own
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
         callbacks = [_mlflow_callback(uri, parent.run_id)]
+        if not resume:
+            # the state file (what --resume reads) is written once Tune has started, not before: a start that
+            # fails earlier (Ray, the State API, a setting Tune refuses) leaves the sweep's name free
+            state = {"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
+                     "sweep_file": str(Path(sweep_file).absolute())}
+            callbacks.append(_state_callback(state_file, state))
         if resume:
             tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
             tuner = tune.Tuner(
-                trainable, param_space=param_space(sweep),
+                trainable, param_space=param_space(sweep, plan.int_keys),
                 tune_config=tune.TuneConfig(num_samples=sweep.search.num_samples,
                                             max_concurrent_trials=sweep.max_concurrent_trials,
-                                            search_alg=search_algorithm(sweep), scheduler=scheduler(sweep),
+                                            search_alg=search_algorithm(sweep),
+                                            scheduler=scheduler(sweep, plan.max_steps),
                                             metric=sweep.metric, mode=sweep.mode),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks,
                                           # PBT clones checkpoints of other trials: keep a few (Tune warns at <= 2)
@@ -307,6 +319,11 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
         raise
     finally:
         heartbeat.stop()
+        if not resume and status != "FINISHED":
+            try:
+                forget_failed_start(root)
+            except Exception:  # noqa: BLE001: must not hide why the sweep ended
+                pass
         try:
             if status != "FINISHED":
                 close_open_children(uri, parent.run_id, status)
@@ -316,6 +333,55 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                 raise
             print(f"warning: could not end the sweep's MLflow runs {status} ({type(e).__name__}); `towerlab runs "
                   "doctor --fix` closes them once their heartbeat is stale", file=sys.stderr)
+
+
+def _state_callback(state_file: Path, state: dict):
+    """A Tune callback that writes the sweep's state file when Tune sets up the experiment (it has started)."""
+    from ray.tune import Callback
+
+    class WriteState(Callback):
+        def setup(self, **info):
+            try:
+                atomic_write(state_file, json.dumps(state))
+            except OSError as e:
+                raise ConfigError(f"cannot write the sweep's state file {state_file} ({e.strerror or e}): point "
+                                  "storage_path at a writable directory") from None
+
+    return WriteState()
+
+
+def tune_resumable(root: Path) -> bool:
+    """Whether Tune saved under `root` what Tuner.restore needs: the tuner (tuner.pkl, written when the Tuner is
+    built, which Tuner.can_restore looks for) and an experiment state (written once the experiment runs; without it
+    the restore fails)."""
+    from ray.tune import Tuner
+    from ray.tune.execution.tune_controller import TuneController
+
+    return Tuner.can_restore(str(root)) and any(root.glob(TuneController.CKPT_FILE_TMPL.format("*")))
+
+
+def forget_failed_start(root: Path) -> bool:
+    """After a first start that failed or was stopped: when Tune saved nothing under `root` that `--resume` could
+    continue, remove the sweep's state file so the name can be used again. True when it was removed (or never
+    written)."""
+    if tune_resumable(root):
+        return False
+    (root / STATE_FILE).unlink(missing_ok=True)
+    return True
+
+
+def read_state(path: Path) -> dict:
+    """A sweep's state file: its parent run id, the sweep as loaded and the sweep file; one line when it is not."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not a readable towerlab sweep state ({type(e).__name__}: {e}): start the "
+                          "sweep under a new name (name=...), or remove its directory to start it again") from None
+    if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str) or \
+            not isinstance(state.get("sweep"), dict):
+        raise ConfigError(f"{path} is not a towerlab sweep state (no parent_run_id and sweep): start the sweep under "
+                          "a new name (name=...), or remove its directory to start it again")
+    return state
 
 
 def _last_line(e: BaseException) -> str:

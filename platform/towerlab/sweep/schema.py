@@ -6,6 +6,7 @@ Search space entries, one key each:
     loss.temperature_init: {choice: [0.03, 0.07]}            sampled
     optim.lr:              {loguniform: [1.0e-4, 1.0e-2]}    sampled
     optim.weight_decay:    {uniform: [0.0, 0.3]}             sampled
+    train.steps:           {uniform: [100, 400]}             sampled as integers (an integer key: integer bounds)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from towerlab.config.checks import INT64_MAX, num
 from towerlab.config.schema import Mode, TrackingConfig
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+RANGES = ("uniform", "loguniform")  # [low, high]; over an integer key both bounds are integers, sampled as integers
 
 
 # Fixed sets of values as Enums (OmegaConf refuses anything else at load; member names equal values).

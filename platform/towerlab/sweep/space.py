@@ -5,19 +5,25 @@ from __future__ import annotations
 from towerlab.sweep.schema import SweepConfig
 
 
-def domain(kind: str, values: list, grid_ok: bool):
+def domain(kind: str, values: list, grid_ok: bool, integer: bool = False):
+    """Tune's domain of one space entry; `integer`: a range over an integer recipe key, sampled as integers with
+    both bounds included (sweep/load.py allows only integer bounds there)."""
     from ray import tune
 
     if kind == "grid":
         return tune.grid_search(list(values)) if grid_ok else tune.choice(list(values))
     if kind == "choice":
         return tune.choice(list(values))
+    if integer:  # Tune's upper bound is exclusive
+        lo, hi = int(values[0]), int(values[1]) + 1
+        return tune.randint(lo, hi) if kind == "uniform" else tune.lograndint(lo, hi)
     return tune.uniform(*values) if kind == "uniform" else tune.loguniform(*values)
 
 
-def param_space(sweep: SweepConfig) -> dict:
+def param_space(sweep: SweepConfig, int_keys: frozenset[str] | set[str] = frozenset()) -> dict:
+    """`int_keys`: the searched recipe keys that take integers (sweep.load.trial_plan's)."""
     grid_ok = sweep.search.algorithm == "grid"
-    return {key: domain(*next(iter(spec.items())), grid_ok) for key, spec in sweep.space.items()}
+    return {key: domain(*next(iter(spec.items())), grid_ok, key in int_keys) for key, spec in sweep.space.items()}
 
 
 def search_algorithm(sweep: SweepConfig):
@@ -28,8 +34,10 @@ def search_algorithm(sweep: SweepConfig):
     return None  # grid and random: Tune's variant generator (grid_search expands, distributions sample)
 
 
-def scheduler(sweep: SweepConfig):
-    """Schedulers count time in training steps (`step`, reported with every metric)."""
+def scheduler(sweep: SweepConfig, max_t: int | None = None):
+    """Schedulers count time in training steps (`step`, reported with every metric). `max_t`: the most steps a
+    trial trains (ASHA stops every trial there, so it must not be below any trial's train.steps; without it Tune's
+    default, 100, would cut longer trials short)."""
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     from towerlab.sweep.load import PBT_KEY
@@ -37,7 +45,9 @@ def scheduler(sweep: SweepConfig):
     s = sweep.scheduler
     # metric and mode come from the TuneConfig
     if s.name == "asha":
-        return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        extra = {} if max_t is None else {"max_t": max_t}
+        return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                             **extra)
     if s.name == "pbt":
         kind, values = next(iter(sweep.space[PBT_KEY].items()))
         # a grid's values are the initial population; perturbations may then move anywhere between its extremes

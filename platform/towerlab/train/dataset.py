@@ -22,12 +22,14 @@ def ensure_data(recipe: Recipe) -> Manifest:
     if is_foreign(recipe.data):
         manifest = shard_manifest(recipe.data)
         check_foreign(recipe, manifest)
+        check_positives(recipe, *positives_of(manifest), manifest.uri)
     else:
         if recipe.data.source not in PREPARED and isinstance(path, Path) and not (path / "manifest.json").exists():
             prepare(recipe.data.source, path, seed=0, key="data.path",
                     size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
         manifest = read_manifest(path, verify=recipe.data.verify_shards, bad_shards=recipe.data.bad_shards)
         check_prepared(recipe, manifest)
+        check_positives(recipe, *positives_of(manifest), manifest.uri)
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     per_worker = manifest.count("train") // plan.world_size
     if per_worker < plan.per_worker:
@@ -72,6 +74,56 @@ def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
                           "above 0 (e.g. 0.1)")
     for s in manifest.skipped:
         print(f"warning: skipping shard {s['file']} ({s['rows']} rows): {s['problem']} (data.bad_shards=skip)")
+
+
+def positives_of(manifest: Manifest) -> tuple[bool, int]:
+    """(whether the data has class labels, the most captions one record has) from its manifest: class names are
+    written only for labelled data (foreign shards have none); `data prepare images` reports its records'
+    captions, the built-in sources have one each."""
+    report = manifest.data.get("report") or {}
+    return bool(manifest.classes.get("names")), max(int(report.get("max_captions") or 1), 1)
+
+
+def peek_positives(recipe: Recipe) -> tuple[bool, int, str] | None:
+    """positives_of for the recipe's data as far as it is known without preparing, listing or downloading anything
+    (a sweep checks every trial's recipe this way before Ray starts): a local prepared directory's manifest, a
+    built-in source not prepared yet (each has class labels and one caption per record), local shards without a
+    towerlab manifest (foreign: no labels). None when it cannot be known here (a URI, data.paths, a path that does
+    not exist yet); the driver checks again with the manifest in hand."""
+    path = data_dir(recipe)
+    if recipe.data.paths or not isinstance(path, Path):
+        return None
+    if (path / "manifest.json").is_file():
+        try:
+            return (*positives_of(read_manifest(path)), str(path))
+        except ConfigError:
+            return None  # a corrupt manifest: the driver names it
+    if recipe.data.source not in PREPARED:
+        return True, 1, f"data.source={recipe.data.source}"
+    return (False, 1, str(path)) if path.exists() else None
+
+
+def check_positives(recipe: Recipe, labelled: bool, captions: int, where: str) -> None:
+    """A loss that takes its positives from labels (loss_class(name).needs_labels) gets them: from class labels,
+    or, for a multi-positive loss, from image ids when each image brings several captions (data.captions_per_image
+    > 1 over records that have them: captions of one image are positives). Otherwise every row would be labelled
+    -1 and all pairs positive (a zero loss), so refuse before launch, in one line naming the loss and the fix."""
+    name = recipe.loss.name
+    cls = loss_class(name)
+    if not cls.needs_labels or labelled:
+        return
+    k = recipe.data.captions_per_image
+    if cls.multi_positive and k > 1 and captions > 1:
+        return
+    fix = "use a labelled dataset (`towerlab data prepare images` with a 'label' column) or loss.name=clip"
+    if not cls.multi_positive:
+        raise ConfigError(f"loss.name={name} takes its positives from class labels; data {where} has none: {fix}")
+    head = f"loss.name={name} needs class labels or several captions per image; data {where} has no class labels"
+    if captions > 1:
+        raise ConfigError(f"{head}: set data.captions_per_image={captions} (an image's captions are its "
+                          f"positives), or {fix}")
+    repeats = f" (data.captions_per_image={k} repeats it)" if k > 1 else ""
+    raise ConfigError(f"{head} and one caption per record{repeats}: {fix}")
 
 
 def captions_per_image(recipe: Recipe) -> int:

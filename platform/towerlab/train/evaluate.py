@@ -36,6 +36,28 @@ EVALUATORS: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("evaluat
 DEFAULT_KS = {"zeroshot": [1, 5], "retrieval": [1, 5, 10]}
 
 
+def ks(cfg: EvaluatorConfig) -> tuple[int, ...]:
+    """The K of an evaluator's top-K / recall@K metrics: its own, else its type's defaults."""
+    return tuple(cfg.ks or DEFAULT_KS[cfg.type])
+
+
+def declares(metrics: Callable[[EvaluatorConfig], tuple[str, ...]]):
+    """Decorator: the metric names (without eval/NAME/) an evaluator type returns for a config, declared beside it
+    so what a run logs is known before it starts (a sweep's metric is checked against it; tests check that each
+    evaluator returns exactly what it declares)."""
+
+    def deco(fn):
+        fn.metrics = metrics
+        return fn
+
+    return deco
+
+
+def metric_names(cfg: EvaluatorConfig) -> tuple[str, ...]:
+    """What an evaluator of config `cfg` logs, as its type declares (without the eval/NAME/ prefix)."""
+    return EVALUATORS.get(cfg.type).metrics(cfg)
+
+
 @dataclass
 class EvalData:
     """One evaluation dataset, preprocessed (no augmentation)."""
@@ -66,23 +88,26 @@ class Embedder:
 
 
 @EVALUATORS.register("zeroshot")
+@declares(lambda cfg: tuple(f"top{k}" for k in ks(cfg)))
 def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Zero-shot classification: top-K accuracy against prompt-ensembled class embeddings."""
     if not data.prompts_per_class:  # captioned images without labels: nothing to classify
         return {}
     classes = class_embeddings(embed(data, "prompts"), data.prompts_per_class)
-    return topk_tensors(embed(data, "image"), classes, data.labels, tuple(cfg.ks or DEFAULT_KS["zeroshot"]),
-                         cfg.chunk)
+    return topk_tensors(embed(data, "image"), classes, data.labels, ks(cfg), cfg.chunk)
 
 
 @EVALUATORS.register("retrieval")
+@declares(lambda cfg: tuple(f"{m}_{d}" for d in ("i2t", "t2i")
+                            for m in (*(f"recall_at_{k}" for k in ks(cfg)), "median_rank")))
 def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Image->text and text->image retrieval: recall@K and median rank."""
-    return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups,
-                       tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
+    return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups, ks(cfg), cfg.chunk)
 
 
 @EVALUATORS.register("geometry")
+@declares(lambda cfg: ("modality_gap", "alignment", "uniformity_image", "uniformity_text", "effective_rank_image",
+                       "effective_rank_text", "logit_scale"))
 def geometry_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Modality gap, alignment, uniformity and effective rank per modality, logit scale."""
     return geometry_tensors(embed(data, "image"), embed(data, "text"), model.logit_scale.detach().exp()[0],

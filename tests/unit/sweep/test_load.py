@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from towerlab.config import ConfigError
@@ -75,3 +77,135 @@ def test_pbt_perturbs_the_temperature(tmp_path, repo_root):
     (key, dom), = pbt._hyperparam_mutations.items()
     assert key == "loss.temperature_init" and (dom.lower, dom.upper) == (0.02, 0.5)
     assert param_space(s)["loss.temperature_init"] == {"grid_search": [0.02, 0.5]}
+
+
+# --- refused before anything starts: metric, scheduler settings Tune asserts on, ranges over integer keys, data ---
+
+PBT_OK = "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
+
+
+@pytest.mark.parametrize("body, expected", [
+    # a metric no trial reports (ASHA would never stop anything and no best would be found)
+    ("space: {optim.lr: {choice: [0.1]}}\nmetric: eval/zeroshot/top7\n",
+     "metric=eval/zeroshot/top7 is not logged by recipe debug.yaml: it logs "),
+    ("space: {optim.lr: {choice: [0.1]}}\nmetric: eval/zershot/top1\n", "(Did you mean 'eval/zeroshot/top1'?)"),
+    ("space: {optim.lr: {choice: [0.1]}}\nmetric: eval/zeroshot/top7\n", "train/loss_i2t, train/loss_t2i, train/lr"),
+    ("space: {optim.lr: {choice: [0.1]}}\nmetric: train/loss_pos\nmode: min\n",
+     "not logged by recipe debug.yaml: it logs"),
+    # logged by the base recipe, but not by every searched value
+    ("space: {loss.name: {grid: [clip, siglip]}}\nmetric: train/loss_i2t\nmode: min\n",
+     "metric=train/loss_i2t is not logged by recipe debug.yaml when space.loss.name=siglip: it logs"),
+    ("space: {evals.zeroshot.ks: {choice: [[1, 2], [1, 5]]}}\nmetric: eval/zeroshot/top5\n",
+     "when space.evals.zeroshot.ks=[1, 2]: it logs"),
+    ("overrides: ['evals={retrieval: {type: retrieval}}']\nspace: {optim.lr: {choice: [0.1]}}\n",
+     "metric=eval/zeroshot/top1 is not logged"),
+    # ASHA: Tune asserts grace_period <= max_t (the trials' steps); equal, it could never stop a trial
+    ("space: {optim.lr: {choice: [0.1]}}\nscheduler: {name: asha, grace_period: 10}\n",
+     "scheduler.grace_period=10: no trial trains more than train.steps=10 steps, so ASHA could never stop one"),
+    ("space: {train.steps: {grid: [20, 30]}}\nscheduler: {name: asha, grace_period: 40}\n",
+     "no trial trains more than train.steps=30 steps"),
+    # PBT: Tune refuses a search algorithm with it; an interval no trial reaches; a population of one
+    (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: optuna, num_samples: 4}\n"
+     "scheduler: {name: pbt, perturbation_interval: 5}\n", "use search.algorithm=grid or random"),
+    (PBT_OK + "space: {loss.temperature_init: {grid: [0.05, 0.5]}}\n"
+     "scheduler: {name: pbt, perturbation_interval: 10}\n",
+     "scheduler.perturbation_interval=10: trials of train.steps=10 end before the first perturbation"),
+    (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: random}\n"
+     "scheduler: {name: pbt, perturbation_interval: 5}\n", "this sweep has 1 trial"),
+    # a float range over an integer key would fail every trial
+    ("space: {train.steps: {uniform: [10.5, 40]}}\n",
+     "space.train.steps.uniform=[10.5, 40]: train.steps takes integers"),
+    ("space: {data.micro_batch: {loguniform: [4, 16.0]}}\n", "data.micro_batch takes integers"),
+    ("space: {optim.lr: {uniform: [low, high]}}\n", "space.optim.lr.uniform=['low', 'high']: the bounds must be"),
+    ("space: {optim.lr: {loguniform: [.nan, 1]}}\n", "the bounds must be finite numbers"),
+    # a choice value of the wrong type: the recipe refuses it when loaded with that value
+    ("space: {train.steps: {choice: [10, 2.5]}}\n", "space.train.steps=2.5"),
+    # a sweep name is a directory under storage_path: not its parent, nothing a file system or MLflow would mangle
+    ("name: '..'\nspace: {optim.lr: {choice: [0.1]}}\n", "name='..': a sweep name is 1 to 100 letters"),
+    ("name: a/b\nspace: {optim.lr: {choice: [0.1]}}\n", "name='a/b': a sweep name"),
+    ("name: ''\nspace: {optim.lr: {choice: [0.1]}}\n", "name='': a sweep name"),
+    (f"name: {'x' * 101}\nspace: {{optim.lr: {{choice: [0.1]}}}}\n", "a sweep name is 1 to 100"),
+    ("name: 'my sweep'\nspace: {optim.lr: {choice: [0.1]}}\n", "name='my sweep': a sweep name"),
+    # both bounds of a range are loaded, not only the first
+    ("space: {loss.temperature_init: {uniform: [0.05, 2]}}\n", "space.loss.temperature_init=2: "),
+])
+def test_more_bad_sweeps_are_one_line(tmp_path, repo_root, body, expected):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, repo_root, body))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("body", [
+    "space: {optim.lr: {choice: [0.1]}}\nmetric: train/loss\nmode: min\n",
+    "space: {optim.lr: {choice: [0.1]}}\nmetric: eval/retrieval/recall_at_5_i2t\n",
+    "space: {optim.lr: {choice: [0.1]}}\nmetric: eval/geometry/modality_gap\nmode: min\n",
+    "space: {evals.zeroshot.ks: {choice: [[1, 3], [3, 5]]}}\nmetric: eval/zeroshot/top3\n",
+    "space: {loss.name: {grid: [clip, siglip]}}\nmetric: train/loss\nmode: min\n",
+    "space: {loss.name: {grid: [clip, hard_negative_mixing]}}\nmetric: eval/zeroshot/top1\n",
+])
+def test_metrics_every_trial_logs_are_accepted(tmp_path, repo_root, body):
+    load_sweep(_write(tmp_path, repo_root, body))
+
+
+def test_asha_max_t_is_the_most_steps_of_a_trial(tmp_path, repo_root):
+    from towerlab.sweep.load import trial_plan
+
+    p = _write(tmp_path, repo_root, "space: {train.steps: {grid: [20, 300]}}\n"
+                                    "scheduler: {name: asha, grace_period: 25}\n")
+    s = load_sweep(p)
+    plan = trial_plan(s, p)
+    assert (plan.min_steps, plan.max_steps) == (20, 300)
+    # Tune's default max_t (100) would stop the 300-step trials at step 100
+    assert scheduler(s, plan.max_steps)._max_t == 300
+
+
+def test_integer_ranges_are_sampled_as_integers(tmp_path, repo_root):
+    from ray.tune.search.sample import Float, Integer
+
+    from towerlab.sweep.load import trial_plan
+
+    p = _write(tmp_path, repo_root, "space: {train.steps: {uniform: [10, 40]}, "
+                                    "data.global_batch: {loguniform: [16, 64]},"
+                                    " optim.weight_decay: {uniform: [0, 1]}, optim.lr: {loguniform: [1.0e-4, 1]}}\n"
+                                    "search: {algorithm: random}\n")
+    s = load_sweep(p)
+    plan = trial_plan(s, p)
+    assert plan.int_keys == {"train.steps", "data.global_batch"}  # weight_decay is a float key with int bounds
+    space = param_space(s, plan.int_keys)
+    steps, batch, wd = space["train.steps"], space["data.global_batch"], space["optim.weight_decay"]
+    assert isinstance(steps, Integer) and isinstance(batch, Integer) and isinstance(wd, Float)
+    assert (steps.lower, steps.upper) == (10, 41)  # Tune's upper bound is exclusive: both bounds can be drawn
+    assert isinstance(batch.get_sampler(), Integer._LogUniform)
+    draws = [d.sample(random_state=i) for i in range(200) for d in (steps, batch)]  # one value per trial, as Tune
+    assert all(type(v) is int for v in draws)
+    assert {steps.sample(random_state=i) for i in range(300)} >= {10, 40} and 16 <= min(draws[1::2])
+    assert max(draws[1::2]) <= 64 and all(type(wd.sample(random_state=i)) is float for i in range(20))
+
+
+def test_needs_labels_loss_searched_on_unlabelled_data_is_refused(tmp_path, repo_root):
+    shards = tmp_path / "web"
+    shards.mkdir()  # parquet shards without a towerlab manifest: foreign data, label -1 everywhere
+    body = (f"overrides: [data.source=parquet, 'data.path={shards}', 'evals={{}}']\nmetric: train/loss\nmode: min\n")
+    load_sweep(_write(tmp_path, repo_root, body + "space: {loss.name: {grid: [clip, siglip]}}\n"))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, repo_root, body + "space: {loss.name: {grid: [clip, sdm]}}\n"))
+    assert f"space.loss.name=sdm: loss.name=sdm needs class labels or several captions per image; data {shards} " \
+           "has no class labels and one caption per record" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="loss.name=mw_auc takes its positives from class labels"):
+        load_sweep(_write(tmp_path, repo_root, body + "space: {loss.name: {choice: [mw_auc]}}\n"))
+    # the built-in sources have class labels
+    load_sweep(_write(tmp_path, repo_root, "space: {loss.name: {grid: [sdm, mw_auc, decoupled_softmax]}}\n"))
+
+
+SWEEPS = Path(__file__).resolve().parents[3] / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SWEEPS.glob("*.yaml")))
+def test_shipped_sweeps_load(repo_root, name):
+    from towerlab.sweep.load import trial_plan
+
+    path = repo_root / "sweeps" / name
+    s = load_sweep(path)
+    plan = trial_plan(s, path)
+    param_space(s, plan.int_keys)
+    scheduler(s, plan.max_steps)
