@@ -34,16 +34,17 @@ def _sweep(args: argparse.Namespace):
     from towerlab.sweep.run import STATE_FILE, run_sweep
 
     if args.resume:
-        import json
-
         from towerlab.config import load_structured
+        from towerlab.sweep.run import read_state
         from towerlab.sweep.schema import SweepConfig
 
         state = Path(args.storage_path) / args.resume / STATE_FILE
         if not state.is_file():
             raise ConfigError(f"no sweep '{args.resume}' to resume: {state} does not exist (see --storage-path)")
-        saved = json.loads(state.read_text())
-        sweep_file = saved["sweep_file"]
+        saved = read_state(state)
+        sweep_file = saved.get("sweep_file")
+        if not isinstance(sweep_file, str):
+            raise ConfigError(f"{state} names no sweep file: start the sweep again from its file")
         sweep = load_structured(SweepConfig, None, [], base=saved["sweep"])
         summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True)
     else:

@@ -110,6 +110,13 @@ def validate(r: Recipe) -> None:
     validate_evals(r)
     validate_pretrained(r)
     validate_tokenizer(r)
+    if r.tracking.log_models and r.tracking.best_metric:
+        from towerlab.train.metrics import logged_metrics
+
+        logged = logged_metrics(r)
+        if r.tracking.best_metric not in logged:
+            raise ConfigError(f"tracking.best_metric={r.tracking.best_metric} is not logged by this recipe: it logs "
+                              f"{', '.join(logged)}.{did_you_mean(r.tracking.best_metric, logged)}")
 
 
 def validate_pretrained(r: Recipe) -> None:

@@ -309,3 +309,14 @@ def test_open_clip_state_dict_made_by_open_clip_imports(tmp_path):
             torch.testing.assert_close(model.towers["image"](x), ref.encode_image(x), atol=1e-5, rtol=0)
             torch.testing.assert_close(model.towers["text"](tokens), ref.encode_text(tokens), atol=1e-5, rtol=0)
         assert model.logit_scale.item() == pytest.approx(ref.logit_scale.item())
+
+
+def test_best_metric_must_be_one_the_recipe_logs():
+    from towerlab.train.driver import best_metric
+
+    with pytest.raises(ConfigError, match=r"tracking.best_metric=eval/zeroshot/top3 is not logged by this recipe"):
+        load_recipe(None, ["tracking.best_metric=eval/zeroshot/top3"])
+    assert best_metric(load_recipe(None, ["tracking.best_metric=eval/retrieval/recall_at_1_i2t"])) == \
+        "eval/retrieval/recall_at_1_i2t"
+    assert best_metric(load_recipe(None, [])) == "eval/zeroshot/top1"  # the first zeroshot evaluator's
+    assert best_metric(load_recipe(None, ["evals={}"])) is None
