@@ -30,6 +30,9 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
                      "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "zero-shot top-1" in first.stdout
+    # a quiet console: the workers' output is in the run directory, not on the console (no -v)
+    assert "RayTrainWorker" not in first.stdout + first.stderr and "MapBatches" not in first.stdout + first.stderr
+    assert "deepspeed" in (tmp_path / "results" / "itest" / "logs" / "rank0.log").read_text().lower()
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("towerlab")
