@@ -35,17 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "verbose", False):
-        import os
-
-        from towerlab.util import VERBOSE_ENV
-
-        os.environ[VERBOSE_ENV] = "1"
+    _console_level(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except ConfigError as e:
         err.print(f"[red]error:[/] {escape(redact_text(str(e)))}", highlight=False, soft_wrap=True)  # e may hold ray[default]
         return 2
+
+
+def _console_level(verbose: bool) -> None:
+    """-v: everything streams (towerlab.util.verbose). Otherwise the libraries' INFO lines that say nothing to act
+    on stay off the console: MLflow's store set-up notes, Ray's note that token authentication is on."""
+    import logging
+    import os
+
+    from towerlab.util import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
