@@ -78,6 +78,7 @@ def model_config_from_hf(cfg: Any, preprocessor: dict | None, model: ModelConfig
     if cfg.model_type == "siglip":
         return model_config_from_hf_siglip(cfg, preprocessor, model)
     v, t = cfg.vision_config, cfg.text_config
+    set_shape(model, CLIP_SHAPE)  # the checkpoint decides the architecture, whatever the recipe said
     model.embed_dim = cfg.projection_dim
     mv, mt = model.vision, model.text
     mv.image_size, mv.patch_size, mv.channels = v.image_size, v.patch_size, v.num_channels
@@ -259,6 +260,13 @@ def check_shape(model: ModelConfig, shape: dict[str, Any], what: str) -> None:
                             + ")" if "SiglipModel" in what else ""))
 
 
+def set_shape(model: ModelConfig, shape: dict[str, Any]) -> None:
+    """Set the tower options of `shape` (CLIP_SHAPE, SIGLIP_SHAPE) in `model`."""
+    for key, value in shape.items():
+        tower, name = key.split(".")
+        setattr(getattr(model, tower), name, value)
+
+
 def is_siglip(model: ModelConfig) -> bool:
     """Whether `model`'s towers are meant as SigLIP's (an attention-pooling ViT): they export as a SiglipModel."""
     return model.vision.pool == "map"
@@ -286,8 +294,7 @@ def model_config_from_hf_siglip(cfg: Any, preprocessor: dict | None, model: Mode
     processor's settings: mean and std; its size must be the vision config's image_size)."""
     v, t = cfg.vision_config, cfg.text_config
     mv, mt = model.vision, model.text
-    for key, value in SIGLIP_SHAPE.items():
-        setattr(getattr(model, key.split(".")[0]), key.split(".")[1], value)
+    set_shape(model, SIGLIP_SHAPE)
     model.embed_dim = v.hidden_size
     mv.image_size, mv.patch_size, mv.channels = v.image_size, v.patch_size, v.num_channels
     mv.width, mv.layers, mv.heads = v.hidden_size, v.num_hidden_layers, v.num_attention_heads
@@ -505,6 +512,7 @@ def model_config_from_open_clip(oc: dict, model: ModelConfig, where: str) -> Non
         raise refuse(where, "vision_cfg.layers is a list: a ResNet image tower, not a ViT")
     act = "quick_gelu" if oc.get("quick_gelu") else "gelu"
     m, v, t = model, model.vision, model.text
+    set_shape(model, CLIP_SHAPE)
     m.embed_dim = oc["embed_dim"]
     v.image_size, v.patch_size, v.width, v.layers = vc["image_size"], vc["patch_size"], vc["width"], vc["layers"]
     v.heads, v.mlp_ratio, v.act = vc["width"] // vc.get("head_width", 64), float(vc.get("mlp_ratio", 4.0)), act

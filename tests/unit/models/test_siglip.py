@@ -146,3 +146,18 @@ def test_default_towers_are_unchanged():
     assert not any("attn_pool" in n or "projection_bias" in n or n == "towers.image.conv1.bias" for n in names)
     assert model.towers["image"].positional_embedding.shape[0] == (m.vision.image_size // m.vision.patch_size) ** 2 + 1
     assert model.towers["text"].ln_final.eps == 1e-5 and model.towers["text"].causal
+
+
+def test_the_checkpoint_decides_the_shape(siglip_dir, tmp_path):
+    """SigLIP options in the recipe do not survive a CLIP import, nor CLIP's a SigLIP import: the checkpoint's
+    configuration rewrites them."""
+    from clip_testing import save_clip
+
+    path, _ = siglip_dir
+    m = load_recipe(None, [f"model.pretrained=hf:{path}", "model.vision.pool=token", "model.vision.class_token=true",
+                           "model.text.causal=true"]).model
+    assert (m.vision.pool, m.vision.class_token, m.text.causal) == ("map", False, False)
+    save_clip(tmp_path)
+    m = load_recipe(None, [f"model.pretrained=hf:{tmp_path}", "model.vision.pool=map",
+                           "model.vision.class_token=false", "model.text.proj_bias=true"]).model
+    assert (m.vision.pool, m.vision.class_token, m.text.proj_bias, m.vision.ln_eps) == ("token", True, False, 1e-5)
