@@ -1,4 +1,4 @@
-"""Tiny random CLIP checkpoints made by transformers (and a word-level Hugging Face tokenizer made by
+"""Tiny random CLIP and SigLIP checkpoints made by transformers (and a word-level Hugging Face tokenizer made by
 `tokenizers`), shared by the import and export tests: an implementation towerlab did not write, saved to disk."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ WORDS = ["<pad>", "<unk>", "<bos>", "x", "y", "<eos>", "a", "photo", "of", "digi
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
-def tiny_tokenizer():
-    """A word-level Hugging Face tokenizer (tokenizers' own classes) that ends every text with <eos>."""
+def tiny_tokenizer(model_max_length: int | None = None):
+    """A word-level Hugging Face tokenizer (tokenizers' own classes) that ends every text with <eos>; with
+    `model_max_length`, padding="max_length" pads to it (SigLIP's tokenizers pad so)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -26,7 +27,9 @@ def tiny_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    extra = {"model_max_length": model_max_length} if model_max_length else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   **extra)
 
 
 def clip_config(act: str = "quick_gelu", eos: int = EOS):
@@ -39,19 +42,56 @@ def clip_config(act: str = "quick_gelu", eos: int = EOS):
                       logit_scale_init_value=3.0)
 
 
+def randomise_norms_and_biases(model) -> None:
+    """Random LayerNorm affines and biases (transformers initialises them to 1 and 0), so a swapped or dropped one
+    shows in the embeddings."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
+
+
 def save_clip(path, act: str = "quick_gelu", eos: int = EOS):
     from transformers import CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
     model = CLIPModel(clip_config(act, eos)).eval()
-    with torch.no_grad():  # random LayerNorm affines and biases too, so a swapped or dropped one shows
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(0, 0.5).add_(1.0 if name.endswith("weight") else 0.0)
+    randomise_norms_and_biases(model)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=MEAN,
                        image_std=STD).save_pretrained(path)
+    return model
+
+
+SIGLIP_CONTEXT = 10  # the tiny SigLIP's max_position_embeddings: its tokenizer pads every text to it
+SIGLIP_BIAS, SIGLIP_SCALE = -2.5, 2.0
+
+
+def siglip_config():
+    from transformers import SiglipConfig
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return SiglipConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=SIGLIP_CONTEXT,
+                                         pad_token_id=0, eos_token_id=EOS, bos_token_id=2, **common),
+                        vision_config=dict(image_size=16, patch_size=4, **common))
+
+
+def save_siglip(path):
+    """A tiny random SiglipModel (gelu_pytorch_tanh, LayerNorm eps 1e-6: SiglipConfig's defaults) saved with a
+    tokenizer padding to max_length and a SiglipImageProcessor; its logit scale and bias are SIGLIP_SCALE/_BIAS."""
+    from transformers import SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(0)
+    model = SiglipModel(siglip_config()).eval()
+    randomise_norms_and_biases(model)
+    with torch.no_grad():
+        model.logit_scale.fill_(SIGLIP_SCALE)
+        model.logit_bias.fill_(SIGLIP_BIAS)
+        model.vision_model.head.probe.normal_()
+    model.save_pretrained(path)
+    tiny_tokenizer(model_max_length=SIGLIP_CONTEXT).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 16, "width": 16}, image_mean=MEAN, image_std=STD).save_pretrained(path)
     return model
 
 

@@ -157,6 +157,21 @@ class VisionConfig:
     """Per-channel standard deviation the centred pixels are divided by."""
     patch_dropout: float = num(0.0, ge=0, lt=1)
     """Fraction of patch tokens each training image drops at random (FLIP), in [0, 1); 0 keeps all; eval keeps all."""
+    pool: str = "token"
+    """How the ViT pools its tokens into one vector: token (the class token, CLIP/OpenCLIP) | map (SigLIP's
+    multi-head attention pooling head: a learned probe attends over all tokens, then LayerNorm and a residual MLP;
+    needs class_token=false)."""
+    class_token: bool = True
+    """Prepend a learned class token (CLIP); false: the sequence is the patch tokens only (SigLIP)."""
+    ln_pre: bool = True
+    """A LayerNorm on the embedded tokens before the first block (CLIP's pre_layrnorm); false: none (SigLIP)."""
+    patch_bias: bool = False
+    """Give the patch embedding (a convolution) a bias: false as in CLIP, true as in SigLIP."""
+    proj: bool = True
+    """A bias-free projection from width to model.embed_dim (CLIP); false: the pooled vector is the embedding
+    (SigLIP), so model.embed_dim must equal width."""
+    ln_eps: float = num(1e-5, gt=0, le=1e-2)
+    """The epsilon of the ViT's LayerNorms, > 0: 1e-5 (torch's default, CLIP's), SigLIP uses 1e-6."""
 
 
 @dataclass
@@ -184,9 +199,17 @@ class TextConfig:
     """Where the text tower pools: auto (argmax for the clip_bpe tokenizer, else last) | last (the last non-padding
     token, id 0 pads: the word vocabulary's EOT) | eos
     (the first eos_id: CLIP tokenizers, which may pad with their end-of-text token) | argmax (the highest id:
-    OpenAI's CLIP vocabulary)."""
+    OpenAI's CLIP vocabulary) | end (the sequence's last position, padding included: SigLIP, whose tokenizer pads
+    every caption to context_length)."""
     eos_id: int = num(2, ge=0)
     """The end-of-text id that pool=eos looks for."""
+    causal: bool = True
+    """A causal attention mask (CLIP: each token sees the ones before it); false: bidirectional attention over the
+    whole padded sequence, no mask at all (SigLIP)."""
+    proj_bias: bool = False
+    """Give the projection to model.embed_dim a bias: false as in CLIP, true as in SigLIP's text head (a Linear)."""
+    ln_eps: float = num(1e-5, gt=0, le=1e-2)
+    """The epsilon of the text tower's LayerNorms, > 0: 1e-5 (torch's default, CLIP's), SigLIP uses 1e-6."""
     tokenizer: str = "words"
     """How captions become ids for a text tower trained from scratch: words (a word vocabulary built from the training
     captions; prepared towerlab data only) | clip_bpe (CLIP's 49,408-token byte-level BPE from the open-clip-torch

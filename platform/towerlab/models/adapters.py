@@ -10,9 +10,11 @@ Formats:
   (`act`: OpenAI's weights use quick_gelu), where the text is pooled (`text.pool`/`text.eos_id`: transformers reads
   eos_token_id=2 as "the highest id") and the image mean/std. Attention differs only in layout (q, k, v apart in
   transformers, one in_proj here).
-- transformers' SiglipModel: refused (`check_hf_config`): its ViT has no class token and pools with an attention
-  head, its text tower is bidirectional and pools the last position through a biased head; towerlab's towers have
-  none of these.
+- transformers' SiglipModel (`hf` too): its blocks are CLIP's; what differs is expressed by the towers' SigLIP
+  options (SIGLIP_SHAPE: no class token and no pre-LayerNorm, a biased patch embedding, the attention-pooling
+  head and no projection in the ViT; a bidirectional text tower pooled at its last position through a biased
+  head) and the LayerNorms' epsilon (`ln_eps`). The logit scale and bias travel both ways. Towers in SigLIP's
+  shape (vision.pool=map) export as a SiglipModel, all others as a CLIPModel.
 - OpenCLIP (`open_clip`): a state dict in OpenCLIP's CLIP names and a model config JSON as its model_configs/ hold.
 
 Every mismatch is a ConfigError naming the first option or parameter that differs.
@@ -55,13 +57,11 @@ def check_hf_config(cfg: Any, where: str) -> None:
     """Refuse a transformers config that towerlab's towers cannot express, naming the first option that differs."""
     kind = getattr(cfg, "model_type", None)
     if kind == "siglip":
-        raise refuse(where, "a SiglipModel: its ViT has no class token and pools with an attention head "
-                            "(vision_model.head.probe), its text tower is bidirectional and pools the last position "
-                            "through a biased head (text_model.head.bias); towerlab's towers pool a class token and "
-                            "the end-of-text token, so it cannot be mapped onto them")
+        return check_hf_siglip_config(cfg, where)
     if kind != "clip":
-        raise refuse(where, f"model_type={kind!r}: only transformers' CLIPModel (model_type clip) maps onto "
-                            "towerlab's towers; load other encoders per tower with model.{vision,text}.pretrained")
+        raise refuse(where, f"model_type={kind!r}: only transformers' CLIPModel and SiglipModel (model_type clip, "
+                            "siglip) map onto towerlab's towers; load other encoders per tower with "
+                            "model.{vision,text}.pretrained")
     for tower, c in (("vision_config", cfg.vision_config), ("text_config", cfg.text_config)):
         if c.hidden_act not in HF_ACTS.values():
             raise refuse(where, f"{tower}.hidden_act={c.hidden_act!r}: towerlab's towers have "
@@ -73,9 +73,12 @@ def check_hf_config(cfg: Any, where: str) -> None:
 
 
 def model_config_from_hf(cfg: Any, preprocessor: dict | None, model: ModelConfig) -> None:
-    """Set `model`'s sizes, options and image statistics from a transformers CLIPConfig (and its image
-    processor's preprocessor_config.json, when there is one)."""
+    """Set `model`'s sizes, options and image statistics from a transformers CLIPConfig or SiglipConfig (and its
+    image processor's preprocessor_config.json, when there is one)."""
+    if cfg.model_type == "siglip":
+        return model_config_from_hf_siglip(cfg, preprocessor, model)
     v, t = cfg.vision_config, cfg.text_config
+    set_shape(model, CLIP_SHAPE)  # the checkpoint decides the architecture, whatever the recipe said
     model.embed_dim = cfg.projection_dim
     mv, mt = model.vision, model.text
     mv.image_size, mv.patch_size, mv.channels = v.image_size, v.patch_size, v.num_channels
@@ -105,7 +108,11 @@ def _act_from_hf(act: str) -> str:
 def hf_config_dict(model: ModelConfig) -> dict:
     """The CLIPConfig arguments of a towerlab model (refused where transformers' CLIP cannot express it)."""
     v, t = model.vision, model.text
+    check_shape(model, CLIP_SHAPE, "transformers' CLIPModel")
     pool = resolved_pool(t)
+    if pool == "end":
+        raise refuse("model.text.pool=end", "transformers' CLIPModel pools at the first eos_token_id, not at the "
+                     "last position (SigLIP's pooling: export SigLIP-shaped towers, vision.pool=map, as a SiglipModel)")
     if pool == "last":
         raise refuse("text.pool=last", "transformers' CLIP pools at the first eos_token_id, and reads "
                      "eos_token_id=2 (the word vocabulary's end of text) as OpenAI's 'highest id' rule; a model "
@@ -219,6 +226,189 @@ def from_hf_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# transformers SiglipModel
+# ---------------------------------------------------------------------------------------------------------------
+
+# the tower options (model.KEY) that make towerlab's towers CLIP's or SigLIP's; an export checks every one
+CLIP_SHAPE = {"vision.pool": "token", "vision.class_token": True, "vision.ln_pre": True, "vision.patch_bias": False,
+              "vision.proj": True, "vision.ln_eps": LN_EPS, "text.causal": True, "text.proj_bias": False,
+              "text.ln_eps": LN_EPS}
+SIGLIP_SHAPE = {"vision.pool": "map", "vision.class_token": False, "vision.ln_pre": False, "vision.patch_bias": True,
+                "vision.proj": False, "text.causal": False, "text.pool": "end", "text.proj_bias": True}
+# towerlab's names (under towers.image.) <-> SiglipModel's (under vision_model.) of the attention-pooling head
+_HF_MAP_HEAD = {"attn_pool.ln": "head.layernorm", "attn_pool.mlp.0": "head.mlp.fc1", "attn_pool.mlp.2": "head.mlp.fc2",
+                "attn_pool.attn.out_proj": "head.attention.out_proj"}
+
+
+def _option(model: ModelConfig, key: str) -> Any:
+    tower, name = key.split(".")
+    return getattr(getattr(model, tower), name)
+
+
+def _shown(x: Any) -> str:
+    return str(x).lower() if isinstance(x, bool) else str(x)
+
+
+def check_shape(model: ModelConfig, shape: dict[str, Any], what: str) -> None:
+    """Refuse, naming the first option, a model whose towers are not in `shape` (CLIP_SHAPE, SIGLIP_SHAPE)."""
+    for key, want in shape.items():
+        got = _option(model, key)
+        if got != want:
+            raise refuse(f"model.{key}={_shown(got)}", f"{what} needs {_shown(want)}"
+                         + (" (a SiglipModel export needs every SigLIP option: vision.pool=map and "
+                            + ", ".join(f"{k}={_shown(v)}" for k, v in SIGLIP_SHAPE.items() if k != "vision.pool")
+                            + ")" if "SiglipModel" in what else ""))
+
+
+def set_shape(model: ModelConfig, shape: dict[str, Any]) -> None:
+    """Set the tower options of `shape` (CLIP_SHAPE, SIGLIP_SHAPE) in `model`."""
+    for key, value in shape.items():
+        tower, name = key.split(".")
+        setattr(getattr(model, tower), name, value)
+
+
+def is_siglip(model: ModelConfig) -> bool:
+    """Whether `model`'s towers are meant as SigLIP's (an attention-pooling ViT): they export as a SiglipModel."""
+    return model.vision.pool == "map"
+
+
+def check_hf_siglip_config(cfg: Any, where: str) -> None:
+    """Refuse a SiglipConfig that towerlab's towers cannot express, naming the first option that differs."""
+    v, t = cfg.vision_config, cfg.text_config
+    if not getattr(v, "vision_use_head", True):
+        raise refuse(where, "vision_config.vision_use_head=false: a SigLIP ViT without its pooling head has no "
+                            "image embedding for towerlab to train")
+    for tower, c in (("vision_config", v), ("text_config", t)):
+        if c.hidden_act not in HF_ACTS.values():
+            raise refuse(where, f"{tower}.hidden_act={c.hidden_act!r}: towerlab's towers have "
+                                f"{', '.join(HF_ACTS.values())}")
+        if c.hidden_size % c.num_attention_heads:
+            raise refuse(where, f"{tower}.hidden_size={c.hidden_size} is not divisible by num_attention_heads")
+    if t.projection_size != v.hidden_size:
+        raise refuse(where, f"text_config.projection_size={t.projection_size}: the image embedding is the vision "
+                            f"tower's width, {v.hidden_size}; the two must be equal")
+
+
+def model_config_from_hf_siglip(cfg: Any, preprocessor: dict | None, model: ModelConfig) -> None:
+    """Set `model`'s sizes, SigLIP options and image statistics from a transformers SiglipConfig (and its image
+    processor's settings: mean and std; its size must be the vision config's image_size)."""
+    v, t = cfg.vision_config, cfg.text_config
+    mv, mt = model.vision, model.text
+    set_shape(model, SIGLIP_SHAPE)
+    model.embed_dim = v.hidden_size
+    mv.image_size, mv.patch_size, mv.channels = v.image_size, v.patch_size, v.num_channels
+    mv.width, mv.layers, mv.heads = v.hidden_size, v.num_hidden_layers, v.num_attention_heads
+    mv.mlp_ratio, mv.act, mv.ln_eps = v.intermediate_size / v.hidden_size, _act_from_hf(v.hidden_act), v.layer_norm_eps
+    mt.vocab_size, mt.context_length = t.vocab_size, t.max_position_embeddings
+    mt.width, mt.layers, mt.heads = t.hidden_size, t.num_hidden_layers, t.num_attention_heads
+    mt.mlp_ratio, mt.act, mt.ln_eps = t.intermediate_size / t.hidden_size, _act_from_hf(t.hidden_act), t.layer_norm_eps
+    for tower, c, m in (("vision_config", v, mv), ("text_config", t, mt)):
+        if int(m.width * m.mlp_ratio) != c.intermediate_size:
+            raise refuse("model.pretrained", f"{tower}.intermediate_size={c.intermediate_size} is not expressible "
+                                             f"as int(hidden_size x mlp_ratio)")
+    if preprocessor:
+        size = preprocessor.get("size") or {}
+        side = {size.get("height"), size.get("width")} - {None}
+        if side and side != {v.image_size}:
+            raise refuse("model.pretrained", f"preprocessor_config.json size={size}: the vision config's "
+                                             f"image_size is {v.image_size}; towerlab sizes images by the latter")
+        mv.mean = [float(x) for x in preprocessor.get("image_mean", mv.mean)]
+        mv.std = [float(x) for x in preprocessor.get("image_std", mv.std)]
+
+
+def hf_siglip_config_dict(model: ModelConfig) -> dict:
+    """The SiglipConfig arguments of a towerlab model whose towers are SigLIP's (refused, naming the first option,
+    where they are not)."""
+    check_shape(model, SIGLIP_SHAPE, "transformers' SiglipModel")
+    v, t = model.vision, model.text
+    return dict(
+        vision_config=dict(image_size=v.image_size, patch_size=v.patch_size, num_channels=v.channels,
+                           hidden_size=v.width, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+                           intermediate_size=int(v.width * v.mlp_ratio), hidden_act=HF_ACTS[v.act],
+                           layer_norm_eps=v.ln_eps, attention_dropout=0.0, vision_use_head=True),
+        text_config=dict(vocab_size=t.vocab_size, max_position_embeddings=t.context_length, hidden_size=t.width,
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                         intermediate_size=int(t.width * t.mlp_ratio), hidden_act=HF_ACTS[t.act],
+                         layer_norm_eps=t.ln_eps, attention_dropout=0.0, projection_size=model.embed_dim),
+    )
+
+
+def _siglip_names() -> dict[str, str]:
+    """towerlab's names -> SiglipModel's for everything but the blocks, the attention's packed in_proj aside (both
+    keep it packed in the pooling head: nn.MultiheadAttention's layout), and the transposed text projection."""
+    names = {
+        "towers.image.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "towers.image.conv1.bias": "vision_model.embeddings.patch_embedding.bias",
+        "towers.image.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "towers.image.ln_post.weight": "vision_model.post_layernorm.weight",
+        "towers.image.ln_post.bias": "vision_model.post_layernorm.bias",
+        "towers.image.attn_pool.probe": "vision_model.head.probe",
+        "towers.image.attn_pool.attn.in_proj_weight": "vision_model.head.attention.in_proj_weight",
+        "towers.image.attn_pool.attn.in_proj_bias": "vision_model.head.attention.in_proj_bias",
+        "towers.text.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+        "towers.text.positional_embedding": "text_model.embeddings.position_embedding.weight",
+        "towers.text.ln_final.weight": "text_model.final_layer_norm.weight",
+        "towers.text.ln_final.bias": "text_model.final_layer_norm.bias",
+        "towers.text.text_projection_bias": "text_model.head.bias",
+    }
+    for a, b in _HF_MAP_HEAD.items():
+        for p in ("weight", "bias"):
+            names[f"towers.image.{a}.{p}"] = f"vision_model.{b}.{p}"
+    return names
+
+
+def to_hf_siglip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """towerlab's ContrastiveModel state dict (SigLIP-shaped towers, logit scale and bias) in SiglipModel's names and
+    shapes; a model trained without a logit bias (a softmax loss) gets SiglipModel's a zero one."""
+    out: dict[str, torch.Tensor] = {}
+    for tl, hf in (("towers.image.", "vision_model."), ("towers.text.", "text_model.")):
+        for i in range(_n_blocks(sd, f"{tl}transformer.blocks.")):
+            src, dst = f"{tl}transformer.blocks.{i}.", f"{hf}encoder.layers.{i}."
+            out.update(_split_qkv(dst, sd[src + "attn.in_proj_weight"], sd[src + "attn.in_proj_bias"]))
+            for a, b in _HF_BLOCK.items():
+                for p in ("weight", "bias"):
+                    out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+    out.update({h: sd[t] for t, h in _siglip_names().items()})
+    out["text_model.head.weight"] = sd["towers.text.text_projection"].t()
+    out["logit_scale"] = sd["logit_scale"].reshape(1)
+    out["logit_bias"] = sd["logit_bias"].reshape(1) if "logit_bias" in sd else torch.zeros(1)
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def from_hf_siglip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A SiglipModel state dict in towerlab's ContrastiveModel names (the inverse of `to_hf_siglip`); a parameter it
+    has no place for is refused by name."""
+    hf = {k: v for k, v in hf.items() if not k.endswith("position_ids")}
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise refuse("model.pretrained", f"parameter {name} is missing: not a SiglipModel checkpoint")
+        used.add(name)
+        return hf[name]
+
+    out: dict[str, torch.Tensor] = {}
+    for tl, pre in (("towers.image.", "vision_model."), ("towers.text.", "text_model.")):
+        for i in range(_n_blocks(hf, f"{pre}encoder.layers.")):
+            src, dst = f"{pre}encoder.layers.{i}.", f"{tl}transformer.blocks.{i}."
+            a = src + "self_attn."
+            out[dst + "attn.in_proj_weight"] = torch.cat([get(f"{a}{x}_proj.weight") for x in "qkv"])
+            out[dst + "attn.in_proj_bias"] = torch.cat([get(f"{a}{x}_proj.bias") for x in "qkv"])
+            for t, h in _HF_BLOCK.items():
+                for p in ("weight", "bias"):
+                    out[f"{dst}{t}.{p}"] = get(f"{src}{h}.{p}")
+    out.update({t: get(h) for t, h in _siglip_names().items()})
+    out["towers.text.text_projection"] = get("text_model.head.weight").t()
+    out["logit_scale"] = get("logit_scale").reshape(1)
+    out["logit_bias"] = get("logit_bias").reshape(1)
+    extra = sorted(set(hf) - used)
+    if extra:
+        raise refuse("model.pretrained", f"parameter {extra[0]} has no place in towerlab's towers "
+                                         "(the checkpoint's architecture differs from SigLIP's)")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # OpenCLIP
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -278,6 +468,12 @@ def open_clip_config(model: ModelConfig) -> dict:
     """OpenCLIP's open_clip_config.json for a towerlab model: {"model_cfg": as in its model_configs/*.json,
     "preprocess_cfg": image size, mean and std}."""
     v, t = model.vision, model.text
+    if is_siglip(model):
+        raise refuse("model.vision.pool=map", "SigLIP-shaped towers have no OpenCLIP CLIP layout (OpenCLIP's SigLIP "
+                     "models are timm towers); export them with --format hf (a SiglipModel)")
+    check_shape(model, CLIP_SHAPE, "OpenCLIP's CLIP")
+    if t.pool == "end":
+        raise refuse("model.text.pool=end", "OpenCLIP's CLIP text tower pools by argmax or eos")
     if v.act != t.act:
         raise refuse(f"vision.act={v.act}, text.act={t.act}", "OpenCLIP has one activation for both towers")
     if v.act == "gelu_tanh":
@@ -316,6 +512,7 @@ def model_config_from_open_clip(oc: dict, model: ModelConfig, where: str) -> Non
         raise refuse(where, "vision_cfg.layers is a list: a ResNet image tower, not a ViT")
     act = "quick_gelu" if oc.get("quick_gelu") else "gelu"
     m, v, t = model, model.vision, model.text
+    set_shape(model, CLIP_SHAPE)
     m.embed_dim = oc["embed_dim"]
     v.image_size, v.patch_size, v.width, v.layers = vc["image_size"], vc["patch_size"], vc["width"], vc["layers"]
     v.heads, v.mlp_ratio, v.act = vc["width"] // vc.get("head_width", 64), float(vc.get("mlp_ratio", 4.0)), act

@@ -1,4 +1,5 @@
-"""Whole two-tower checkpoints as a starting point: `model.pretrained: hf:DIR | hf:HUB_ID | open_clip:ARCH:FILE`.
+"""Whole two-tower checkpoints as a starting point: `model.pretrained: hf:DIR | hf:HUB_ID | open_clip:ARCH:FILE`
+(an hf: folder holds a transformers CLIPModel or SiglipModel).
 
 Two steps, because the recipe must know the architecture before anything is built (the data pipeline sizes images
 and picks the tokenizer from it, the planner counts parameters): `configure` rewrites the recipe's model section
@@ -133,8 +134,9 @@ def load_into(model: nn.Module, spec: str) -> None:
     """Copy the checkpoint's weights into `model` (a ContrastiveModel built from the configured section)."""
     loader, name = parse(spec, KEY, LOADERS)
     if loader == "hf":
-        _hf_config(name)  # refuses a SigLIP or other checkpoint before its weights are read
-        sd = adapters.from_hf_clip(hf_state_dict(name))
+        cfg = _hf_config(name)  # refuses a checkpoint towerlab cannot express before its weights are read
+        from_hf = adapters.from_hf_siglip if cfg.model_type == "siglip" else adapters.from_hf_clip
+        sd = from_hf(hf_state_dict(name))
     else:
         _, file = _open_clip_parts(name)
         sd = adapters.from_open_clip(_read_state_dict(file))

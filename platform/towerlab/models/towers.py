@@ -1,6 +1,12 @@
 """The towers: a ViT image encoder and a causal text transformer, laid out as OpenCLIP's so that parameter counts
 match published figures (class token, learned positions, pre-LN blocks, a bias-free projection to the shared space).
 
+Recipe options turn them into SigLIP's towers (transformers' SiglipModel), whose blocks are CLIP's: the ViT without a
+class token or pre-LayerNorm, with a biased patch embedding, pooled by a multi-head attention pooling head
+(vision.pool=map) and no projection; the text transformer bidirectional (text.causal=false), pooled at its last
+position (text.pool=end) through a biased head (text.proj_bias); LayerNorms with SigLIP's epsilon (ln_eps). The
+defaults are CLIP's, so every existing model is unchanged.
+
 Both towers return unnormalised [batch, embed_dim] features; the multi-tower model normalises them.
 """
 
@@ -38,10 +44,20 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over `x`, or, given `context`, `x`'s queries attending over `context`'s keys and values
+        (nn.MultiheadAttention(x, context, context): the packed in_proj's first third projects the queries)."""
         b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        hd = w // self.heads
+        if context is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, hd)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        else:
+            wq, wkv = self.in_proj_weight.split([w, 2 * w])
+            bq, bkv = self.in_proj_bias.split([w, 2 * w])
+            q = F.linear(x, wq, bq).view(b, n, self.heads, hd).transpose(1, 2)
+            k, v = F.linear(context, wkv, bkv).view(b, context.shape[1], 2, self.heads, hd).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
@@ -60,12 +76,12 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn
 class Block(nn.Module):
     """Pre-LN transformer block (OpenCLIP's ResidualAttentionBlock)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu"):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu", eps: float = 1e-5):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,9 +90,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str = "gelu"):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str = "gelu", eps: float = 1e-5):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +125,25 @@ class PatchDropout(nn.Module):
         return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, w))
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention pooling head (transformers' SiglipMultiheadAttentionPoolingHead, big_vision's
+    MAPHead): a learned probe attends over the tokens, then a residual MLP behind a LayerNorm; the probe's output
+    is the pooled vector. The attention has nn.MultiheadAttention's parameters (`Attention`, called as a module
+    for ZeRO-3's hooks)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(width**-0.5 * torch.randn(1, 1, width))
+        self.attn = Attention(width, heads)
+        self.ln = nn.LayerNorm(width, eps=eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.probe.to(x.dtype).expand(x.shape[0], -1, -1), context=x)
+        return (h + self.mlp(self.ln(h)))[:, 0]
+
+
 class _Tower(nn.Module):
     transformer: Transformer
 
@@ -123,47 +158,70 @@ class VisionTower(_Tower):
             raise ValueError(f"vision.image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
         grid = cfg.image_size // cfg.patch_size
         scale = cfg.width**-0.5
-        self.conv1 = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
+        if cfg.pool not in ("token", "map") or cfg.pool == "token" and not cfg.class_token:
+            raise ValueError(f"vision.pool={cfg.pool}, class_token={cfg.class_token}: pool=token pools the class "
+                             "token, pool=map needs none")
+        if not cfg.proj and cfg.width != embed_dim:
+            raise ValueError(f"vision.proj=false: model.embed_dim={embed_dim} must equal vision.width={cfg.width}")
+        grid = cfg.image_size // cfg.patch_size
+        scale = cfg.width**-0.5
+        eps = cfg.ln_eps
+        self.conv1 = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        # the parameters are drawn in the same order as ever, so a CLIP-shaped tower's initial weights are unchanged
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width)) if cfg.class_token else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + int(cfg.class_token), cfg.width))
         self.patch_dropout = PatchDropout(cfg.patch_dropout)
-        self.ln_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
-        self.ln_post = nn.LayerNorm(cfg.width)
-        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, eps)
+        self.ln_post = nn.LayerNorm(cfg.width, eps=eps)
+        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim)) if cfg.proj else None
+        self.attn_pool = (AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, eps) if cfg.pool == "map"
+                          else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         pos = self.positional_embedding.to(x.dtype)
-        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
         # positions are added before patch dropout, so a kept token keeps its own position
-        x = torch.cat([cls, self.patch_dropout(x + pos[1:])], dim=1)
+        if self.class_embedding is not None:
+            cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, self.patch_dropout(x + pos[1:])], dim=1)
+        else:
+            x = self.patch_dropout(x + pos)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        if self.attn_pool is not None:  # SigLIP: the post-LayerNorm over every token, then the pooling head
+            x = self.attn_pool(self.ln_post(x))
+        else:
+            x = self.ln_post(x[:, 0])
+        return x @ self.proj if self.proj is not None else x
 
 
 class TextTower(_Tower):
-    """Causal transformer over token ids; the sequence is pooled at its end-of-text token, found as `cfg.pool`
-    says (see `eot_index`; pool=auto: the largest id (argmax) for CLIP's BPE, the last non-padding token for the
-    word vocabulary)."""
+    """Causal transformer over token ids (bidirectional with causal=false); the sequence is pooled at its end-of-text
+    token, found as `cfg.pool` says (see `eot_index`; pool=auto: the largest id (argmax) for CLIP's BPE, the last
+    non-padding token for the word vocabulary; pool=end: the last position, SigLIP's)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
         self.pool, self.eos_id = resolved_pool(cfg), cfg.eos_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act)
-        self.ln_final = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.text_projection = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, embed_dim))
+        # SigLIP's text head is a Linear: the projection above plus this bias
+        self.text_projection_bias = nn.Parameter(torch.zeros(embed_dim)) if cfg.proj_bias else None
+        self.causal = cfg.causal
         mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]
-        x = self.ln_final(self.transformer(x, self.attn_mask[:L, :L].to(x.dtype)))
+        mask = self.attn_mask[:L, :L].to(x.dtype) if self.causal else None
+        x = self.ln_final(self.transformer(x, mask))
         eot = eot_index(tokens, self.pool, self.eos_id)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return x + self.text_projection_bias if self.text_projection_bias is not None else x
 
 
 def resolved_pool(cfg: TextConfig) -> str:
@@ -177,7 +235,10 @@ def resolved_pool(cfg: TextConfig) -> str:
 def eot_index(tokens: torch.Tensor, pool: str, eos_id: int) -> torch.Tensor:
     """Where each sequence's end-of-text token is. last: the last non-padding token (padding id 0: the word
     vocabulary ends every caption with its EOT); eos: the first `eos_id` (CLIP tokenizers, which may pad with the
-    end-of-text token itself); argmax: the highest id (OpenAI's CLIP vocabulary, whose EOT is its last id)."""
+    end-of-text token itself); argmax: the highest id (OpenAI's CLIP vocabulary, whose EOT is its last id); end:
+    the last position (SigLIP, padded to the context length)."""
+    if pool == "end":
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
     if pool == "eos":
         return (tokens == eos_id).int().argmax(dim=1)
     if pool == "argmax":

@@ -4,12 +4,15 @@
   Hugging Face tokenizer files and a CLIPImageProcessor holding the run's image size, mean and std. A run whose
   tokenizer is the data's word vocabulary is refused: it has no Hugging Face counterpart, and transformers' CLIP
   would read its end-of-text id 2 as OpenAI's "highest id" rule, so the text embeddings could not match.
-  A sigmoid-loss run exports as CLIPModel too, with a warning: transformers' SiglipModel has towers towerlab's are
-  not (an attention-pool head and no class token); its logit bias is kept in config.json as `towerlab_logit_bias`.
+  Towers in SigLIP's shape (model.vision.pool=map and the other SigLIP options, adapters.SIGLIP_SHAPE) export as a
+  `transformers.SiglipModel` instead, with its logit scale and bias, the tokenizer and a SiglipImageProcessor.
+  A sigmoid-loss run with CLIP-shaped towers exports as CLIPModel, with a warning; its logit bias is kept in
+  config.json as `towerlab_logit_bias`.
 - open_clip: open_clip_config.json ({"model_cfg", "preprocess_cfg"}) and open_clip_model.safetensors in OpenCLIP's
   names and shapes: `open_clip.create_model("local-dir:DIR")` loads it. The word vocabulary exports (OpenCLIP's
   eos pooling expresses it) with a warning that OpenCLIP has no tokenizer for it; a Hugging Face tokenizer's
-  files are written beside the weights.
+  files are written beside the weights. SigLIP-shaped towers are refused (OpenCLIP's SigLIP models are timm
+  towers, not its CLIP layout).
 
 Weights come from `checkpoint.load_model` (ZeRO-3 shards consolidated by zero_to_fp32), mapped by
 models/adapters.py. The output is written to a temporary sibling directory and renamed into place; an existing
@@ -53,7 +56,7 @@ def check_exportable(recipe: Recipe, fmt: str) -> None:
                           "'highest id' rule); export it with --format open_clip, or train with a Hugging Face "
                           "tokenizer (model.pretrained: hf:DIR)")
     if fmt == "hf":
-        adapters.hf_config_dict(m)
+        adapters.hf_siglip_config_dict(m) if adapters.is_siglip(m) else adapters.hf_config_dict(m)
     else:
         adapters.open_clip_config(m)
 
@@ -91,7 +94,9 @@ def export_model(model: ContrastiveModel, recipe: Recipe, fmt: str, out: str | o
     return out
 
 
-def _save_tokenizer(recipe: Recipe, path: Path):
+def _save_tokenizer(recipe: Recipe, path: Path, max_length: int | None = None):
+    """The run's Hugging Face tokenizer, saved to `path` (None for the word vocabulary); with `max_length` as its
+    model_max_length, so that padding="max_length" (SigLIP's) pads to the run's context length."""
     spec = tokenizer_spec(recipe)
     if not spec:
         return None
@@ -101,6 +106,8 @@ def _save_tokenizer(recipe: Recipe, path: Path):
 
     _, name = parse(spec, "tokenizer", ("hf",))
     tok = hf_call(AutoTokenizer, name, "model.pretrained" if recipe.model.pretrained else "model.text.pretrained")
+    if max_length is not None:
+        tok.model_max_length = max_length
     tok.save_pretrained(path)
     return tok
 
@@ -109,11 +116,13 @@ def _write_hf(sd: dict, recipe: Recipe, path: Path, warn) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     m = recipe.model
+    if adapters.is_siglip(m):
+        return _write_hf_siglip(sd, recipe, path, warn)
     kwargs = adapters.hf_config_dict(m)
     if "logit_bias" in sd:
-        warn("warning: a sigmoid-loss run exports as transformers' CLIPModel (SiglipModel's towers have an "
-             "attention-pool head and no class token, towerlab's do not); its logit bias is in config.json as "
-             "towerlab_logit_bias")
+        warn("warning: a sigmoid-loss run exports as transformers' CLIPModel (its towers are CLIP's: a class token, "
+             "no attention-pooling head; SigLIP-shaped towers, model.vision.pool=map, export as a SiglipModel); its "
+             "logit bias is in config.json as towerlab_logit_bias")
         kwargs["towerlab_logit_bias"] = float(sd["logit_bias"].reshape(()))
     tok = _save_tokenizer(recipe, path)
     if tok is not None and tok.pad_token_id is not None:
@@ -127,6 +136,28 @@ def _write_hf(sd: dict, recipe: Recipe, path: Path, warn) -> None:
     s = m.vision.image_size
     CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, resample=2,  # bilinear
                        image_mean=list(m.vision.mean), image_std=list(m.vision.std)).save_pretrained(path)
+
+
+def _write_hf_siglip(sd: dict, recipe: Recipe, path: Path, warn) -> None:
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    m = recipe.model
+    kwargs = adapters.hf_siglip_config_dict(m)
+    if "logit_bias" not in sd:
+        warn("warning: the run has no logit bias (a softmax loss): the SiglipModel's logit_bias is written as 0")
+    # SigLIP's text tower pools the last position: its tokenizer must pad to exactly the run's context length
+    tok = _save_tokenizer(recipe, path, max_length=m.text.context_length)
+    if tok is not None and tok.pad_token_id is not None:
+        kwargs["text_config"]["pad_token_id"] = int(tok.pad_token_id)
+    hf = SiglipModel(SiglipConfig(**kwargs))
+    result = hf.load_state_dict(adapters.to_hf_siglip(sd), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:  # the adapter and transformers disagree: a bug, not a user error
+        raise RuntimeError(f"SiglipModel state dict mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+    hf.save_pretrained(path)
+    s = m.vision.image_size
+    SiglipImageProcessor(size={"height": s, "width": s}, resample=2,  # bilinear
+                         image_mean=list(m.vision.mean), image_std=list(m.vision.std)).save_pretrained(path)
 
 
 def _write_open_clip(sd: dict, recipe: Recipe, path: Path, warn) -> None:

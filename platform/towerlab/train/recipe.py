@@ -97,9 +97,18 @@ def validate(r: Recipe) -> None:
     for tower, c in (("vision", r.model.vision), ("text", r.model.text)):
         if c.act not in ACTIVATIONS:
             raise ConfigError(f"model.{tower}.act={c.act!r}: use one of {', '.join(ACTIVATIONS)}")
-    if r.model.text.pool not in ("auto", "last", "eos", "argmax"):
-        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use auto, last, eos or argmax")
+    if r.model.text.pool not in ("auto", "last", "eos", "argmax", "end"):
+        raise ConfigError(f"model.text.pool={r.model.text.pool!r}: use auto, last, eos, argmax or end")
     v = r.model.vision
+    if v.pool not in ("token", "map"):
+        raise ConfigError(f"model.vision.pool={v.pool!r}: use token (the class token) or map (an attention-pooling "
+                          "head)")
+    if v.pool == "token" and not v.class_token:
+        raise ConfigError("model.vision.pool=token with model.vision.class_token=false: there is no class token to "
+                          "pool; set pool=map or class_token=true")
+    if not v.proj and not v.pretrained and v.width != r.model.embed_dim:
+        raise ConfigError(f"model.vision.proj=false: the pooled vector is the embedding, so model.embed_dim="
+                          f"{r.model.embed_dim} must equal model.vision.width={v.width}")
     if len(v.mean) != v.channels or len(v.std) != v.channels or min(v.std) <= 0:
         raise ConfigError(f"model.vision.mean/std: one value per channel ({v.channels}), std > 0")
     if v.patch_dropout and v.pretrained:

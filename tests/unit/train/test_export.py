@@ -1,5 +1,5 @@
-"""Export round trips, each read back by an implementation towerlab did not write: transformers' CLIPModel (and its
-tokenizer and image processor) for --format hf, OpenCLIP's own CLIP class for --format open_clip; embeddings equal
+"""Export round trips, each read back by an implementation towerlab did not write: transformers' CLIPModel, or
+SiglipModel for SigLIP-shaped towers (and its tokenizer and image processor) for --format hf, OpenCLIP's own CLIP class for --format open_clip; embeddings equal
 towerlab's within 1e-5 in fp32. Then the refusals, one line each, and the command on a checkpoint directory."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from towerlab.train.export import EXPORT_FILE, export_model
 from towerlab.train.module import build_module
 from towerlab.train.recipe import load_recipe
 
-from clip_testing import MEAN, features, open_clip_model, save_clip
+from clip_testing import MEAN, SIGLIP_CONTEXT, features, open_clip_model, save_clip, save_siglip
 
 TEXTS = ["a photo of the digit seven", "three", "the the digit of a photo x"]
 
@@ -320,3 +320,92 @@ def test_best_metric_must_be_one_the_recipe_logs():
         "eval/retrieval/recall_at_1_i2t"
     assert best_metric(load_recipe(None, [])) == "eval/zeroshot/top1"  # the first zeroshot evaluator's
     assert best_metric(load_recipe(None, ["evals={}"])) is None
+
+
+SIGLIP_TOWERS = ["model.vision.pool=map", "model.vision.class_token=false", "model.vision.ln_pre=false",
+                 "model.vision.patch_bias=true", "model.vision.proj=false", "model.text.causal=false",
+                 "model.text.pool=end", "model.text.proj_bias=true"]
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("siglip")
+    save_siglip(path)
+    return path
+
+
+def test_siglip_export_loads_in_transformers_with_equal_embeddings(siglip_dir, tmp_path):
+    from transformers import AutoTokenizer, SiglipImageProcessor, SiglipModel
+
+    recipe = load_recipe(None, [f"model.pretrained=hf:{siglip_dir}", "loss.name=siglip"])
+    model = trained(recipe)
+    warnings: list[str] = []
+    out = export_model(model, recipe, "hf", tmp_path / "hf", warn=warnings.append)
+    assert warnings == []
+    assert json.loads((out / "config.json").read_text())["model_type"] == "siglip"
+    hf = SiglipModel.from_pretrained(out).eval()
+    # the exported tokenizer pads as SigLIP's processor asks (padding="max_length") to the run's context length
+    tokens = torch.from_numpy(AutoTokenizer.from_pretrained(out)(TEXTS, padding="max_length",
+                                                                 return_tensors="np")["input_ids"])
+    ours = HFTokenizer(f"hf:{siglip_dir}", recipe.model.text.context_length).encode_batch(TEXTS)
+    assert tokens.shape == (3, SIGLIP_CONTEXT) and tokens.numpy().tolist() == ours.tolist()
+    x = images(recipe)
+    with torch.no_grad():
+        torch.testing.assert_close(features(hf.get_image_features(pixel_values=x)), model.towers["image"](x),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(features(hf.get_text_features(input_ids=tokens)), model.towers["text"](tokens),
+                                   atol=1e-5, rtol=0)
+    assert hf.logit_scale.item() == pytest.approx(model.logit_scale.item())
+    assert hf.logit_bias.item() == pytest.approx(model.logit_bias.item())
+    proc = SiglipImageProcessor.from_pretrained(out)
+    assert proc.image_mean == pytest.approx(MEAN) and proc.size == {"height": 16, "width": 16}
+    # and back: the export imports into towerlab with the same weights, bias included
+    back = load_recipe(None, [f"model.pretrained=hf:{out}", "loss.name=siglip"])
+    again = ContrastiveModel(back.model, bias_init=back.loss.bias_init)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_towerlab_siglip_towers_map_onto_siglipmodel(act):
+    """towerlab's own towers in SigLIP's shape (random init, no import) through the hf adapter."""
+    from transformers import SiglipConfig, SiglipModel
+
+    recipe = load_recipe(None, SIGLIP_TOWERS + [f"model.vision.act={act}", f"model.text.act={act}",
+                                                "model.vision.width=32", "model.embed_dim=32",
+                                                "model.vision.ln_eps=1e-6"])
+    model = trained(recipe)
+    hf = SiglipModel(SiglipConfig(**adapters.hf_siglip_config_dict(recipe.model))).eval()
+    hf.load_state_dict(adapters.to_hf_siglip(model.state_dict()), strict=True)
+    assert hf.logit_bias.item() == 0.0  # a softmax-loss model has none
+    t = recipe.model.text
+    tokens = torch.randint(1, t.vocab_size, (4, t.context_length), generator=torch.Generator().manual_seed(2))
+    x = images(recipe, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(features(hf.get_image_features(pixel_values=x)), model.towers["image"](x),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(features(hf.get_text_features(input_ids=tokens)), model.towers["text"](tokens),
+                                   atol=1e-5, rtol=0)
+
+
+def test_siglip_towers_refusals_are_one_line(siglip_dir):
+    from towerlab.train.export import check_exportable
+
+    recipe = load_recipe(None, [f"model.pretrained=hf:{siglip_dir}"])
+    with pytest.raises(ConfigError, match=r"model\.vision\.pool=map: SigLIP-shaped towers have no OpenCLIP CLIP "
+                                          r"layout .*--format hf") as e:
+        check_exportable(recipe, "open_clip")
+    assert "\n" not in str(e.value)
+    half = load_recipe(None, [k for k in SIGLIP_TOWERS if "causal" not in k] + ["model.vision.width=32",
+                                                                                "model.embed_dim=32"])
+    with pytest.raises(ConfigError, match=r"model\.text\.causal=true: transformers' SiglipModel needs false") as e:
+        adapters.hf_siglip_config_dict(half.model)
+    assert "\n" not in str(e.value)
+    clip_end = load_recipe(None, ["model.text.pool=end"])
+    with pytest.raises(ConfigError, match=r"model\.text\.pool=end: transformers' CLIPModel pools at the first"):
+        adapters.hf_config_dict(clip_end.model)
+    bidirectional = load_recipe(None, ["model.text.causal=false", "model.text.pool=eos", "model.text.eos_id=3"])
+    with pytest.raises(ConfigError, match=r"model\.text\.causal=false: transformers' CLIPModel needs true"):
+        adapters.hf_config_dict(bidirectional.model)
+    with pytest.raises(ConfigError, match=r"model\.text\.causal=false: OpenCLIP's CLIP needs true"):
+        adapters.open_clip_config(bidirectional.model)
