@@ -176,7 +176,7 @@ def activation_bytes(recipe: Recipe, micro_batch: int, checkpointed: bool) -> fl
     bytes_per = 2 if precision(recipe) == "bf16" else 4
     total = 0.0
     v, t = recipe.model.vision, recipe.model.text
-    for seq, c in (((v.image_size // v.patch_size) ** 2 + 1, v), (t.context_length, t)):
+    for seq, c in (((v.image_size // v.patch_size) ** 2 + int(v.class_token), v), (t.context_length, t)):
         block = seq * c.width * (8 + 2 * c.mlp_ratio) + c.heads * seq * seq
         total += (c.layers * seq * c.width + block) if checkpointed else c.layers * block
     return total * micro_batch * bytes_per
