@@ -150,7 +150,8 @@ def test_corrupt_shard_named_or_skipped(repo_root, tmp_path, make_image_folder, 
     others = {p: p.read_bytes() for p in data.rglob("*.tar") if p != bad}
     client = MlflowClient(mlflow_server)
     common = [str(repo_root / "recipes" / "debug.yaml"), "data.source=webdataset", f"data.path={data}",
-              "data.global_batch=16", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4", "eval.every=100000"]
+              "data.global_batch=16", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4",
+              "eval.every=100000"]
     flags = ["--no-progress", "--tracking-uri", mlflow_server]
 
     failed = run_cli(["train", *common, "name=badshard", *flags], cwd=tmp_path, timeout=600)

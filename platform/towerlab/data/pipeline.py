@@ -169,10 +169,11 @@ def read_train_tables(manifest: Manifest, bad_shards: str = "error") -> list:
         except Exception as e:  # noqa: BLE001: tarfile, pyarrow, json and OS errors all mean "cannot read it"
             lines = str(e).strip().splitlines()
             problem = f"cannot be read ({type(e).__name__}: {(lines[-1] if lines else '')[:200]})"
+            shown = manifest.loc.name(entry["file"])
             if bad_shards != "skip":
-                raise ConfigError(f"shard {manifest.loc.name(entry['file'])} {problem}: restore it (download or prepare the dataset again), "
+                raise ConfigError(f"shard {shown} {problem}: restore it (download or prepare the dataset again), "
                                   "or set data.bad_shards=skip to train without it") from None
-            print(f"warning: skipping shard {manifest.loc.name(entry['file'])} ({entry['rows']} rows): {problem} (data.bad_shards=skip)",
+            print(f"warning: skipping shard {shown} ({entry['rows']} rows): {problem} (data.bad_shards=skip)",
                   file=sys.stderr)
             manifest.skip("train", entry, problem)
     if not tables:
