@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from towerlab.config.errors import ConfigError
 from towerlab.config.schema import AugmentConfig, Recipe
 from towerlab.data.formats import read_rows, read_table, wds_row
 from towerlab.data.shards import Manifest
@@ -154,6 +156,32 @@ def _split_bytes(manifest: Manifest, split: str) -> int:
     return sum(os.path.getsize(f) for f in manifest.files(split) if os.path.exists(f))
 
 
+def read_train_tables(manifest: Manifest, bad_shards: str = "error") -> list:
+    """Every training shard as an Arrow table, read here on the driver (small datasets). Shards are not hashed at
+    launch unless data.verify_shards is on, so a truncated or overwritten shard shows up here: with
+    bad_shards="error" it is one ConfigError naming it and the fix; with "skip" it is left out with a warning, and
+    recorded in the manifest (`Manifest.skip`) like a shard that failed verification."""
+    fs, fmt = manifest.loc.fs, manifest.shard_format
+    tables = []
+    for entry, path in zip(list(manifest.data["splits"]["train"]), manifest.files("train")):
+        try:
+            tables.append(read_table(fs, path, fmt, manifest.columns))
+        except Exception as e:  # noqa: BLE001: tarfile, pyarrow, json and OS errors all mean "cannot read it"
+            lines = str(e).strip().splitlines()
+            problem = f"cannot be read ({type(e).__name__}: {(lines[-1] if lines else '')[:200]})"
+            shown = manifest.loc.name(entry["file"])
+            if bad_shards != "skip":
+                raise ConfigError(f"shard {shown} {problem}: restore it (download or prepare the dataset again), "
+                                  "or set data.bad_shards=skip to train without it") from None
+            print(f"warning: skipping shard {shown} ({entry['rows']} rows): {problem} (data.bad_shards=skip)",
+                  file=sys.stderr)
+            manifest.skip("train", entry, problem)
+    if not tables:
+        raise ConfigError(f"no training shard of {manifest.uri} can be read: restore them, or prepare the dataset "
+                          "again")
+    return tables
+
+
 def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 1):
     """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
     import ray.data
@@ -164,8 +192,7 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
 
         ds = read_train(manifest, recipe.data, recipe.seed)
     elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
-        fs, fmt = manifest.loc.fs, manifest.shard_format
-        ds = ray.data.from_arrow([read_table(fs, f, fmt, manifest.columns) for f in manifest.files("train")])
+        ds = ray.data.from_arrow(read_train_tables(manifest, recipe.data.bad_shards))
     else:
         ds = read_split(manifest, "train")
     # tasks, at most preprocess_concurrency at once (Ray 2.51 deprecated map_batches' `concurrency` for this)

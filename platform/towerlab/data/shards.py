@@ -102,6 +102,13 @@ class Manifest:
         """Shards towerlab did not write (img2dataset, Hugging Face Parquet), listed in place (data/foreign.py)."""
         return bool(self.data.get("foreign"))
 
+    def skip(self, split: str, entry: dict, problem: str) -> None:
+        """Leave shard `entry` of `split` out (data.bad_shards=skip): its rows leave the counts, and `skipped`
+        says which shard and why."""
+        self.data["splits"][split] = [e for e in self.data["splits"][split] if e is not entry]
+        self.data["counts"][split] -= entry["rows"]
+        self.data.setdefault("skipped", []).append({"file": entry["file"], "rows": entry["rows"], "problem": problem})
+
     def count(self, split: str) -> int:
         return self.counts[split]
 

@@ -150,6 +150,13 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else ""
 
 
+def _say(line: str) -> None:
+    """One line on this worker's stderr. Not print(): Ray Train patches print on its workers and, because Ray also
+    replaced sys.stderr, writes each printed line twice (to the stream and through its logger)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 MAX_BUFFERED = 100_000  # metric points kept while the store is down (a few MB)
 RETRY_AFTER_S = 120.0
 
@@ -187,15 +194,14 @@ class WorkerRun(MlflowRun):
         except Exception as e:  # noqa: BLE001: an outage must not end training; it is said below
             if self.down_since is None:
                 self.down_since = time.time()
-                print(f"warning: MLflow did not take rank 0's metrics ({type(e).__name__}: {_last_line(e)[:200]}); "
-                      f"buffering up to {self.max_buffered} points, next try in {self.retry_after:g} s",
-                      file=sys.stderr)
+                _say(f"warning: MLflow did not take rank 0's metrics ({type(e).__name__}: {_last_line(e)[:200]}); "
+                     f"buffering up to {self.max_buffered} points, next try in {self.retry_after:g} s")
             self._next_try = time.monotonic() + self.retry_after
             return False
         if self.down_since is not None:
             outage = f"{time.time() - self.down_since:.0f} s"
-            print(f"MLflow answers again after {outage}: buffered metrics sent"
-                  + (f", {self.dropped} oldest points dropped" if self.dropped else ""), file=sys.stderr)
+            _say(f"MLflow answers again after {outage}: buffered metrics sent"
+                 + (f", {self.dropped} oldest points dropped" if self.dropped else ""))
             if self.dropped:
                 self.client.set_tag(self.run_id, "towerlab.metrics_dropped", str(self.dropped))
             self.down_since = None

@@ -11,12 +11,15 @@ directory, resolved from the current directory as training did).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -202,19 +205,68 @@ def load_model(checkpoint: Path, recipe: Recipe) -> tuple[ContrastiveModel, int]
     return module.model, int(states.get("step", 0))
 
 
-def save_checkpoint(engine, recipe: Recipe, rank: int, client_state: dict, report) -> None:
-    """Every rank writes its own ZeRO shard into a temporary directory; `report(ray.train.Checkpoint)` hands it to
-    Ray Train, which gathers all ranks' files into one checkpoint. Rank 0 adds the recipe, so `towerlab eval
-    CHECKPOINT` needs nothing else."""
+def checkpoint_dir_name() -> str:
+    """A new checkpoint's directory name, as Ray Train names it (checkpoint_<timestamp>: name order is time order)."""
+    return f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether `e` is a write into a full filesystem (pyarrow's copy raises it with the errno only in its text)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "no space left" in str(e).lower()
+
+
+def _worst_over_ranks(value: int) -> int:
+    """The largest `value` over the ranks of the training group (this rank's alone outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def save_checkpoint(engine, recipe: Recipe, rank: int, client_state: dict, report, storage=None) -> None:
+    """Every rank writes its own ZeRO shard into a temporary directory; `report(ray.train.Checkpoint, name)` hands
+    it to Ray Train, which copies all ranks' files into <storage>/<name>/. Rank 0 adds the recipe, so `towerlab eval
+    CHECKPOINT` needs nothing else.
+
+    A copy that fails on any rank (a full disk) leaves a partial directory that Ray Train never registers but that
+    looks like the newest checkpoint to anyone listing the run directory: once every rank is done with its copy,
+    rank 0 (whose name Ray Train uses) deletes it (`storage`: Ray Train's StorageContext), and every rank raises; a
+    full disk as one OSError naming the storage path and the fixes."""
     from ray.train import Checkpoint
 
     tmp = tempfile.mkdtemp(prefix="towerlab-ckpt-")
+    name = checkpoint_dir_name()
     try:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=client_state)
         if rank == 0:
             with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
                 f.write(redacted_yaml(recipe))  # a checkpoint travels: no credential in it
-        report(Checkpoint.from_directory(tmp))
+        failure: Exception | None = None
+        try:
+            report(Checkpoint.from_directory(tmp), name)
+        except Exception as e:  # noqa: BLE001: every rank first learns how the others' copies went (below)
+            failure = e
+        # 0: copied, 1: failed, 2: failed for lack of space, on the worst rank. After this no rank writes into the
+        # directory any more, so rank 0 can delete what the copies left.
+        outcome = _worst_over_ranks(0 if failure is None else 2 if no_space(failure) else 1)
+        if outcome:
+            where = storage.build_checkpoint_path_from_name(name) if storage is not None else None
+            if rank == 0 and where is not None:
+                with contextlib.suppress(Exception):
+                    storage.storage_filesystem.delete_dir(where)
+            if outcome == 2:
+                place = os.path.dirname(where) if where else recipe.train.storage_path
+                raise OSError(errno.ENOSPC, f"no space left on device writing a checkpoint to {place} "
+                              f"(train.storage_path={recipe.train.storage_path}); earlier checkpoints are intact: "
+                              "free space there, set train.storage_path to a larger disk, or keep fewer "
+                              f"checkpoints (train.keep_checkpoints={recipe.train.keep_checkpoints})") from None
+            if failure is not None:
+                raise failure
+            raise RuntimeError("the checkpoint could not be written by another worker (its error says why); "
+                               "its partial directory was deleted")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -148,6 +148,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             datasets={"train": train_dataset(recipe, manifest, captions_per_image(recipe))},
             dataset_config=data_config,
         )
+        if manifest.skipped:  # shards found unreadable while building the dataset (data.bad_shards=skip)
+            run.set_tags({T.DATA_SKIPPED_SHARDS: ",".join(x["file"] for x in manifest.skipped)})
         result = trainer.fit()
         summary.metrics = dict(result.metrics or {})
         if recipe.train.export_fp32 and result.checkpoint is not None:

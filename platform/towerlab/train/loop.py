@@ -118,7 +118,9 @@ def train_loop_per_worker(config: dict) -> None:
                 run.log_metrics(metrics, step)
             if step % recipe.train.checkpoint_every == 0 or last:
                 save_checkpoint(engine, recipe, rank, {"step": step, "epoch": epoch, "batch": consumed},
-                                lambda ckpt: ray.train.report({"step": step, **metrics}, checkpoint=ckpt))
+                                lambda ckpt, name: ray.train.report({"step": step, **metrics}, checkpoint=ckpt,
+                                                                    checkpoint_dir_name=name),
+                                storage=ctx.get_storage())
             elif metrics:
                 ray.train.report({"step": step, **metrics})
             if metrics:

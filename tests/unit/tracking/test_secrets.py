@@ -106,6 +106,6 @@ def test_checkpoint_recipe_copy_is_redacted():
 
     copies = []
     recipe = load_recipe(None, [f"tracking.uri=http://alice:{PASSWORD}@mlflow.example:5000"])
-    save_checkpoint(Engine(), recipe, 0, {}, lambda ckpt: copies.append(Path(ckpt.path, RECIPE_FILE).read_text()))
+    save_checkpoint(Engine(), recipe, 0, {}, lambda ckpt, name: copies.append(Path(ckpt.path, RECIPE_FILE).read_text()))
     assert len(copies) == 1 and PASSWORD not in copies[0]
     assert yaml.safe_load(copies[0])["tracking"]["uri"] == "http://***@mlflow.example:5000"
