@@ -44,7 +44,8 @@ def _own_mlflow(root: Path, port: int) -> subprocess.Popen:
         return subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as conftest's: no job runner
 
 
 def test_mlflow_server_killed_and_restarted_mid_run(repo_root, tmp_path, ray_cluster):
