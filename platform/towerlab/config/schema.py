@@ -43,6 +43,16 @@ class Mode(StrEnum):
     min = "min"
 
 
+class Layout(StrEnum):
+    """How an evaluator's `data` is laid out on disk (towerlab.eval.benchmarks reads the foreign ones)."""
+
+    auto = "auto"  # recognised from the files
+    towerlab = "towerlab"  # a split of the run's data or a prepared directory (manifest.json)
+    imagefolder = "imagefolder"  # one folder of images per class
+    clip_benchmark = "clip_benchmark"  # CLIP_benchmark's WebDataset export: SPLIT/*.tar, classnames.txt
+    karpathy = "karpathy"  # COCO/Flickr30k Karpathy splits: dataset_*.json and its images
+
+
 @dataclass
 class AugmentConfig:
     """Training-time augmentation of images and captions (evaluation data is never augmented)."""
@@ -339,6 +349,23 @@ class EvaluatorConfig:
     """The K of top-K accuracy / recall@K, each at least 1 (empty: zeroshot [1, 5], retrieval [1, 5, 10])."""
     chunk: int = num(1024, ge=1)
     """Queries per similarity block, at least 1: memory grows as chunk x N, not N x N."""
+    layout: Layout = Layout.auto
+    """How `data` is laid out: towerlab (a split or prepared directory), imagefolder (a folder of images per class,
+    class name = folder name with _ as space), clip_benchmark (CLIP_benchmark's WebDataset export: SPLIT/*.tar with
+    .cls or .txt per image, classnames.txt, zeroshot_classification_templates.txt), karpathy (a
+    dataset_coco.json/dataset_flickr30k.json and its images) or auto (recognised from the files)."""
+    split: str = "test"
+    """The split of a clip_benchmark (its subfolder) or karpathy (the images' `split`) dataset; Karpathy's
+    `restval` counts as train."""
+    classnames: str = ""
+    """Class names of a zeroshot benchmark: a file with one per line, `imagenet` (the ImageNet-1k names shipped with
+    towerlab), or empty (the dataset's classnames.txt, else an imagefolder's folder names)."""
+    templates: str = ""
+    """Prompt templates of a zeroshot benchmark, `{c}` standing for the class name: a file with one per line, `openai`
+    (the CLIP paper's 80 ImageNet templates shipped with towerlab), one template (e.g. `a photo of a {c}.`), or empty
+    (the dataset's zeroshot_classification_templates.txt, else openai)."""
+    images: str = ""
+    """The image directory of a karpathy dataset (empty: beside the JSON, under each image's `filepath`)."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ checkpoints (`towerlab eval`). Each is logged as eval/NAME/METRIC.
 Evaluator types live in the EVALUATORS registry: zeroshot (top-K with prompt ensembling), retrieval (both
 directions, recall@K and median rank) and geometry (modality gap, alignment, uniformity, effective rank, logit
 scale; plus a PNG plot at the end of the run). Evaluation data (a split of the run's data or another prepared
-directory) is read and preprocessed once, when the evaluators are built. Within one evaluation, every embedding
+directory, or a standard benchmark's files: ImageFolder, CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read
+and preprocessed once, when the evaluators are built. Within one evaluation, every embedding
 (images, captions, class prompts) is computed once and shared by all evaluators that use the same data; nothing is
 kept across evaluations, since the weights change.
 
@@ -16,7 +17,7 @@ metrics are computed there as tensors and cross back to the host once per evalua
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,9 @@ from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
+from towerlab.eval.benchmarks import classification_tensors, load_benchmark, resolve_layout
 from towerlab.eval.plot import geometry_plot
+from towerlab.eval.retrieval import recall_tensors_multi
 from towerlab.models import ContrastiveModel
 from towerlab.registry import Registry
 
@@ -47,6 +50,9 @@ class EvalData:
     groups: torch.Tensor  # one id per distinct caption: retrieval hits
     prompts: torch.Tensor  # tokenized class prompts, class-major
     prompts_per_class: int
+    layout: str = "towerlab"  # a foreign layout (eval/benchmarks.py) adds mean_per_class_recall
+    text_image: torch.Tensor | None = None  # several captions per image: caption j belongs to image text_image[j]
+    classnames: list[str] = field(default_factory=list)
 
 
 class Embedder:
@@ -71,6 +77,9 @@ def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: Contr
     if not data.prompts_per_class:  # captioned images without labels: nothing to classify
         return {}
     classes = class_embeddings(embed(data, "prompts"), data.prompts_per_class)
+    if data.layout != "towerlab":  # a standard benchmark: also mean_per_class_recall, as CLIP_benchmark reports
+        return classification_tensors(embed(data, "image"), classes, data.labels,
+                                      tuple(cfg.ks or DEFAULT_KS["zeroshot"]), cfg.chunk)
     return topk_tensors(embed(data, "image"), classes, data.labels, tuple(cfg.ks or DEFAULT_KS["zeroshot"]),
                          cfg.chunk)
 
@@ -78,6 +87,9 @@ def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: Contr
 @EVALUATORS.register("retrieval")
 def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Image->text and text->image retrieval: recall@K and median rank."""
+    if data.text_image is not None:
+        return recall_tensors_multi(embed(data, "image"), embed(data, "text"), data.text_image,
+                                    tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
     return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups,
                        tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
 
@@ -134,6 +146,14 @@ class Evaluators:
         loaded: dict[tuple, EvalData] = {}
         self.data: dict[str, EvalData] = {}
         for name, cfg in self.specs.items():
+            layout = resolve_layout(cfg.layout, cfg.data, manifest.splits)
+            if layout != "towerlab":  # a standard benchmark's files (eval/benchmarks.py)
+                key = (layout, cfg.data, cfg.split, cfg.max_samples, cfg.type, cfg.classnames, cfg.templates,
+                       cfg.images)
+                if key not in loaded:
+                    loaded[key] = EvalData(**load_benchmark(name, cfg, layout, pre))
+                self.data[name] = loaded[key]
+                continue
             key = (cfg.data, cfg.max_samples)
             if key not in loaded:
                 loaded[key] = load_eval_data(cfg.data, manifest, pre, cfg.max_samples)
