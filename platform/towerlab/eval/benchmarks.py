@@ -318,3 +318,21 @@ def clip_benchmark_result(dataset: str, model: str, pretrained: str, type_: str,
         return None
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": out,
             "language": "en"}
+
+
+def write_results(out_dir: str | Path, recipe, metrics: dict[str, float], model: str, pretrained: str) -> list[Path]:
+    """One CLIP_benchmark result JSON per evaluator with a CLIP_benchmark task: OUT_DIR/NAME.json, the dataset
+    being the evaluator's name (the files of one `towerlab eval` go to one folder, as CLIP_benchmark's
+    --output "{dataset}.json" does)."""
+    from towerlab.util import atomic_write
+
+    out, written = Path(out_dir).expanduser(), []
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cfg in recipe.evals.items():
+        prefix = f"eval/{name}/"
+        own = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        result = clip_benchmark_result(name, model, pretrained, cfg.type, own) if own else None
+        if result is not None:
+            atomic_write(out / f"{name}.json", json.dumps(result, indent=1))
+            written.append(out / f"{name}.json")
+    return written
