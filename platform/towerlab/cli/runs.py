@@ -286,7 +286,7 @@ def register(sub) -> None:
     e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
     e.add_argument("--results", metavar="DIR", help="also write each zeroshot/retrieval evaluator's metrics as a "
-                                                    "CLIP_benchmark result JSON, DIR/NAME.json")
+                                                    "CLIP_benchmark result JSON, DIR/NAME.json (also linear_probe)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a checkpoint as a transformers CLIPModel (hf) or OpenCLIP directory")

@@ -338,7 +338,8 @@ class EvaluatorConfig:
     """One entry of the recipe's `evals: {NAME: {...}}`; logged as eval/NAME/METRIC."""
 
     type: str = "zeroshot"
-    """Evaluator: zeroshot, retrieval or geometry (the names registered in towerlab.train.evaluate.EVALUATORS)."""
+    """Evaluator: zeroshot, retrieval, geometry or linear_probe (the names registered in
+    towerlab.train.evaluate.EVALUATORS)."""
     every: Optional[int] = num(None, ge=1)
     """Optimizer steps between runs of this evaluator, at least 1 (null: eval.every); it always runs at the end."""
     data: str = "heldout"
@@ -366,6 +367,13 @@ class EvaluatorConfig:
     (the dataset's zeroshot_classification_templates.txt, else openai)."""
     images: str = ""
     """The image directory of a karpathy dataset (empty: beside the JSON, under each image's `filepath`)."""
+    train_split: str = "train"
+    """The split a linear_probe fits on (`split`, or the `data` split of towerlab data, is scored): a clip_benchmark
+    subfolder, an imagefolder's subfolder (DATA/TRAIN_SPLIT/CLASS/...; the test images in DATA/SPLIT/CLASS/...), or a
+    split of the run's data (e.g. train)."""
+    probe_heldout: float = num(0.2, gt=0, lt=1)
+    """Share of the linear_probe's train images held out to choose the regularisation C, in (0, 1); the probe is then
+    refit on all of them."""
 
 
 @dataclass

@@ -220,20 +220,16 @@ def prompts(classnames: list[str], templates: list[str]) -> list[str]:
 
 
 def load_benchmark(name: str, cfg, layout: str, pre) -> dict[str, Any]:
-    """The EvalData fields of evaluator `name` (an EvaluatorConfig) on a foreign layout."""
-    from towerlab.data.images import decode
-
+    """The EvalData fields of evaluator `name` (an EvaluatorConfig) on a foreign layout (a linear probe's `train`:
+    the fields of its train split)."""
     where, spec = f"evals.{name}", Path(cfg.data).expanduser()
     if layout not in FOREIGN:
         raise ConfigError(f"{where}.layout: '{layout}' is not a benchmark layout ({', '.join(FOREIGN)})")
     if not spec.exists():
         raise ConfigError(f"{where}.data: {spec} does not exist")
-    if layout == "imagefolder":
-        s = imagefolder(spec, cfg.max_samples)
-    elif layout == "clip_benchmark":
-        s = clip_benchmark(spec, cfg.split, cfg.max_samples)
-    else:
-        s = karpathy(spec, cfg.split, cfg.images, cfg.max_samples)
+    if cfg.type == "linear_probe":
+        return linear_probe_data(name, cfg, layout, spec, pre)
+    s = read_samples(layout, spec, cfg.split, cfg)
     out: dict[str, Any] = {"key": f"{layout}:{spec}:{cfg.split}:{cfg.max_samples}:{cfg.type}:{cfg.classnames}:"
                                   f"{cfg.templates}", "layout": layout, "classnames": []}
     if cfg.type == "zeroshot":
@@ -259,17 +255,64 @@ def load_benchmark(name: str, cfg, layout: str, pre) -> dict[str, Any]:
                 "text": torch.from_numpy(pre.tokenizer.encode_batch(flat)), "text_image": torch.tensor(text_image),
                 "groups": torch.arange(len(s.images))}
     else:
-        raise ConfigError(f"{where}.type: {cfg.type} reads towerlab data only; on {layout} data use zeroshot or "
-                          "retrieval")
-    images = []
-    for i, data in enumerate(s.images):
-        try:
-            images.append(decode(data, pre.image_size, None, None, pre.mean, pre.std))
-        except Exception as e:  # PIL raises many types for undecodable bytes
-            raise ConfigError(f"{where}: image {i} of {spec} does not decode ({type(e).__name__}: {e}): fix or "
-                              "remove it") from None
-    out["image"] = torch.from_numpy(np.stack(images))
+        raise ConfigError(f"{where}.type: {cfg.type} reads towerlab data only; on {layout} data use zeroshot, "
+                          "retrieval or linear_probe")
+    out["image"] = pixels(s.images, pre, f"{where}: {spec}")
     return out
+
+
+def read_samples(layout: str, spec: Path, split: str, cfg) -> Samples:
+    if layout == "imagefolder":
+        return imagefolder(spec, cfg.max_samples)
+    if layout == "clip_benchmark":
+        return clip_benchmark(spec, split, cfg.max_samples)
+    return karpathy(spec, split, cfg.images, cfg.max_samples)
+
+
+def pixels(images: list[bytes], pre, where: str) -> torch.Tensor:
+    """The run's eval preprocessing of encoded images: [N, 3, S, S]."""
+    from towerlab.data.images import decode
+
+    out = []
+    for i, data in enumerate(images):
+        try:
+            out.append(decode(data, pre.image_size, None, None, pre.mean, pre.std))
+        except Exception as e:  # PIL raises many types for undecodable bytes
+            raise ConfigError(f"{where}: image {i} does not decode ({type(e).__name__}: {e}): fix or remove it") \
+                from None
+    return torch.from_numpy(np.stack(out))
+
+
+def linear_probe_data(name: str, cfg, layout: str, spec: Path, pre) -> dict[str, Any]:
+    """A linear probe's test (`split`) and train (`train_split`) images with their class indices; an imagefolder
+    holds one class-folder tree per split (DATA/SPLIT/CLASS/...)."""
+    where = f"evals.{name}"
+    if layout == "karpathy":
+        raise ConfigError(f"{where}: a linear_probe needs class labels; {spec} is a caption set (karpathy): use an "
+                          "imagefolder or clip_benchmark dataset")
+    parts = {}
+    for role, split in (("test", cfg.split), ("train", cfg.train_split)):
+        if layout == "imagefolder":
+            if not (spec / split).is_dir():
+                raise ConfigError(f"{where}: a linear_probe on an imagefolder reads {spec / split}/CLASS/..., which "
+                                  f"does not exist: set split/train_split to the subfolders of {spec}")
+            parts[role] = imagefolder(spec / split, cfg.max_samples)
+        else:
+            parts[role] = clip_benchmark(spec, split, cfg.max_samples)
+        if not parts[role].labels:
+            raise ConfigError(f"{where}: {spec} split '{split}' has no class labels (.cls): a linear_probe needs them")
+    test, train = parts["test"], parts["train"]
+    if layout == "imagefolder" and test.classnames != train.classnames:
+        raise ConfigError(f"{where}: the class folders of {spec / cfg.split} and {spec / cfg.train_split} differ: "
+                          "both splits need the same classes")
+    common = {"text": torch.zeros(0, 0, dtype=torch.long), "groups": torch.zeros(0, dtype=torch.long),
+              "prompts": torch.zeros(0, 0, dtype=torch.long), "prompts_per_class": 0, "layout": layout,
+              "classnames": test.classnames or []}
+    key = f"{layout}:{spec}:{cfg.max_samples}"
+    return common | {"key": f"{key}:{cfg.split}", "image": pixels(test.images, pre, f"{where}: {spec}"),
+                     "labels": torch.tensor(test.labels),
+                     "train": common | {"key": f"{key}:{cfg.train_split}", "labels": torch.tensor(train.labels),
+                                        "image": pixels(train.images, pre, f"{where}: {spec}")}}
 
 
 def classification_tensors(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor,

@@ -2,12 +2,12 @@
 checkpoints (`towerlab eval`). Each is logged as eval/NAME/METRIC.
 
 Evaluator types live in the EVALUATORS registry: zeroshot (top-K with prompt ensembling), retrieval (both
-directions, recall@K and median rank) and geometry (modality gap, alignment, uniformity, effective rank, logit
-scale; plus a PNG plot at the end of the run). Evaluation data (a split of the run's data or another prepared
-directory, or a standard benchmark's files: ImageFolder, CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read
-and preprocessed once, when the evaluators are built. Within one evaluation, every embedding
-(images, captions, class prompts) is computed once and shared by all evaluators that use the same data; nothing is
-kept across evaluations, since the weights change.
+directions, recall@K and median rank), geometry (modality gap, alignment, uniformity, effective rank, logit
+scale; plus a PNG plot at the end of the run) and linear_probe (logistic regression on frozen image features).
+Evaluation data (a split of the run's data, another prepared directory, or a standard benchmark's files: ImageFolder,
+CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read and preprocessed once, when the evaluators are built.
+Within one evaluation, every embedding (images, captions, class prompts) is computed once and shared by all
+evaluators that use the same data; nothing is kept across evaluations, since the weights change.
 
 Every rank runs the due evaluators (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs.
 Evaluation data stays on the host; each chunk moves to the model's device as it is encoded (the model's encode), the
@@ -17,7 +17,7 @@ metrics are computed there as tensors and cross back to the host once per evalua
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
 from towerlab.eval.benchmarks import classification_tensors, load_benchmark, resolve_layout
+from towerlab.eval.linear_probe import linear_probe
 from towerlab.eval.plot import geometry_plot
 from towerlab.eval.retrieval import recall_tensors_multi
 from towerlab.models import ContrastiveModel
@@ -53,6 +54,7 @@ class EvalData:
     layout: str = "towerlab"  # a foreign layout (eval/benchmarks.py) adds mean_per_class_recall
     text_image: torch.Tensor | None = None  # several captions per image: caption j belongs to image text_image[j]
     classnames: list[str] = field(default_factory=list)
+    train: EvalData | None = None  # a linear probe's train split
 
 
 class Embedder:
@@ -92,6 +94,20 @@ def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: Cont
                                     tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
     return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups,
                        tuple(cfg.ks or DEFAULT_KS["retrieval"]), cfg.chunk)
+
+
+@EVALUATORS.register("linear_probe")
+def linear_probe_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder,
+                      model: ContrastiveModel) -> dict[str, torch.Tensor]:
+    """Logistic regression on frozen image features of the train split, scored on the evaluated one."""
+    train = data.train
+    metrics, _ = linear_probe(embed(train, "image").float().cpu().numpy(), train.labels.numpy(),
+                              embed(data, "image").float().cpu().numpy(), data.labels.numpy(),
+                              tuple(cfg.ks or DEFAULT_KS["zeroshot"]), cfg.probe_heldout)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+
+
+linear_probe_eval.metrics = ("top1", "top5", "mean_per_class_recall")  # top{K}: one per ks
 
 
 @EVALUATORS.register("geometry")
@@ -151,13 +167,21 @@ class Evaluators:
                 key = (layout, cfg.data, cfg.split, cfg.max_samples, cfg.type, cfg.classnames, cfg.templates,
                        cfg.images)
                 if key not in loaded:
-                    loaded[key] = EvalData(**load_benchmark(name, cfg, layout, pre))
+                    fields = load_benchmark(name, cfg, layout, pre)
+                    train = fields.pop("train", None)
+                    loaded[key] = EvalData(**fields, train=None if train is None else EvalData(**train))
                 self.data[name] = loaded[key]
                 continue
             key = (cfg.data, cfg.max_samples)
             if key not in loaded:
                 loaded[key] = load_eval_data(cfg.data, manifest, pre, cfg.max_samples)
             self.data[name] = loaded[key]
+            if cfg.type == "linear_probe":  # the run's own splits: fit on train_split, score on data
+                if cfg.train_split not in manifest.splits:
+                    raise ConfigError(f"evals.{name}.train_split: '{cfg.train_split}' is not a split of "
+                                      f"{manifest.root} ({', '.join(manifest.splits)})")
+                self.data[name] = replace(loaded[key], train=load_eval_data(cfg.train_split, manifest, pre,
+                                                                            cfg.max_samples))
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

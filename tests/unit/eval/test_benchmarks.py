@@ -5,7 +5,6 @@ the same model's embeddings, computed here from the files."""
 
 from __future__ import annotations
 
-import io
 import json
 import tomllib
 
@@ -14,57 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-from towerlab.config import ConfigError
-from towerlab.data import read_manifest
-from towerlab.data.pipeline import preprocessor
+from benchmark_testing import (CLASSES, WORDS, encoded, noise_image, one_line_error, reference_pixels,
+                               write_clip_benchmark, write_imagefolder)
 from towerlab.eval.benchmarks import builtin, clip_benchmark_result
 from towerlab.eval.retrieval import recall_tensors_multi
-from towerlab.models import ContrastiveModel
-from towerlab.train.evaluate import Evaluators
 from towerlab.train.recipe import load_recipe
-
-# words of the digits vocabulary (the test model's tokenizer): unknown words would all be <unk>, making classes tie
-CLASSES = ["handwritten_nine", "four", "three", "five", "small_six", "seven"]
-WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "zero", "blurry", "small", "scan"]
-
-
-def noise_image(rng, size=16) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def encoded(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def env(repo_root, digits_dir, monkeypatch):
-    """A recipe builder over the digits vocabulary and a tiny random model."""
-    monkeypatch.chdir(repo_root)
-    manifest = read_manifest(digits_dir)
-
-    def build(evals: dict):
-        recipe = load_recipe("recipes/digits_clip.yaml", [f"data.path={digits_dir}", "model.arch=debug",
-                                                           "eval.batch_size=7", f"evals={json.dumps(evals)}"])
-        pre = preprocessor(recipe, manifest, train=False)
-        return recipe, Evaluators(recipe, manifest, pre), pre
-
-    torch.manual_seed(0)
-    recipe, _, _ = build({})
-    return build, ContrastiveModel(recipe.model, temperature_init=0.05).eval()
-
-
-def reference_pixels(path_or_bytes, recipe) -> np.ndarray:
-    """The eval preprocessing, spelled out: RGB, bilinear resize to the model's size, the model's mean/std, CHW."""
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-    img = Image.open(src).convert("RGB").resize((recipe.model.vision.image_size,) * 2, Image.BILINEAR)
-    x = (np.asarray(img, dtype=np.float32) / 255.0 - np.asarray(recipe.model.vision.mean, dtype=np.float32)) \
-        / np.asarray(recipe.model.vision.std, dtype=np.float32)
-    return x.transpose(2, 0, 1)
 
 
 @torch.no_grad()
@@ -89,19 +44,6 @@ def check(out: dict, name: str, expected: dict):
         assert abs(out[f"eval/{name}/{k}"] - v) < 1e-5, k
 
 
-def write_imagefolder(root, rng, per_class=3):
-    files, labels = [], []
-    for label, c in enumerate(sorted(CLASSES)):  # ImageFolder's class index: sorted folder names
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            fmt = "PNG" if i % 2 else "JPEG"
-            path = root / c / f"img{i}.{fmt.lower().replace('jpeg', 'jpg')}"
-            noise_image(rng).save(path, format=fmt)
-            files.append(path)
-            labels.append(label)
-    return files, np.array(labels)
-
-
 def test_imagefolder_zeroshot_matches_brute_force(env, tmp_path):
     build, model = env
     files, labels = write_imagefolder(tmp_path / "val", np.random.default_rng(0))
@@ -115,21 +57,6 @@ def test_imagefolder_zeroshot_matches_brute_force(env, tmp_path):
     out = ev(model, 1, names=["inet"])
     check(out, "inet", brute_zeroshot(model, pre, pixels, labels, data.classnames,
                                       ["a photo of a {c}.", "a blurry scan of the {c}."]))
-
-
-def write_clip_benchmark(root, rng, labels, fmt="webp", shards=2):
-    (root / "test").mkdir(parents=True)
-    (root / "classnames.txt").write_text("\n".join(c.replace("_", " ") for c in CLASSES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nart of the {c}.\n")
-    per = -(-len(labels) // shards)
-    images = []
-    for s in range(shards):
-        with wds.TarWriter(str(root / "test" / f"{s}.tar")) as w:
-            for i in range(s * per, min(len(labels), (s + 1) * per)):
-                data = encoded(noise_image(rng), fmt.upper())
-                images.append(data)
-                w.write({"__key__": f"s{i:07d}", fmt: data, "cls": int(labels[i])})
-    return images
 
 
 def test_clip_benchmark_zeroshot_matches_brute_force(env, tmp_path):
@@ -262,15 +189,6 @@ def test_clip_benchmark_retrieval_wds(env, tmp_path):
     text_image = np.array([i for i, c in enumerate(caps) for _ in c])
     for k, v in brute_recall(img, txt, text_image, (1, 2)).items():
         assert abs(out[f"eval/flickr/{k}"] - v) < 1e-5, k
-
-
-def one_line_error(build, evals, *patterns):
-    with pytest.raises(ConfigError) as e:
-        build(evals)
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for p in patterns:
-        assert p in msg, (p, msg)
 
 
 def test_layout_errors_name_the_file_and_the_fix(env, tmp_path):
