@@ -218,6 +218,10 @@ def test_layout_errors_name_the_file_and_the_fix(env, tmp_path):
                    "templates", "{c}")
     one_line_error(build, {"z": {"type": "retrieval", "data": str(tmp_path / "a"), "classnames": "imagenet"}},
                    "no captions", "type: zeroshot")
+    one_line_error(build, {"z": {"type": "geometry", "data": str(tmp_path / "a")}}, "evals.z.type",
+                   "use zeroshot, retrieval or linear_probe")
+    one_line_error(build, {"z": {"data": str(tmp_path / "a"), "classnames": str(tmp_path / "none.txt")}},
+                   "evals.z.classnames", "none.txt", "imagenet")
 
 
 def test_towerlab_eval_writes_clip_benchmark_results(tmp_path, digits_dir, monkeypatch):
@@ -268,3 +272,32 @@ def test_checkpoints_take_evaluator_overrides_only(tmp_path, capsys):
     (tmp_path / "r" / "towerlab_run.json").write_text("{}")
     assert main(["eval", str(tmp_path / "r" / "checkpoint_1"), "evals.z.data=x", "data.global_batch=8"]) == 2
     assert "evaluator overrides, evals... and eval.*, apply to both" in capsys.readouterr().err
+
+
+def test_builtin_prompts_have_no_unknown_bpe_token(tmp_path, monkeypatch):
+    """The ImageNet class names and CLIP templates, through CLIP's BPE (model.text.tokenizer: clip_bpe): the
+    tokens spell the whole cleaned prompt back, so nothing was dropped as unknown."""
+    import unicodedata
+
+    from towerlab.data.bpe import ClipBPETokenizer, clean
+    from towerlab.eval.benchmarks import prompts
+
+    monkeypatch.setenv("TOWERLAB_CACHE", str(tmp_path / "cache"))
+    # each class name in the first template, each template around one name: BPE splits words at spaces and
+    # punctuation, so these cover every word of the 80,000 prompts
+    names, templates = list(builtin("imagenet_classnames")), list(builtin("openai_templates"))
+    texts = prompts(names, templates[:1]) + prompts(["goldfish"], templates)
+    assert len(texts) == 1080
+    tok = ClipBPETokenizer(77)
+    # GPT-2's byte -> character table (bytes_to_unicode): printable bytes stand for themselves, the rest in order
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    alphabet = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in
+                                                 enumerate(b for b in range(256) if b not in printable)}
+    bad = []
+    for text, ids in zip(texts, tok.ids(texts)):
+        spelled = "".join(tok._tok.id_to_token(i) for i in ids).replace("</w>", "")
+        want = "".join(alphabet[b] for b in unicodedata.normalize("NFC", clean(text)).replace(" ", "").encode())
+        if spelled != want or not all(0 <= i < tok.vocab_size - 2 for i in ids):
+            bad.append(text)
+    assert not bad, bad[:5]
+    assert max(len(ids) for ids in tok.ids(texts)) + 2 <= 77  # no prompt is truncated at CLIP's context length
