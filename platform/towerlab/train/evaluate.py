@@ -29,7 +29,7 @@ from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
-from towerlab.eval.benchmarks import classification_tensors, load_benchmark, resolve_layout
+from towerlab.eval.benchmarks import classification_tensors, load_benchmark, resolve_layout, write_results
 from towerlab.eval.linear_probe import linear_probe
 from towerlab.eval.plot import geometry_plot
 from towerlab.eval.retrieval import recall_tensors_multi
@@ -108,6 +108,7 @@ def linear_probe_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder,
 
 
 linear_probe_eval.metrics = ("top1", "top5", "mean_per_class_recall")  # top{K}: one per ks
+linear_probe_eval.on_host = True  # scikit-learn fits on host copies of the features
 
 
 @EVALUATORS.register("geometry")
@@ -214,6 +215,16 @@ class Evaluators:
             return out
         finally:
             model.train(was_training)
+
+    def log_results(self, run, model: str, pretrained: str) -> list[str]:
+        """The last evaluation of each zeroshot/retrieval/linear_probe evaluator as a CLIP_benchmark result JSON,
+        logged to `run` under results/ (eval/benchmarks.py write_results)."""
+        latest = {k: points[-1][1] for k, points in self.history.items() if points}
+        with tempfile.TemporaryDirectory(prefix="towerlab-results-") as d:
+            paths = write_results(d, self.recipe, latest, model, pretrained)
+            for path in paths:
+                run.log_artifact(str(path), "results")
+        return [f"results/{p.name}" for p in paths]
 
     def log_plots(self, run, title: str = "") -> list[str]:
         """One geometry PNG per geometry evaluator, logged to `run` (full history from MLflow when resumed)."""

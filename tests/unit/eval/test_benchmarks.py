@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,28 @@ def test_builtin_prompts_have_no_unknown_bpe_token(tmp_path, monkeypatch):
             bad.append(text)
     assert not bad, bad[:5]
     assert max(len(ids) for ids in tok.ids(texts)) + 2 <= 77  # no prompt is truncated at CLIP's context length
+
+
+def test_training_logs_the_last_evaluation_as_clip_benchmark_results(env, tmp_path):
+    build, model = env
+    write_imagefolder(tmp_path / "val", np.random.default_rng(12))
+    _, ev, _ = build({"inet": {"data": str(tmp_path / "val"), "templates": "a {c}."},
+                      "geometry": {"type": "geometry"}})
+    ev(model, 1, last=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    last = ev(model, 2, last=True)
+
+    class Run:
+        logged: dict = {}
+
+        def log_artifact(self, path, artifact_path=None):
+            self.logged[f"{artifact_path}/{Path(path).name}"] = json.loads(Path(path).read_text())
+
+    run = Run()
+    assert ev.log_results(run, model="debug", pretrained="r@step2") == ["results/inet.json"]
+    result = run.logged["results/inet.json"]  # geometry has no CLIP_benchmark task: no file
+    assert (result["dataset"], result["model"], result["pretrained"]) == ("inet", "debug", "r@step2")
+    assert result["metrics"] == {"acc1": last["eval/inet/top1"], "acc5": last["eval/inet/top5"],
+                                 "mean_per_class_recall": last["eval/inet/mean_per_class_recall"]}

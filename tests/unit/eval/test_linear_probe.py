@@ -122,3 +122,9 @@ def test_linear_probe_errors(env, tmp_path):
                    "'training'", "heldout")
     with pytest.raises(Exception, match="probe_heldout"):
         build({"lp": {"type": "linear_probe", "probe_heldout": 1.0}})
+
+
+def test_only_the_linear_probe_computes_on_the_host():
+    from towerlab.train.evaluate import EVALUATORS
+
+    assert [k for k in EVALUATORS.names() if getattr(EVALUATORS.get(k), "on_host", False)] == ["linear_probe"]
