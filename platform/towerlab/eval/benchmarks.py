@@ -71,6 +71,14 @@ def resolve_layout(layout: str, spec: str, splits: Any) -> str:
                       "evaluator's layout: imagefolder|clip_benchmark|karpathy|towerlab")
 
 
+def check_towerlab_keys(name: str, cfg) -> None:
+    """Benchmark keys on towerlab data would be ignored silently: its class prompts were written at prepare time."""
+    for key in ("classnames", "templates", "images"):
+        if getattr(cfg, key):
+            raise ConfigError(f"evals.{name}.{key} applies to benchmark data (imagefolder, clip_benchmark, karpathy); "
+                              f"'{cfg.data}' is towerlab data with its own class prompts: remove {key}")
+
+
 @dataclass
 class Samples:
     """What a layout reader yields: encoded images and, per image, a class index or its captions."""

@@ -29,7 +29,8 @@ from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
-from towerlab.eval.benchmarks import classification_tensors, load_benchmark, resolve_layout, write_results
+from towerlab.eval.benchmarks import (check_towerlab_keys, classification_tensors, load_benchmark, resolve_layout,
+                                     write_results)
 from towerlab.eval.linear_probe import linear_probe
 from towerlab.eval.plot import geometry_plot
 from towerlab.eval.retrieval import recall_tensors_multi
@@ -173,6 +174,7 @@ class Evaluators:
                     loaded[key] = EvalData(**fields, train=None if train is None else EvalData(**train))
                 self.data[name] = loaded[key]
                 continue
+            check_towerlab_keys(name, cfg)
             key = (cfg.data, cfg.max_samples)
             if key not in loaded:
                 loaded[key] = load_eval_data(cfg.data, manifest, pre, cfg.max_samples)

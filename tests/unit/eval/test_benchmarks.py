@@ -219,6 +219,8 @@ def test_layout_errors_name_the_file_and_the_fix(env, tmp_path):
                    "templates", "{c}")
     one_line_error(build, {"z": {"type": "retrieval", "data": str(tmp_path / "a"), "classnames": "imagenet"}},
                    "no captions", "type: zeroshot")
+    one_line_error(build, {"z": {"data": "heldout", "templates": "openai"}}, "evals.z.templates", "heldout",
+                   "remove templates")
     one_line_error(build, {"z": {"type": "geometry", "data": str(tmp_path / "a")}}, "evals.z.type",
                    "use zeroshot, retrieval or linear_probe")
     one_line_error(build, {"z": {"data": str(tmp_path / "a"), "classnames": str(tmp_path / "none.txt")}},
