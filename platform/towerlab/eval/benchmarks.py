@@ -245,6 +245,10 @@ def load_benchmark(name: str, cfg, layout: str, pre) -> dict[str, Any]:
             raise ConfigError(f"{where}: {spec} has no class labels (.cls or class folders): zeroshot needs them; "
                               "use type: retrieval for captioned images")
         names = classnames_of(cfg.classnames, s, where)
+        if layout == "imagefolder" and len(names) != len(s.classnames or []):
+            # folder i is class i: a list of another length (imagenet's 1000 for a subset) would misname them
+            raise ConfigError(f"{where}.classnames: {len(names)} names for the {len(s.classnames or [])} class "
+                              f"folders of {spec}: give one name per folder, in sorted folder order")
         if max(s.labels) >= len(names):
             raise ConfigError(f"{where}: class index {max(s.labels)} but {len(names)} class names: give as many "
                               "class names as classes (classnames: PATH)")

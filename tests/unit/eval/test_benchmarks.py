@@ -205,6 +205,8 @@ def test_layout_errors_name_the_file_and_the_fix(env, tmp_path):
                    "fix the shard or the class names")
 
     write_imagefolder(tmp_path / "c", np.random.default_rng(6), per_class=1)
+    one_line_error(build, {"z": {"data": str(tmp_path / "c"), "classnames": "imagenet"}}, "1000 names for the 6 class",
+                   str(tmp_path / "c"), "one name per folder")
     (tmp_path / "c" / "zebra").mkdir()
     one_line_error(build, {"z": {"data": str(tmp_path / "c")}}, str(tmp_path / "c" / "zebra"),
                    "add its images or remove the folder")
