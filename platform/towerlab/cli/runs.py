@@ -34,11 +34,13 @@ def _uri(flag: str | None) -> str:
 
 
 def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str | None = None,
-                        overrides: list[str] | tuple = ()) -> tuple[dict[str, float], int, str]:
+                        overrides: list[str] | tuple = (),
+                        results: str | None = None) -> tuple[dict[str, float], int, str]:
     """All evaluators of the checkpoint's recipe on its weights: (metrics, step, checkpoint path). A model rather
     than a run (hf:NAME, open_clip:ARCH:FILE, or a directory `towerlab export` or save_pretrained wrote) is
     evaluated untrained, with the data and evaluators of `recipe_path` (default: towerlab's defaults) and
-    `overrides`."""
+    `overrides`. A checkpoint takes evaluator overrides only (evals..., eval.*): its weights fit its recipe.
+    `results`: a directory for one CLIP_benchmark result JSON per zeroshot/retrieval evaluator (NAME.json)."""
     import torch
 
     from towerlab.data.pipeline import preprocessor
@@ -58,23 +60,48 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
         model = ContrastiveModel(recipe.model, temperature_init=lc.temperature_init, bias_init=lc.bias_init).eval()
         step, where = 0, spec
     else:
-        if recipe_path or overrides:
+        if recipe_path or not all(evaluator_override(o) for o in overrides):
             raise ConfigError("--recipe and overrides apply to a model directory (hf:, open_clip:, an export); a "
-                              "checkpoint is evaluated with the recipe it was trained with")
+                              "checkpoint is evaluated with the recipe it was trained with (evaluator overrides, "
+                              "evals... and eval.*, apply to both)")
         uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
         with store_errors(uri or ""):
             t = resolve_target(target, uri)
-        recipe = t.recipe
+        recipe = with_overrides(t.recipe, overrides) if overrides else t.recipe
         model, step = load_model(t.checkpoint, recipe)
         where = str(t.checkpoint)
     manifest = ensure_data(recipe)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     evaluators = Evaluators(recipe, manifest, preprocessor(recipe, manifest, train=False))
-    return evaluators(model, step, names=list(recipe.evals)), step, where
+    metrics = evaluators(model, step, names=list(recipe.evals))
+    if results:
+        from towerlab.eval.benchmarks import write_results
+
+        write_results(results, recipe, metrics, model=spec or recipe.model.arch, pretrained=where)
+    return metrics, step, where
+
+
+def evaluator_override(override: str) -> bool:
+    key = override.split("=", 1)[0].strip()
+    return key == "evals" or key.startswith(("evals.", "eval."))
+
+
+def with_overrides(recipe, overrides):
+    """A recorded recipe with `overrides` applied, through the same loader (and checks) as a recipe file."""
+    import tempfile
+
+    from towerlab.config.load import to_yaml
+    from towerlab.train.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="towerlab-eval-") as d:
+        path = Path(d) / "recipe.yaml"
+        path.write_text(to_yaml(recipe))
+        return load_recipe(path, list(overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    metrics, step, ckpt = evaluate_checkpoint(args.target, args.tracking_uri, args.recipe, args.overrides)
+    metrics, step, ckpt = evaluate_checkpoint(args.target, args.tracking_uri, args.recipe, args.overrides,
+                                              results=args.results)
     table = Table("metric", "value", title=f"{ckpt} (step {step})")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
@@ -253,10 +280,13 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="run a recipe's evaluators on a saved checkpoint, or on a model directory")
     e.add_argument("target", help="MLflow run id, run directory (results/NAME) or checkpoint directory; or a model: "
                                   "hf:NAME, open_clip:ARCH:FILE, a `towerlab export` or save_pretrained directory")
-    e.add_argument("overrides", nargs="*", help="for a model: dotted recipe overrides, e.g. data.source=digits")
+    e.add_argument("overrides", nargs="*", help="for a model: dotted recipe overrides, e.g. data.source=digits; for "
+                                                "a checkpoint too: evaluators, e.g. 'evals={inet: {data: DIR}}'")
     e.add_argument("--recipe", help="for a model: the recipe whose data and evaluators to use (default: defaults)")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (needed for a run id)")
     e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--results", metavar="DIR", help="also write each zeroshot/retrieval evaluator's metrics as a "
+                                                    "CLIP_benchmark result JSON, DIR/NAME.json (also linear_probe)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a checkpoint as a transformers CLIPModel (hf) or OpenCLIP directory")

@@ -43,6 +43,16 @@ class Mode(StrEnum):
     min = "min"
 
 
+class Layout(StrEnum):
+    """How an evaluator's `data` is laid out on disk (towerlab.eval.benchmarks reads the foreign ones)."""
+
+    auto = "auto"  # recognised from the files
+    towerlab = "towerlab"  # a split of the run's data or a prepared directory (manifest.json)
+    imagefolder = "imagefolder"  # one folder of images per class
+    clip_benchmark = "clip_benchmark"  # CLIP_benchmark's WebDataset export: SPLIT/*.tar, classnames.txt
+    karpathy = "karpathy"  # COCO/Flickr30k Karpathy splits: dataset_*.json and its images
+
+
 @dataclass
 class AugmentConfig:
     """Training-time augmentation of images and captions (evaluation data is never augmented)."""
@@ -351,7 +361,8 @@ class EvaluatorConfig:
     """One entry of the recipe's `evals: {NAME: {...}}`; logged as eval/NAME/METRIC."""
 
     type: str = "zeroshot"
-    """Evaluator: zeroshot, retrieval or geometry (the names registered in towerlab.train.evaluate.EVALUATORS)."""
+    """Evaluator: zeroshot, retrieval, geometry or linear_probe (the names registered in
+    towerlab.train.evaluate.EVALUATORS)."""
     every: Optional[int] = num(None, ge=1)
     """Optimizer steps between runs of this evaluator, at least 1 (null: eval.every); it always runs at the end."""
     data: str = "heldout"
@@ -362,6 +373,30 @@ class EvaluatorConfig:
     """The K of top-K accuracy / recall@K, each at least 1 (empty: zeroshot [1, 5], retrieval [1, 5, 10])."""
     chunk: int = num(1024, ge=1)
     """Queries per similarity block, at least 1: memory grows as chunk x N, not N x N."""
+    layout: Layout = Layout.auto
+    """How `data` is laid out: towerlab (a split or prepared directory), imagefolder (a folder of images per class,
+    class name = folder name with _ as space), clip_benchmark (CLIP_benchmark's WebDataset export: SPLIT/*.tar with
+    .cls or .txt per image, classnames.txt, zeroshot_classification_templates.txt), karpathy (a
+    dataset_coco.json/dataset_flickr30k.json and its images) or auto (recognised from the files)."""
+    split: str = "test"
+    """The split of a clip_benchmark (its subfolder) or karpathy (the images' `split`) dataset; Karpathy's
+    `restval` counts as train."""
+    classnames: str = ""
+    """Class names of a zeroshot benchmark: a file with one per line, `imagenet` (the ImageNet-1k names shipped with
+    towerlab), or empty (the dataset's classnames.txt, else an imagefolder's folder names)."""
+    templates: str = ""
+    """Prompt templates of a zeroshot benchmark, `{c}` standing for the class name: a file with one per line, `openai`
+    (the CLIP paper's 80 ImageNet templates shipped with towerlab), one template (e.g. `a photo of a {c}.`), or empty
+    (the dataset's zeroshot_classification_templates.txt, else openai)."""
+    images: str = ""
+    """The image directory of a karpathy dataset (empty: beside the JSON, under each image's `filepath`)."""
+    train_split: str = "train"
+    """The split a linear_probe fits on (`split`, or the `data` split of towerlab data, is scored): a clip_benchmark
+    subfolder, an imagefolder's subfolder (DATA/TRAIN_SPLIT/CLASS/...; the test images in DATA/SPLIT/CLASS/...), or a
+    split of the run's data (e.g. train)."""
+    probe_heldout: float = num(0.2, gt=0, lt=1)
+    """Share of the linear_probe's train images held out to choose the regularisation C, in (0, 1); the probe is then
+    refit on all of them."""
 
 
 @dataclass

@@ -57,6 +57,12 @@ class Preprocessor:
         rows = [captions_of(c, None if extra is None else extra[i]) for i, c in enumerate(batch["caption"])]
         return [t for caps in rows for t in choose(caps, self.k, self.augment, self.rng)]
 
+    def image(self, data: bytes) -> np.ndarray:
+        """One encoded image as the model sees it in evaluation (resized, normalised; no augmentation)."""
+        from towerlab.data.images import decode
+
+        return decode(data, self.image_size, None, None, self.mean, self.std)
+
     def __call__(self, batch: dict) -> dict:
         from towerlab.data.images import decode
 

@@ -46,3 +46,13 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, group
                 ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
     """Row i of both feature matrices is a pair; groups[i] identifies its caption."""
     return as_floats(recall_tensors(image_features, text_features, groups, ks, chunk))
+
+
+def recall_tensors_multi(image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor,
+                         ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """Several captions per image (COCO, Flickr30k): text_image[j] is caption j's image. Image->text counts a hit
+    on any of the image's captions, text->image on the caption's own image; same metric names as recall_tensors."""
+    images = torch.arange(image_features.shape[0])
+    i2t = first_hit_ranks(image_features, text_features, images, text_image, chunk)
+    t2i = first_hit_ranks(text_features, image_features, text_image, images, chunk)
+    return _summary(i2t, tuple(ks), "i2t") | _summary(t2i, tuple(ks), "t2i")

@@ -2,11 +2,12 @@
 checkpoints (`towerlab eval`). Each is logged as eval/NAME/METRIC.
 
 Evaluator types live in the EVALUATORS registry: zeroshot (top-K with prompt ensembling), retrieval (both
-directions, recall@K and median rank) and geometry (modality gap, alignment, uniformity, effective rank, logit
-scale; plus a PNG plot at the end of the run). Evaluation data (a split of the run's data or another prepared
-directory) is read and preprocessed once, when the evaluators are built. Within one evaluation, every embedding
-(images, captions, class prompts) is computed once and shared by all evaluators that use the same data; nothing is
-kept across evaluations, since the weights change.
+directions, recall@K and median rank), geometry (modality gap, alignment, uniformity, effective rank, logit
+scale; plus a PNG plot at the end of the run) and linear_probe (logistic regression on frozen image features).
+Evaluation data (a split of the run's data, another prepared directory, or a standard benchmark's files: ImageFolder,
+CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read and preprocessed once, when the evaluators are built.
+Within one evaluation, every embedding (images, captions, class prompts) is computed once and shared by all
+evaluators that use the same data; nothing is kept across evaluations, since the weights change.
 
 Every rank runs the due evaluators (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs.
 Evaluation data stays on the host; each chunk moves to the model's device as it is encoded (the model's encode), the
@@ -16,7 +17,7 @@ metrics are computed there as tensors and cross back to the host once per evalua
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +29,16 @@ from towerlab.config.schema import EvaluatorConfig
 from towerlab.data import Manifest, read_manifest
 from towerlab.data.pipeline import Preprocessor, split_columns
 from towerlab.eval import as_floats, class_embeddings, geometry_tensors, recall_tensors, topk_tensors
+from towerlab.eval.benchmarks import (check_towerlab_keys, classification_tensors, load_benchmark, resolve_layout,
+                                     write_results)
+from towerlab.eval.linear_probe import linear_probe
 from towerlab.eval.plot import geometry_plot
+from towerlab.eval.retrieval import recall_tensors_multi
 from towerlab.models import ContrastiveModel
 from towerlab.registry import Registry
 
 EVALUATORS: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("evaluator type")
-DEFAULT_KS = {"zeroshot": [1, 5], "retrieval": [1, 5, 10]}
+DEFAULT_KS = {"zeroshot": [1, 5], "retrieval": [1, 5, 10], "linear_probe": [1, 5]}
 
 
 def ks(cfg: EvaluatorConfig) -> tuple[int, ...]:
@@ -69,6 +74,10 @@ class EvalData:
     groups: torch.Tensor  # one id per distinct caption: retrieval hits
     prompts: torch.Tensor  # tokenized class prompts, class-major
     prompts_per_class: int
+    layout: str = "towerlab"  # a foreign layout (eval/benchmarks.py) adds mean_per_class_recall
+    text_image: torch.Tensor | None = None  # several captions per image: caption j belongs to image text_image[j]
+    classnames: list[str] = field(default_factory=list)
+    train: EvalData | None = None  # a linear probe's train split
 
 
 class Embedder:
@@ -87,13 +96,20 @@ class Embedder:
         return self._cache[key]
 
 
+def _benchmark(cfg: EvaluatorConfig) -> bool:
+    """Whether an evaluator reads a standard benchmark's files (not towerlab data, whose splits have manifests)."""
+    return resolve_layout(cfg.layout, cfg.data, ()) != "towerlab"
+
+
 @EVALUATORS.register("zeroshot")
-@declares(lambda cfg: tuple(f"top{k}" for k in ks(cfg)))
+@declares(lambda cfg: tuple(f"top{k}" for k in ks(cfg)) + (("mean_per_class_recall",) if _benchmark(cfg) else ()))
 def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Zero-shot classification: top-K accuracy against prompt-ensembled class embeddings."""
     if not data.prompts_per_class:  # captioned images without labels: nothing to classify
         return {}
     classes = class_embeddings(embed(data, "prompts"), data.prompts_per_class)
+    if data.layout != "towerlab":  # a standard benchmark: also mean_per_class_recall, as CLIP_benchmark reports
+        return classification_tensors(embed(data, "image"), classes, data.labels, ks(cfg), cfg.chunk)
     return topk_tensors(embed(data, "image"), classes, data.labels, ks(cfg), cfg.chunk)
 
 
@@ -102,7 +118,24 @@ def zeroshot(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: Contr
                             for m in (*(f"recall_at_{k}" for k in ks(cfg)), "median_rank")))
 def retrieval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder, model: ContrastiveModel) -> dict[str, torch.Tensor]:
     """Image->text and text->image retrieval: recall@K and median rank."""
+    if data.text_image is not None:
+        return recall_tensors_multi(embed(data, "image"), embed(data, "text"), data.text_image, ks(cfg), cfg.chunk)
     return recall_tensors(embed(data, "image"), embed(data, "text"), data.groups, ks(cfg), cfg.chunk)
+
+
+@EVALUATORS.register("linear_probe")
+@declares(lambda cfg: (*(f"top{k}" for k in ks(cfg)), "mean_per_class_recall"))
+def linear_probe_eval(cfg: EvaluatorConfig, data: EvalData, embed: Embedder,
+                      model: ContrastiveModel) -> dict[str, torch.Tensor]:
+    """Logistic regression on frozen image features of the train split, scored on the evaluated one."""
+    train = data.train
+    metrics, _ = linear_probe(embed(train, "image").float().cpu().numpy(), train.labels.numpy(),
+                              embed(data, "image").float().cpu().numpy(), data.labels.numpy(),
+                              ks(cfg), cfg.probe_heldout)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+
+
+linear_probe_eval.on_host = True  # scikit-learn fits on host copies of the features
 
 
 @EVALUATORS.register("geometry")
@@ -159,10 +192,27 @@ class Evaluators:
         loaded: dict[tuple, EvalData] = {}
         self.data: dict[str, EvalData] = {}
         for name, cfg in self.specs.items():
+            layout = resolve_layout(cfg.layout, cfg.data, manifest.splits)
+            if layout != "towerlab":  # a standard benchmark's files (eval/benchmarks.py)
+                key = (layout, cfg.data, cfg.split, cfg.max_samples, cfg.type, cfg.classnames, cfg.templates,
+                       cfg.images)
+                if key not in loaded:
+                    fields = load_benchmark(name, cfg, layout, pre)
+                    train = fields.pop("train", None)
+                    loaded[key] = EvalData(**fields, train=None if train is None else EvalData(**train))
+                self.data[name] = loaded[key]
+                continue
+            check_towerlab_keys(name, cfg)
             key = (cfg.data, cfg.max_samples)
             if key not in loaded:
                 loaded[key] = load_eval_data(cfg.data, manifest, pre, cfg.max_samples)
             self.data[name] = loaded[key]
+            if cfg.type == "linear_probe":  # the run's own splits: fit on train_split, score on data
+                if cfg.train_split not in manifest.splits:
+                    raise ConfigError(f"evals.{name}.train_split: '{cfg.train_split}' is not a split of "
+                                      f"{manifest.root} ({', '.join(manifest.splits)})")
+                self.data[name] = replace(loaded[key], train=load_eval_data(cfg.train_split, manifest, pre,
+                                                                            cfg.max_samples))
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -195,6 +245,16 @@ class Evaluators:
             return out
         finally:
             model.train(was_training)
+
+    def log_results(self, run, model: str, pretrained: str) -> list[str]:
+        """The last evaluation of each zeroshot/retrieval/linear_probe evaluator as a CLIP_benchmark result JSON,
+        logged to `run` under results/ (eval/benchmarks.py write_results)."""
+        latest = {k: points[-1][1] for k, points in self.history.items() if points}
+        with tempfile.TemporaryDirectory(prefix="towerlab-results-") as d:
+            paths = write_results(d, self.recipe, latest, model, pretrained)
+            for path in paths:
+                run.log_artifact(str(path), "results")
+        return [f"results/{p.name}" for p in paths]
 
     def log_plots(self, run, title: str = "") -> list[str]:
         """One geometry PNG per geometry evaluator, logged to `run` (full history from MLflow when resumed)."""

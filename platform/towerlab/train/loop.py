@@ -130,4 +130,5 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, skip = epoch + 1, 0
     if rank == 0:
         evaluate.log_plots(run, title=recipe.name)
+        evaluate.log_results(run, model=recipe.model.arch, pretrained=f"{recipe.name}@step{step}")
         run.flush()  # metrics buffered through a tracking-store outage go out before the worker ends

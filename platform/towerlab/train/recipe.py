@@ -56,6 +56,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     m = recipe.model
     m.pretrained, m.vision.pretrained, m.text.pretrained = map(anchored, (m.pretrained, m.vision.pretrained,
                                                                           m.text.pretrained))
+    for e in recipe.evals.values():  # benchmark files named relative to here, read by workers elsewhere
+        e.data, e.classnames, e.templates, e.images = (
+            str(Path(v).resolve()) if v and v not in ("train", "heldout") and Path(v).exists() else v
+            for v in (e.data, e.classnames, e.templates, e.images))
     if recipe.model.pretrained:  # the checkpoint's own architecture, tokenizer and image statistics
         from towerlab.models.imported import configure
 

@@ -4,6 +4,7 @@ names it declares, and the loss terms the training step logs are among the recip
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +24,7 @@ def tiny_data(n: int = 12, classes: int = 4, d: int = 8) -> tuple[EvalData, dict
              for k, m in (("image", n), ("text", n), ("prompts", classes * 2))}
     data = EvalData(key="tiny", image=torch.zeros(n), text=torch.zeros(n), labels=torch.arange(n) % classes,
                     groups=torch.arange(n) // 2, prompts=torch.zeros(classes * 2), prompts_per_class=2)
+    data.train = replace(data, key="tiny_train")  # a linear probe's train split (the same features here)
     return data, feats
 
 
