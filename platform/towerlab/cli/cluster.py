@@ -42,10 +42,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         relative_to_project(recipe_path(load_sweep(args.file, args.overrides), args.file), project, "the recipe")
     uri = check_tracking_uri(args.tracking_uri or recipe_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    if args.kind == "train":
-        _warn_node_local_paths(args.file, args.overrides)
     spec = build_spec(args.kind, name, args.file, args.overrides, project, uri, pip=args.pip)
     jobs = Jobs(args.address, args.token_file)
+    if args.kind == "train":  # once the cluster answered: a refused submit is its one error line
+        _warn_node_local_paths(args.file, args.overrides)
     sid = jobs.submit(spec, project)
     console.print(f"submitted [cyan]{sid}[/] to {jobs.shown}: {spec.entrypoint}", highlight=False, soft_wrap=True)
     if not args.follow:

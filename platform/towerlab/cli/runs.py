@@ -28,9 +28,20 @@ from towerlab.util import atomic_write, port_free, wait_until
 def _uri(flag: str | None) -> str:
     from towerlab.tracking import check_reachable, resolve_uri
 
+    from towerlab.tracking.uri import require_store
+
     uri = resolve_uri(None, flag)
     check_reachable(uri)
+    require_store(uri)  # these commands read runs: an absent local store is a wrong --tracking-uri
     return uri
+
+
+def _run_id(target: str) -> bool:
+    """Whether `target` names an MLflow run (32 hex digits, not a directory): only then is the store needed; any
+    other target that is not a directory is a wrong path, reported as such by resolve_target."""
+    import re
+
+    return not Path(target).is_dir() and re.fullmatch(r"[0-9a-f]{32}", target) is not None
 
 
 def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str | None = None,
@@ -61,7 +72,7 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
         if recipe_path or overrides:
             raise ConfigError("--recipe and overrides apply to a model directory (hf:, open_clip:, an export); a "
                               "checkpoint is evaluated with the recipe it was trained with")
-        uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
+        uri = _uri(tracking_uri) if tracking_uri or _run_id(target) else None
         with store_errors(uri or ""):
             t = resolve_target(target, uri)
         recipe = t.recipe
@@ -87,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from towerlab.train.export import export
 
-    uri = _uri(args.tracking_uri) if args.tracking_uri or not Path(args.target).is_dir() else None
+    uri = _uri(args.tracking_uri) if args.tracking_uri or _run_id(args.target) else None
     out = export(args.target, args.format, args.out, uri, warn=lambda msg: err.print(msg, highlight=False,
                                                                                       markup=False))
     console.print(f"exported {args.format} to {out}", highlight=False)

@@ -279,7 +279,11 @@ def cmd_recipes_reference(args: argparse.Namespace) -> int:
         return 0
     from towerlab.util import atomic_write
 
-    atomic_write(args.write, text)  # a failed run leaves the old file, never half of a new one
+    try:
+        atomic_write(args.write, text)  # a failed run leaves the old file, never half of a new one
+    except OSError as e:
+        raise ConfigError(f"--write {args.write}: cannot write it ({e.strerror or e}): give a file in an existing "
+                          "directory") from None
     console.print(f"wrote {args.write}", highlight=False)
     return 0
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from towerlab.config import ConfigError, load_structured
-from towerlab.config.checks import check_ranges
+from towerlab.config.checks import check_name, check_ranges
 from towerlab.sweep.schema import DISTRIBUTIONS, SweepConfig
 from towerlab.train.recipe import load_recipe
 
@@ -33,8 +33,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
     if not sweep.space:
         raise ConfigError(f"{src}: 'space' is empty: give at least one key, e.g. loss.temperature_init: "
                           "{choice: [0.03, 0.07]}")
-    if "/" in sweep.name or not sweep.name:
-        raise ConfigError(f"{src}: name={sweep.name!r}: a sweep name is a non-empty string without '/'")
+    try:
+        check_name(sweep.name, "sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
     for key, spec in sweep.space.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"{src}: space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, "
@@ -52,14 +54,37 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
     base = [*sweep.overrides, f"train.workers={sweep.workers_per_trial}"]
     for key, spec in sweep.space.items():
         kind, values = next(iter(spec.items()))
-        for v in values if kind in ("grid", "choice") else values[:1]:
+        # a range is sampled as floats (Tune's uniform and loguniform): try one that is not a whole number, so an
+        # integer key searched by a range fails here, not in every trial
+        for v in values if kind in ("grid", "choice") else [values[0] + (values[1] - values[0]) * 0.37]:
             try:
                 load_recipe(recipe_path(sweep, path), [*base, f"{key}={v}"])
             except ConfigError as e:
                 raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
+    check_metric(sweep, src, load_recipe(recipe_path(sweep, path), base))
+    if sweep.scheduler.name == "asha":
+        steps = load_recipe(recipe_path(sweep, path), base).train.steps
+        if sweep.scheduler.grace_period > steps:
+            raise ConfigError(f"{src}: scheduler.grace_period={sweep.scheduler.grace_period} > train.steps={steps}: "
+                              "ASHA would never stop a trial; give a grace_period of at most the trials' steps")
     if sweep.scheduler.name == "pbt":
         check_pbt(sweep, src, load_recipe(recipe_path(sweep, path), base))
     return sweep
+
+
+def check_metric(sweep: SweepConfig, src: str, recipe) -> None:
+    """The metric must be one the trials log: train/... (the loop's), or eval/NAME/... of an evaluator of the recipe
+    (else ASHA never stops a trial and no best is reported)."""
+    m = sweep.metric
+    evals = sorted(recipe.evals)
+    if m.startswith("eval/"):
+        name = m.split("/")[1] if m.count("/") >= 2 else ""
+        if name not in recipe.evals:
+            raise ConfigError(f"{src}: metric={m!r}: the recipe has no evaluator '{name}' (its evaluators: "
+                              f"{', '.join(evals) or 'none'}); give eval/NAME/METRIC of one of them, or train/loss")
+    elif not m.startswith(("train/", "data/")):
+        raise ConfigError(f"{src}: metric={m!r}: the trials log train/... and eval/NAME/... metrics, e.g. "
+                          f"train/loss or eval/{evals[0] if evals else 'zeroshot'}/top1")
 
 
 def check_pbt(sweep: SweepConfig, src: str, recipe) -> None:
