@@ -4,7 +4,8 @@ traceback, within seconds, before Ray starts (ray.init raises here), and without
 directory is compared before and after). Run in-process: a subprocess per row would import torch a hundred times.
 
 Placeholders in a row's arguments: {tmp} (the row's working directory), {repo} (the project root), {closed} (a
-port on 127.0.0.1 nothing listens on), {silent} (a port that accepts connections and never answers).
+port on 127.0.0.1 nothing listens on), {silent} (a port that accepts connections and never answers), {web} (a web
+server that is not a Ray dashboard).
 """
 
 from __future__ import annotations
@@ -330,6 +331,9 @@ CASES = [
     case("jobs ls --address http://127.0.0.1:{closed}", "unreachable"),
     case("jobs ls --address http://127.0.0.1:{silent}", "127.0.0.1"),
     case("jobs ls --address ftp://127.0.0.1:8265", "--address"),
+    case("jobs ls --address http://127.0.0.1:{web}", "not a Ray dashboard"),
+    case(f"submit train {DEBUG} --tracking-uri {SERVER} --address http://127.0.0.1:{{web}} --project-dir {{repo}}",
+         "not a Ray dashboard"),
     case("jobs logs towerlab-train-x", "--address"),
     case("jobs stop towerlab-train-x --address http://127.0.0.1:{closed}", "unreachable"),
     case("jobs logs towerlab-train-x --address http://127.0.0.1:{closed} --token-file {tmp}/none", "none"),
@@ -401,6 +405,26 @@ def silent_port():
     srv.close()
 
 
+@pytest.fixture(scope="module")
+def web_port():
+    """A web server that is not a Ray dashboard: every GET is a 404 page."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):  # not on the test's stderr
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """A bad input must be refused before Ray starts: starting it fails the row."""
@@ -423,8 +447,8 @@ def snapshot(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("args, expected, setup", CASES)
-def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root, silent_port, no_ray, offline,
-                                     restore_signals, monkeypatch, capsys):
+def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root, silent_port, web_port, no_ray,
+                                     offline, restore_signals, monkeypatch, capsys):
     from towerlab.util import free_port
 
     for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN",
@@ -436,7 +460,8 @@ def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root,
     monkeypatch.setattr("towerlab.cluster.jobs.PROBE_TIMEOUT_S", 1.0)
     if setup:
         setup(tmp_path)
-    values = {"tmp": str(tmp_path), "repo": str(repo_root), "closed": str(free_port()), "silent": str(silent_port)}
+    values = {"tmp": str(tmp_path), "repo": str(repo_root), "closed": str(free_port()), "silent": str(silent_port),
+              "web": str(web_port)}
     argv = [a.format(**values) for a in args]
     expected = expected.format(**values)
     before = snapshot(tmp_path)

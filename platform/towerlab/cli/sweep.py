@@ -75,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("give --sweep NAME or one or more MLflow run ids")
     uri = resolve_uri(None, args.tracking_uri)
     check_reachable(uri)
-    require_store(uri)
+    require_store(uri, f"no sweep '{args.sweep}'" if args.sweep else f"no MLflow run '{args.runs[0]}'")
     with store_errors(uri):
         return _compare(args, uri)
 
