@@ -264,6 +264,8 @@ def cmd_recipes_tiny_clip(args: argparse.Namespace) -> int:
     from towerlab.models.tiny_clip import make_tiny_clip
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file is there; give a new directory for the tiny CLIP model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: not empty; give a new directory for the tiny CLIP model")
     texts = [t.format(name=n, digit=d) for t in CAPTIONS + PROMPTS for d, n in enumerate(NAMES)]

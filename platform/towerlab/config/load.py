@@ -41,10 +41,16 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override '{o}' is not of the form key.path=value (e.g. train.steps=50)")
+    import yaml
+
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {e.msg}") from None
+    except yaml.YAMLError as e:  # a value YAML reads as a broken flow sequence or mapping, e.g. [a/{0..1}.tar]
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(f"cannot parse overrides {list(overrides)} ({first}): quote a value holding [ ] {{ }} "
+                          "or commas, e.g. 'data.paths=[\"s3://b/{000..009}.tar\"]'") from None
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
