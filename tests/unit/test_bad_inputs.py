@@ -3,7 +3,8 @@ must end with exit 2 and exactly one line, `error: ...`, naming the thing (the r
 traceback, within seconds, before Ray starts (ray.init raises here), and without writing anything (the working
 directory is compared before and after). Run in-process: a subprocess per row would import torch a hundred times.
 
-Placeholders in a row's arguments: {tmp} (the row's working directory), {repo} (the project root), {closed} (a
+Placeholders in a row's arguments: {tmp} (the row's working directory), {repo} (the project root), {digits} (a
+prepared digits dataset, outside the working directory), {closed} (a
 port on 127.0.0.1 nothing listens on), {silent} (a port that accepts connections and never answers), {web} (a web
 server that is not a Ray dashboard).
 """
@@ -142,6 +143,7 @@ CASES = [
     case(f"train {DEBUG} loss.nope=1", "loss.nope"),
     case(f"train {DEBUG} evals.zs.type=nope", "nope"),
     case(f"train {DEBUG} evals.zs.ks=[0]", "evals.zs.ks"),
+    case(f"train {DEBUG} evals.zs.type=retrieval evals.zs.data=nope data.path={{digits}}", "evals.zs.data"),
     case("train " + DEBUG + " tracking.uri=${{oc.env:TOWERLAB_NO_SUCH_VARIABLE}}", "TOWERLAB_NO_SUCH_VARIABLE",
          id="train unset environment variable"),
     # train: the recipe file itself
@@ -469,8 +471,8 @@ def snapshot(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("args, expected, setup", CASES)
-def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root, silent_port, web_port, no_ray,
-                                     offline, restore_signals, monkeypatch, capsys):
+def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root, digits_dir, silent_port, web_port,
+                                     no_ray, offline, restore_signals, monkeypatch, capsys):
     from towerlab.util import free_port
 
     for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN",
@@ -482,7 +484,8 @@ def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root,
     monkeypatch.setattr("towerlab.cluster.jobs.PROBE_TIMEOUT_S", 1.0)
     if setup:
         setup(tmp_path)
-    values = {"tmp": str(tmp_path), "repo": str(repo_root), "closed": str(free_port()), "silent": str(silent_port),
+    values = {"tmp": str(tmp_path), "repo": str(repo_root), "digits": str(digits_dir),
+              "closed": str(free_port()), "silent": str(silent_port),
               "web": str(web_port)}
     argv = [a.format(**values) for a in args]
     expected = expected.format(**values)

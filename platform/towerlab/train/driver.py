@@ -22,6 +22,7 @@ from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_be
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE, resume_differences
 from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
+from towerlab.train.evaluate import check_eval_data
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
@@ -81,6 +82,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
     manifest = ensure_data(recipe)
+    check_eval_data(recipe, manifest)
 
     storage = Path(recipe.train.storage_path).absolute()
     run_dir = storage / recipe.name
