@@ -4,9 +4,8 @@ traceback, within seconds, before Ray starts (ray.init raises here), and without
 directory is compared before and after). Run in-process: a subprocess per row would import torch a hundred times.
 
 Placeholders in a row's arguments: {tmp} (the row's working directory), {repo} (the project root), {digits} (a
-prepared digits dataset, outside the working directory), {closed} (a
-port on 127.0.0.1 nothing listens on), {silent} (a port that accepts connections and never answers), {web} (a web
-server that is not a Ray dashboard).
+prepared digits dataset, outside the working directory), {closed} (a port on 127.0.0.1 nothing listens on), {silent}
+(a port that accepts connections and never answers), {web} (a web server that is not a Ray dashboard).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import yaml
 from towerlab.cli import main
 
 DEBUG = "{repo}/recipes/debug.yaml"
-DIGITS = "{repo}/recipes/digits_clip.yaml"
 SERVER = "http://mlflow.example:5000"  # a tracking server for submit rows (never contacted: they fail before)
 SECONDS = 15  # a row's budget: the silent-server rows wait for one short client timeout
 
@@ -484,16 +482,15 @@ def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root,
     monkeypatch.setattr("towerlab.cluster.jobs.PROBE_TIMEOUT_S", 1.0)
     if setup:
         setup(tmp_path)
-    values = {"tmp": str(tmp_path), "repo": str(repo_root), "digits": str(digits_dir),
-              "closed": str(free_port()), "silent": str(silent_port),
-              "web": str(web_port)}
+    values = {"tmp": str(tmp_path), "repo": str(repo_root), "digits": str(digits_dir), "closed": str(free_port()),
+              "silent": str(silent_port), "web": str(web_port)}
     argv = [a.format(**values) for a in args]
     expected = expected.format(**values)
     before = snapshot(tmp_path)
     capsys.readouterr()
 
     start = time.monotonic()
-    signal.signal(signal.SIGALRM, _hung)
+    previous = signal.signal(signal.SIGALRM, _hung)  # a hang fails the row instead of the whole run
     signal.setitimer(signal.ITIMER_REAL, 2 * SECONDS)
     try:
         code = main(argv)
@@ -501,6 +498,7 @@ def test_bad_input_is_one_error_line(args, expected, setup, tmp_path, repo_root,
         code = e.code
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     seconds = time.monotonic() - start
 
     out = capsys.readouterr()

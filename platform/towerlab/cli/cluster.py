@@ -196,7 +196,8 @@ def _check_k8s_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--cpus-per-node {args.cpus_per_node}: give 1 or more")
     if args.ttl_seconds is not None and args.ttl_seconds < 0:
         raise ConfigError(f"--ttl-seconds {args.ttl_seconds}: give 0 or more seconds")
-    if args.memory_per_node is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?([EPTGMk]i?)?", args.memory_per_node):
+    quantity = r"[0-9]+(\.[0-9]+)?([EPTGM]i?|Ki|k)?"
+    if args.memory_per_node is not None and not re.fullmatch(quantity, args.memory_per_node):
         raise ConfigError(f"--memory-per-node {args.memory_per_node}: give a Kubernetes quantity, e.g. 64Gi or 32G")
     if args.namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.namespace):
         raise ConfigError(f"--namespace {args.namespace}: a namespace is lower-case letters, digits and '-' "
