@@ -23,10 +23,18 @@ err = Console(stderr=True)  # errors and warnings
 GROUPS = ("train", "sweep", "data", "runs", "cluster")  # the modules of this package, in --help order
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's usage errors (an unknown --format, a missing argument) as one `error:` line too, exit 2; the usage
+    stays one `--help` away. Subcommand parsers inherit this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="towerlab", description="Contrastive multimodal pretraining on Ray.")
+    p = Parser(prog="towerlab", description="Contrastive multimodal pretraining on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         importlib.import_module(f"towerlab.cli.{group}").register(sub)

@@ -42,10 +42,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
         relative_to_project(recipe_path(load_sweep(args.file, args.overrides), args.file), project, "the recipe")
     uri = check_tracking_uri(args.tracking_uri or recipe_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    if args.kind == "train":
-        _warn_node_local_paths(args.file, args.overrides)
     spec = build_spec(args.kind, name, args.file, args.overrides, project, uri, pip=args.pip)
     jobs = Jobs(args.address, args.token_file)
+    if args.kind == "train":  # once the cluster answered: a refused submit is its one error line
+        _warn_node_local_paths(args.file, args.overrides)
     sid = jobs.submit(spec, project)
     console.print(f"submitted [cyan]{sid}[/] to {jobs.shown}: {spec.entrypoint}", highlight=False, soft_wrap=True)
     if not args.follow:
@@ -140,6 +140,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: need at least 1 node and "
                           "0 or more GPUs per node")
+    _check_k8s_flags(args)
     project = Path(args.project_dir).resolve()
     rel = relative_to_project(args.file, project, "the recipe or sweep")
     o = K8sOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -184,6 +185,25 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _check_k8s_flags(args: argparse.Namespace) -> None:
+    """The flags that go verbatim into the manifest, checked as Kubernetes will check them (else the renderer's own
+    validation would refuse its output as if it were a bug of the renderer)."""
+    import re
+
+    if args.cpus_per_node is not None and args.cpus_per_node < 1:
+        raise ConfigError(f"--cpus-per-node {args.cpus_per_node}: give 1 or more")
+    if args.ttl_seconds is not None and args.ttl_seconds < 0:
+        raise ConfigError(f"--ttl-seconds {args.ttl_seconds}: give 0 or more seconds")
+    quantity = r"[0-9]+(\.[0-9]+)?([EPTGM]i?|Ki|k)?"
+    if args.memory_per_node is not None and not re.fullmatch(quantity, args.memory_per_node):
+        raise ConfigError(f"--memory-per-node {args.memory_per_node}: give a Kubernetes quantity, e.g. 64Gi or 32G")
+    if args.namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.namespace):
+        raise ConfigError(f"--namespace {args.namespace}: a namespace is lower-case letters, digits and '-' "
+                          "(at most 63, starting and ending with a letter or digit)")
+    if args.redis_address is not None and not re.fullmatch(r"[^\s:/]+:[0-9]{1,5}", args.redis_address):
+        raise ConfigError(f"--redis-address {args.redis_address}: give HOST:PORT, e.g. redis.towerlab.svc:6379")
 
 
 def cmd_k8s_validate(args: argparse.Namespace) -> int:

@@ -21,6 +21,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         return cmd_prepare_images(args)
     if args.source not in SOURCES:
         raise ConfigError(SOURCES.unknown_message(args.source))
+    if args.shards < 1:
+        raise ConfigError(f"--shards {args.shards}: give 1 or more shards")
+    if args.size is not None and args.size < 2:
+        raise ConfigError(f"--size {args.size}: give 2 or more rows (a contrastive batch needs at least 2)")
     m = prepare(args.source, args.out, shards=args.shards, seed=args.seed, size=args.size, key="--out")
     counts = ", ".join(f"{k}: {v}" for k, v in m.counts.items())
     console.print(f"wrote {args.source} to {m.root} ({counts}; {len(m.files('train'))} train shards; "

@@ -25,12 +25,22 @@ from towerlab.config import ConfigError
 from towerlab.util import atomic_write, port_free, wait_until
 
 
-def _uri(flag: str | None) -> str:
+def _uri(flag: str | None, sought: str = "no runs") -> str:
     from towerlab.tracking import check_reachable, resolve_uri
+    from towerlab.tracking.uri import require_store
 
     uri = resolve_uri(None, flag)
     check_reachable(uri)
+    require_store(uri, sought)  # these commands read runs: an absent local store is a wrong --tracking-uri
     return uri
+
+
+def _run_id(target: str) -> bool:
+    """Whether `target` names an MLflow run (32 hex digits, not a directory): only then is the store needed; any
+    other target that is not a directory is a wrong path, reported as such by resolve_target."""
+    import re
+
+    return not Path(target).is_dir() and re.fullmatch(r"[0-9a-f]{32}", target) is not None
 
 
 def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str | None = None,
@@ -64,7 +74,7 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
             raise ConfigError("--recipe and overrides apply to a model directory (hf:, open_clip:, an export); a "
                               "checkpoint is evaluated with the recipe it was trained with (evaluator overrides, "
                               "evals... and eval.*, apply to both)")
-        uri = _uri(tracking_uri) if tracking_uri or not Path(target).is_dir() else None
+        uri = _uri(tracking_uri, f"no MLflow run '{target}'") if tracking_uri or _run_id(target) else None
         with store_errors(uri or ""):
             t = resolve_target(target, uri)
         recipe = with_overrides(t.recipe, overrides) if overrides else t.recipe
@@ -114,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from towerlab.train.export import export
 
-    uri = _uri(args.tracking_uri) if args.tracking_uri or not Path(args.target).is_dir() else None
+    uri = (_uri(args.tracking_uri, f"no MLflow run '{args.target}'") if args.tracking_uri or _run_id(args.target)
+           else None)
     out = export(args.target, args.format, args.out, uri, warn=lambda msg: err.print(msg, highlight=False,
                                                                                       markup=False))
     console.print(f"exported {args.format} to {out}", highlight=False)
@@ -138,7 +149,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from towerlab.tracking.uri import store_errors
     from towerlab.train import reproduce
 
-    uri = _uri(args.tracking_uri)
+    uri = _uri(args.tracking_uri, f"no MLflow run '{args.run_id}'")
     with store_errors(uri):
         plan = reproduce.plan(args.run_id, uri, args.name)
     for m in plan.mismatches:
@@ -227,7 +238,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     if args.stale_after <= 0:
         raise ConfigError(f"--stale-after {args.stale_after:g}: give a number of seconds above 0")
-    uri = _uri(args.tracking_uri)
+    uri = _uri(args.tracking_uri, "no runs to check")
     client = MlflowClient(uri)
     with store_errors(uri):
         dead = heartbeat.dead_runs(client, args.stale_after)

@@ -41,16 +41,23 @@ def _sweep(args: argparse.Namespace):
         state = Path(args.storage_path) / args.resume / STATE_FILE
         if not state.is_file():
             raise ConfigError(f"no sweep '{args.resume}' to resume: {state} does not exist (see --storage-path)")
-        saved = read_state(state)
+        saved = read_state(state)  # a corrupt or foreign file: one line
         sweep_file = saved.get("sweep_file")
         if not isinstance(sweep_file, str):
             raise ConfigError(f"{state} names no sweep file: start the sweep again from its file")
-        sweep = load_structured(SweepConfig, None, [], base=saved["sweep"])
+        try:
+            sweep = load_structured(SweepConfig, None, [], base=saved["sweep"])
+        except ConfigError as e:
+            raise ConfigError(f"{state}: the saved sweep does not load ({e}): start it again under a new name") \
+                from None
         summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True)
     else:
         if not args.sweep:
             raise ConfigError("give a sweep file (e.g. sweeps/quickstart.yaml) or --resume NAME")
         sweep = load_sweep(args.sweep, args.overrides)
+        from towerlab.tracking import check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(sweep.tracking.uri, args.tracking_uri))  # before the first line of output
         console.print(f"[bold]sweep[/] [cyan]{sweep.name}[/]: {len(sweep.space)} searched keys, "
                       f"scheduler {sweep.scheduler.name}, metric {sweep.metric} ({sweep.mode})")
         summary = run_sweep(sweep, args.sweep, tracking_uri=args.tracking_uri)
@@ -59,12 +66,13 @@ def _sweep(args: argparse.Namespace):
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from towerlab.tracking import check_reachable, resolve_uri
-    from towerlab.tracking.uri import store_errors
+    from towerlab.tracking.uri import require_store, store_errors
 
     if not (args.sweep or args.runs):
         raise ConfigError("give --sweep NAME or one or more MLflow run ids")
     uri = resolve_uri(None, args.tracking_uri)
     check_reachable(uri)
+    require_store(uri, f"no sweep '{args.sweep}'" if args.sweep else f"no MLflow run '{args.runs[0]}'")
     with store_errors(uri):
         return _compare(args, uri)
 

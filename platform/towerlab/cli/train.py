@@ -269,6 +269,8 @@ def cmd_recipes_tiny_clip(args: argparse.Namespace) -> int:
     from towerlab.models.tiny_clip import make_tiny_clip
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: a file is there; give a new directory for the tiny CLIP model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: not empty; give a new directory for the tiny CLIP model")
     texts = [t.format(name=n, digit=d) for t in CAPTIONS + PROMPTS for d, n in enumerate(NAMES)]
@@ -284,7 +286,11 @@ def cmd_recipes_reference(args: argparse.Namespace) -> int:
         return 0
     from towerlab.util import atomic_write
 
-    atomic_write(args.write, text)  # a failed run leaves the old file, never half of a new one
+    try:
+        atomic_write(args.write, text)  # a failed run leaves the old file, never half of a new one
+    except OSError as e:
+        raise ConfigError(f"--write {args.write}: cannot write it ({e.strerror or e}): give a file in an existing "
+                          "directory") from None
     console.print(f"wrote {args.write}", highlight=False)
     return 0
 

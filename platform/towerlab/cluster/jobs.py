@@ -253,6 +253,9 @@ def _address(address: str | None) -> str:
     return address.rstrip("/")
 
 
+PROBE_TIMEOUT_S = 5.0  # for connecting to the dashboard, and again for its answer
+
+
 class Jobs:
     """A connection to a cluster's Jobs API that turns Ray's exceptions into one-line ConfigErrors."""
 
@@ -263,6 +266,7 @@ class Jobs:
         os.environ["RAY_API_SERVER_ADDRESS"] = self.address
         token = read_token(token_file)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._probe(headers)
         with self._errors():
             import logging
 
@@ -272,6 +276,29 @@ class Jobs:
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             self.client = JobSubmissionClient(self.address, headers=headers)
+
+    def _probe(self, headers: dict[str, str]) -> None:
+        """Ray's SDK asks the dashboard for its version without a timeout: a server that accepts and never answers
+        would hang the command. Ask first with one; an answer that is not a Ray dashboard's is one line too."""
+        import requests
+
+        try:
+            resp = requests.get(f"{self.address}/api/version", headers=headers, timeout=PROBE_TIMEOUT_S)
+        except requests.Timeout:
+            raise ConfigError(f"Ray dashboard at {self.shown} did not answer within {PROBE_TIMEOUT_S:g} s: check "
+                              "the address (http://HEAD:8265)") from None
+        except requests.RequestException as e:
+            raise ConfigError(f"Ray dashboard at {self.shown} is unreachable ({type(e).__name__}): check the "
+                              "address (http://HEAD:8265) and that the cluster runs with ray[default]") from None
+        if resp.status_code in (401, 403):
+            return  # the SDK names the token problem
+        try:
+            ok = resp.ok and "ray_version" in resp.json()
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{self.shown} is not a Ray dashboard (GET /api/version: HTTP {resp.status_code}): "
+                              "give the dashboard's address, e.g. http://HEAD:8265")
 
     @contextmanager
     def _errors(self, job: str | None = None) -> Iterator[None]:

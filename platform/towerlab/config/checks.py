@@ -149,9 +149,16 @@ def check_train(t) -> None:
         raise ConfigError("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 there; use fp32 or auto")
 
 
-def check_name(name: str) -> None:
-    if not name or "/" in name:
-        raise fail("name", name, "a run name is a non-empty string without '/'")
+NAME_MAX = 100  # a directory under storage_path and an MLflow run name: well inside both limits
+
+
+def check_name(name: str, what: str = "run") -> None:
+    """A run or sweep name becomes a directory under storage_path and an MLflow run name."""
+    if (not name or name in (".", "..") or len(name) > NAME_MAX or any(c in name for c in "/\\")
+            or not name.isprintable()):
+        raise fail("name", name if len(name) <= 40 else name[:40] + "...",
+                   f"a {what} name is 1 to {NAME_MAX} printable characters, not '.' or '..', without '/' or "
+                   "'\\' (it names a directory and an MLflow run)")
 
 
 def check_recipe(r) -> None:

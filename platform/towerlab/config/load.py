@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from omegaconf import DictConfig, EnumNode, OmegaConf
+from omegaconf import DictConfig, EnumNode, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from towerlab.config.errors import ConfigError
@@ -41,10 +41,16 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override '{o}' is not of the form key.path=value (e.g. train.steps=50)")
+    import yaml
+
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {e.msg}") from None
+    except yaml.YAMLError as e:  # a value YAML reads as a broken flow sequence or mapping, e.g. [a/{0..1}.tar]
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(f"cannot parse overrides {list(overrides)} ({first}): quote a value holding [ ] {{ }} "
+                          "or commas, e.g. 'data.paths=[\"s3://b/{000..009}.tar\"]'") from None
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
@@ -56,6 +62,9 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     except Exception as e:  # yaml.YAMLError and friends: the message names line and column
         first = str(e).strip().splitlines()
         raise ConfigError(f"{p}: not valid YAML: {' '.join(s.strip() for s in first[:3])}") from None
+    if cfg is None or isinstance(cfg, DictConfig) and not cfg:
+        raise ConfigError(f"{p}: empty: a recipe names at least its sections (see recipes/debug.yaml), or "
+                          "`towerlab recipes ls` for the bundled ones")
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{p}: a recipe is a YAML mapping of sections (name, data, model, loss, ...)")
     return cfg
@@ -96,6 +105,26 @@ def _node(schema: DictConfig, dotted: str) -> Any:
     return node
 
 
+def _check_sections(raw: DictConfig, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """A scalar or a list where the schema has a section (`train=3`, `loss=clip`, `evals=[zeroshot]`): named here,
+    since OmegaConf's merge reports it without the key (or as a TypeError)."""
+    for key in raw.keys():
+        dotted = f"{prefix}{key}"
+        node = _node(schema, dotted)
+        if not isinstance(node, DictConfig):
+            continue
+        value = raw._get_node(key)
+        if isinstance(value, DictConfig):
+            _check_sections(value, schema, source, f"{dotted}.")
+        elif value is not None and not (hasattr(value, "_is_none") and value._is_none()):
+            shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value._value()
+            keys = [str(k) for k in node.keys()]
+            hint = (f"did you mean {dotted}.name={shown}? " if "name" in keys and isinstance(shown, str) else "")
+            raise ConfigError(f"{source}: '{dotted}' is a section, not {shown!r}: {hint}give it as a mapping of its "
+                              f"keys or as dotted overrides like {dotted}.{keys[0] if keys else 'NAME'}=... "
+                              f"(keys: {', '.join(keys) or 'names of your choice'})")
+
+
 def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
     full = str(getattr(e, "full_key", "") or "")
     node = _node(schema, full)
@@ -113,9 +142,9 @@ def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
         )
     if isinstance(e, ValidationError):
         expected = getattr(e, "ref_type", None) or ""
-        msg = getattr(e, "msg", str(e)).splitlines()[0]
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
         return ConfigError(f"{source}: wrong type for '{full}': {msg} {expected}".strip())
-    return ConfigError(f"{source}: {getattr(e, 'msg', str(e)).splitlines()[0]} (key '{full}')")
+    return ConfigError(f"{source}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]} (key '{full}')")
 
 
 def load_structured(
@@ -152,6 +181,8 @@ def load_structured(
             raise ConfigError(f"{source}: '{v.section}.{v.key}': {e}") from None
     OmegaConf.set_struct(schema, True)
     _open_free_dicts(schema)
+    for r in raw:
+        _check_sections(r, schema, source)
     try:
         merged = OmegaConf.merge(schema, *raw)
         return OmegaConf.to_object(merged)

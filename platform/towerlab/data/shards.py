@@ -316,8 +316,9 @@ def read_manifest(path: str | os.PathLike, verify: bool = False, bad_shards: str
         data = json.loads(loc.read_bytes(MANIFEST))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{mname} is corrupt ({e.msg} at line {e.lineno}): prepare the dataset again") from None
-    if data.get("format") != FORMAT:
-        raise ConfigError(f"{mname}: unknown format {data.get('format')!r} (expected {FORMAT}): prepare it again")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{mname}: unknown format {found!r} (expected {FORMAT}): prepare it again")
     if bad_shards not in ("error", "skip"):
         raise ConfigError(f"data.bad_shards={bad_shards!r}: use error or skip")
     root = Path(loc.base)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from towerlab.config import ConfigError, Recipe, load_structured
-from towerlab.config.checks import check_ranges
+from towerlab.config.checks import check_name, check_ranges
 from towerlab.sweep.schema import DISTRIBUTIONS, RANGES, SweepConfig
 from towerlab.train.dataset import check_positives, peek_positives
 from towerlab.train.metrics import logged_metrics
@@ -24,7 +23,6 @@ from towerlab.train.recipe import load_recipe
 from towerlab.util import did_you_mean
 
 PBT_KEY = "loss.temperature_init"  # what population-based training perturbs
-NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # a sweep name: a directory name and part of MLflow run names
 
 
 def recipe_path(sweep: SweepConfig, sweep_file: str | os.PathLike) -> Path:
@@ -45,10 +43,10 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Sw
     if not sweep.space:
         raise ConfigError(f"{src}: 'space' is empty: give at least one key, e.g. loss.temperature_init: "
                           "{choice: [0.03, 0.07]}")
-    if not NAME.fullmatch(sweep.name) or sweep.name in (".", ".."):
-        # it names a directory under storage_path (`..` would be storage_path's parent) and the MLflow parent run
-        raise ConfigError(f"{src}: name={sweep.name[:120]!r}: a sweep name is 1 to 100 letters, digits, '.', '_' or "
-                          "'-' (not '.' or '..'), e.g. name=clip-temperatures")
+    try:
+        check_name(sweep.name, "sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
     for key, spec in sweep.space.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"{src}: space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, "

@@ -81,6 +81,14 @@ def check_reachable(uri: str, timeout: float | None = None) -> None:
         Path(urlparse(uri).path).mkdir(parents=True, exist_ok=True)
 
 
+def require_store(uri: str, sought: str = "nothing to read") -> None:
+    """For commands that only read runs: a local SQLite store that does not exist holds none (MLflow would create
+    an empty one, with its log lines, and then report that nothing is found). `sought` names what was looked for."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"{sought}: no local MLflow store {redact(uri)} (train something first, or pass "
+                          "--tracking-uri)")
+
+
 @contextlib.contextmanager
 def store_errors(uri: str):
     """A tracking store that fails mid-command (a server that went away, timed out or answers with errors after the

@@ -22,6 +22,7 @@ from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_be
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE, resume_differences
 from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
+from towerlab.train.evaluate import check_eval_data
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
@@ -51,6 +52,19 @@ def root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
 
 
+def _check_storage(storage_path: str) -> None:
+    """A local storage_path that is (or lies under) a file cannot hold run directories: refused before data is
+    prepared and an MLflow run is created."""
+    if "://" in storage_path:
+        return
+    p = Path(storage_path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"train.storage_path={storage_path}: {p} is a file, not a directory: point it at a "
+                          "directory (default: results)")
+
+
 def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | None = None,
           on_start: Callable[[Summary], None] | None = None, mlflow_name: str | None = None,
           tags: dict[str, str] | None = None, callbacks: Sequence = (), close_on_error: bool = True,
@@ -67,9 +81,11 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
     check_preconditions(recipe)  # libaio for nvme offload, a GPU for use_gpu, bf16 support
+    _check_storage(recipe.train.storage_path)
     uri = resolve_uri(recipe.tracking.uri, tracking_uri)
     check_reachable(uri)
     manifest = ensure_data(recipe)
+    check_eval_data(recipe, manifest)
 
     storage = Path(recipe.train.storage_path).absolute()
     run_dir = storage / recipe.name

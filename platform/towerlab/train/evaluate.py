@@ -158,6 +158,18 @@ def validate_evals(recipe: Recipe) -> None:
             raise ConfigError(f"{where}.type: {EVALUATORS.unknown_message(cfg.type)}")
 
 
+def check_eval_data(recipe, manifest: Manifest) -> None:
+    """Each evaluator's `data` names a split of the run's data or a local directory of prepared shards: checked on
+    the driver, before Ray starts (load_eval_data would refuse it only inside the workers)."""
+    for name, cfg in recipe.evals.items():
+        spec = cfg.data
+        if spec in manifest.splits or "://" in spec or (Path(spec) / "manifest.json").is_file():
+            continue
+        raise ConfigError(f"evals.{name}.data={spec!r}: neither a split of {manifest.root} "
+                          f"({', '.join(manifest.splits)}) nor a directory with a manifest.json "
+                          "(make one with `towerlab data prepare`)")
+
+
 def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples: int | None) -> EvalData:
     """`spec` is a split of the run's data (e.g. heldout) or a directory of prepared shards (its heldout split)."""
     if spec in manifest.splits:

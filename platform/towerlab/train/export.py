@@ -176,9 +176,9 @@ def export(target: str, fmt: str, out: str | os.PathLike, tracking_uri: str | No
     """Export a checkpoint, a run directory's latest checkpoint, or an MLflow run's (ZeRO-3 consolidated)."""
     from towerlab.train.checkpoint import load_model, resolve_target
 
+    _prepare_out(Path(out))  # a destination that cannot be written is refused before anything is read
     t = resolve_target(target, tracking_uri)
     check_exportable(t.recipe, fmt)  # before the weights are read
-    _prepare_out(Path(out))
     model, step = load_model(t.checkpoint, t.recipe)
     return export_model(model, t.recipe, fmt, out, {"checkpoint": str(t.checkpoint), "step": step,
                                                     "mlflow_run_id": t.run_id}, warn)

@@ -225,6 +225,7 @@ def test_submit_uploads_the_filtered_project_and_a_clean_entrypoint(tmp_path, re
             return submission_id
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Recorder)
+    monkeypatch.setattr(Jobs, "_probe", lambda self, headers: None)  # the fake cluster's dashboard answers
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     root = _project_with_secrets(tmp_path, repo_root)
     monkeypatch.chdir(root)
@@ -258,6 +259,7 @@ def test_job_logs_and_listings_are_shown_redacted(monkeypatch, capsys):
                 f"python train.py --uri http://u:{PASSWORD}@h"), status=SimpleNamespace(value="RUNNING"))]
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Cluster)
+    monkeypatch.setattr(Jobs, "_probe", lambda self, headers: None)  # the fake cluster's dashboard answers
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert main(["jobs", "logs", "j1", "--address", "http://127.0.0.1:8265"]) == 0
     assert main(["jobs", "ls", "--address", "http://127.0.0.1:8265"]) == 0

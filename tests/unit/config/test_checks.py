@@ -52,7 +52,7 @@ BAD = [
     ("eval.batch_size=0", "eval.batch_size=0: must be at least 1"),
     ("evals.zeroshot.ks=[1,0]", "evals.zeroshot.ks=[1, 0]: must be at least 1"),
     ("evals.retrieval.chunk=0", "evals.retrieval.chunk=0: must be at least 1"),
-    ("name=a/b", "name='a/b': a run name is a non-empty string without '/'"),
+    ("name=a/b", "name='a/b': a run name is 1 to 100 printable characters, not '.' or '..', without '/'"),
     ("loss.label_smoothing=1.0", "loss.label_smoothing=1: must be in [0, 1)"),
     ("loss.max_logit_scale=0.5", "loss.max_logit_scale=0.5: must be at least 1"),
     ("loss.temperature_init=0", "loss.temperature_init=0: must be > 0"),

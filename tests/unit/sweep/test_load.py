@@ -121,11 +121,11 @@ PBT_OK = "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
     # a choice value of the wrong type: the recipe refuses it when loaded with that value
     ("space: {train.steps: {choice: [10, 2.5]}}\n", "space.train.steps=2.5"),
     # a sweep name is a directory under storage_path: not its parent, nothing a file system or MLflow would mangle
-    ("name: '..'\nspace: {optim.lr: {choice: [0.1]}}\n", "name='..': a sweep name is 1 to 100 letters"),
+    ("name: '..'\nspace: {optim.lr: {choice: [0.1]}}\n", "a sweep name is 1 to 100 printable characters, not '.' or '..'"),
     ("name: a/b\nspace: {optim.lr: {choice: [0.1]}}\n", "name='a/b': a sweep name"),
     ("name: ''\nspace: {optim.lr: {choice: [0.1]}}\n", "name='': a sweep name"),
     (f"name: {'x' * 101}\nspace: {{optim.lr: {{choice: [0.1]}}}}\n", "a sweep name is 1 to 100"),
-    ("name: 'my sweep'\nspace: {optim.lr: {choice: [0.1]}}\n", "name='my sweep': a sweep name"),
+    ("name: 'a/b'\nspace: {optim.lr: {choice: [0.1]}}\n", "without '/'"),
     # both bounds of a range are loaded, not only the first
     ("space: {loss.temperature_init: {uniform: [0.05, 2]}}\n", "space.loss.temperature_init=2: "),
 ])

@@ -240,6 +240,8 @@ def validate_doc(doc, name: str = "document") -> list[str]:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
         problems.append(f"{name}{where or ''}: {_short(e)}")
     problems += list(_unknown_fields(doc, sch, name))
+    if problems:  # the rules below read a well-formed structure: on a mistyped one they would repeat its mistake
+        return problems
     for path, cluster in _clusters(doc):
         problems += list(_cluster_rules(f"{name}.{path}", cluster))
     for path, pod in _pod_templates(doc):
