@@ -90,6 +90,23 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
+CONSOLE_FILE = "console.log"
+CONSOLE_ENV = "TOWERLAB_CONSOLE"  # a worker's file of lines meant for the user's console (set by redirect_output)
+
+
+def say(line: str) -> None:
+    """One line for the user's console from wherever this process runs: on stderr, and, in a Ray worker whose
+    output goes to a file, also appended to the run's console file, which the driver echoes (train/driver.py)."""
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    console = os.environ.get(CONSOLE_ENV)
+    if console:
+        with open(console, "a") as f:  # one write of a short line: whole lines, also from two ranks at once
+            f.write(line + "\n")
+
+
 def redirect_output(path: str | os.PathLike) -> None:
     """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and subprocess output too) to the
     end of `path`. For a Ray worker whose logs are not streamed to the console: they stay findable in the run
@@ -103,3 +120,4 @@ def redirect_output(path: str | os.PathLike) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    os.environ[CONSOLE_ENV] = str(Path(path).parent / CONSOLE_FILE)

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from towerlab.config.errors import ConfigError
 from towerlab.tracking import tags as T
+from towerlab.util import say
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_LEN = 6000
@@ -151,10 +152,10 @@ def _last_line(e: BaseException) -> str:
 
 
 def _say(line: str) -> None:
-    """One line on this worker's stderr. Not print(): Ray Train patches print on its workers and, because Ray also
-    replaced sys.stderr, writes each printed line twice (to the stream and through its logger)."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    """One line for the user (towerlab.util.say: the driver echoes it when the worker's output goes to a file). Not
+    print(): Ray Train patches print on its workers and, because Ray also replaced sys.stderr, writes each printed
+    line twice (to the stream and through its logger)."""
+    say(line)
 
 
 MAX_BUFFERED = 100_000  # metric points kept while the store is down (a few MB)

@@ -15,4 +15,5 @@ SWEEP = "towerlab.sweep"  # the sweep's name, on its parent and on every trial
 ROLE = "towerlab.role"  # "sweep" (the parent run) or "trial" (a child)
 TRIAL_ID = "towerlab.trial_id"  # Ray Tune's trial id, on a trial's child run
 HEARTBEAT = "towerlab.heartbeat"  # Unix time (s) of the driver's latest sign of life while the run is RUNNING
+MODELS_NOTE = "towerlab.models_note"  # what the run's logged models lack (e.g. a tokenizer outside towerlab)
 PREVIOUS_FAILURE = "towerlab.previous_failure"  # on a resumed run: the failure of the launch before

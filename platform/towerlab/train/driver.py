@@ -27,7 +27,7 @@ from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
 from towerlab.data.location import is_uri
-from towerlab.util import atomic_write, verbose
+from towerlab.util import CONSOLE_FILE, atomic_write, verbose
 
 
 @dataclass
@@ -45,9 +45,19 @@ class Summary:
 
 
 def root_cause(e: BaseException) -> str:
-    """The innermost cause's type and last line: what a user needs to see of a failed run."""
-    while e.__cause__ is not None:
-        e = e.__cause__
+    """The innermost cause's type and message: what a user needs to see of a failed run. Ray wraps a worker's
+    error in a WorkerGroupError (per rank, in worker_failures) and a task's in a RayTaskError (the error itself in
+    .cause), whose text ends with Ray's own advice rather than the error."""
+    for _ in range(32):  # a chain, not a cycle
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            e = failures[min(failures)]
+        elif isinstance(getattr(e, "cause", None), BaseException):
+            e = e.cause
+        elif e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
 
@@ -166,14 +176,15 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         )
         if manifest.skipped:  # shards found unreadable while building the dataset (data.bad_shards=skip)
             run.set_tags({T.DATA_SKIPPED_SHARDS: ",".join(x["file"] for x in manifest.skipped)})
-        result = trainer.fit()
+        with echo_console(summary.logs):
+            result = trainer.fit()
         summary.metrics = dict(result.metrics or {})
         if recipe.train.export_fp32 and result.checkpoint is not None:
             from towerlab.train.checkpoint import export_fp32
 
             export_fp32(result.checkpoint, run)
         if recipe.tracking.log_models and result.checkpoint is not None:
-            summary.models = _log_models(recipe, run_dir, uri)
+            summary.models = _log_models(recipe, run_dir, uri, run)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # a stop signal (SystemExit: Ray's own SIGTERM handler)
         status = "KILLED"
@@ -207,6 +218,43 @@ def _end(run: MlflowRun, status: str) -> None:
               "--fix` closes it once its heartbeat is stale", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def echo_console(log_dir: str | None, every_s: float = 0.5):
+    """While the workers run, echo on this process's stderr the lines they meant for the user's console
+    (towerlab.util.say: an MLflow outage, a skipped shard), which their output file would otherwise hide."""
+    if not log_dir:
+        yield
+        return
+    import threading
+
+    path, stop = Path(log_dir) / CONSOLE_FILE, threading.Event()
+    offset = [path.stat().st_size if path.is_file() else 0]  # a resumed run: what its earlier launch said is said
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                f.seek(offset[0])
+                data = f.read()
+            whole = data[: data.rfind(b"\n") + 1]  # complete lines only: the rest is still being written
+            offset[0] += len(whole)
+            if whole:
+                sys.stderr.write(whole.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            drain()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        drain()
+
+
 def worker_log_dir(recipe: Recipe, run_dir: Path) -> str | None:
     """Where the workers write their output when it is not streamed to the console (`-v` streams it): <run
     dir>/logs, on local storage; None with -v, or when the run directory is a URI (Ray keeps the logs then)."""
@@ -223,22 +271,29 @@ def best_metric(recipe: Recipe) -> str | None:
     return next((f"eval/{name}/top1" for name, e in recipe.evals.items() if e.type == "zeroshot"), None)
 
 
-def _log_models(recipe: Recipe, run_dir: Path, uri: str) -> dict[str, str]:
+def _log_models(recipe: Recipe, run_dir: Path, uri: str, run: MlflowRun) -> dict[str, str]:
     """The last and the best checkpoint as MLflow LoggedModels. The training itself succeeded: a model that has no
-    counterpart in an exchange format, or a store that refuses the upload, is a warning, not a failed run."""
+    counterpart in an exchange format, or a store that refuses the upload, is a warning, not a failed run. What the
+    logged models lack (the export's notes, e.g. a word vocabulary OpenCLIP has no tokenizer for) is a tag on the
+    run, not a console line on every run of such a recipe."""
     from towerlab.train.export import log_run_models
 
     def warn(line: str) -> None:
         print(line if line.startswith("warning:") else f"warning: {line}", file=sys.stderr)
 
+    notes: list[str] = []
     try:
-        return log_run_models(run_dir, uri, best_metric(recipe), recipe.tracking.best_mode, warn=warn)
+        ids = log_run_models(run_dir, uri, best_metric(recipe), recipe.tracking.best_mode, warn=notes.append)
     except ConfigError as e:
         warn(f"the run's models are not logged to MLflow: {e}")
+        return {}
     except Exception as e:  # noqa: BLE001
         warn(f"the run's models are not logged to MLflow ({root_cause(e)}); `towerlab export {run_dir} --format hf "
              "--out DIR --register NAME` logs one later")
-    return {}
+        return {}
+    if notes:
+        run.set_tags({T.MODELS_NOTE: " | ".join(dict.fromkeys(n.removeprefix("warning: ") for n in notes))[:5000]})
+    return ids
 
 
 def _recorded_run_id(run_file: Path) -> str:
