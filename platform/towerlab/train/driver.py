@@ -58,8 +58,11 @@ def root_cause(e: BaseException) -> str:
             e = e.__cause__
         else:
             break
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+    text = str(e).strip().splitlines() or [""]
+    # the error's own first line: Ray Data appends its retry advice to the message of an error raised in a task,
+    # and an unwrapped Ray error's text is a traceback whose last line is the error
+    ray_text = type(e).__module__.startswith("ray.")
+    return f"{type(e).__name__}: {text[-1] if ray_text else text[0]}"[:500]
 
 
 def _check_storage(storage_path: str) -> None:

@@ -84,10 +84,12 @@ def test_root_cause_looks_through_rays_wrappers():
     from towerlab.data.foreign import ShardError
     from towerlab.train.driver import root_cause
 
-    shard = ShardError("shard /d/00004.tar cannot be read (ReadError: truncated header): restore it, or set "
-                       "data.bad_shards=skip to train without it")
+    line = ("shard /d/00004.tar cannot be read (ReadError: truncated header): restore it, or set "
+            "data.bad_shards=skip to train without it")
+    # as Ray Data re-raises it: its retry advice appended to the message
+    shard = ShardError(line + "\nTo change retry attempts, backoff, or which errors are retried, configure ...")
     task = RayTaskError("ray::FlatMap(ShardReader)()", "Traceback ...\nShardError: ...", shard).as_instanceof_cause()
     group = WorkerGroupError("rank 0: ...\nTo change retry attempts, backoff, or which errors are retried, ...",
                              {1: RuntimeError("rank 1 saw the collective fail"), 0: task})
-    assert root_cause(group) == f"ShardError: {shard}"
+    assert root_cause(group) == f"ShardError: {line}"
     assert root_cause(RuntimeError("outer")) == "RuntimeError: outer"
