@@ -36,8 +36,7 @@ def search_algorithm(sweep: SweepConfig):
 
 def scheduler(sweep: SweepConfig, max_t: int | None = None):
     """Schedulers count time in training steps (`step`, reported with every metric). `max_t`: the most steps a
-    trial trains (ASHA stops every trial there, so it must not be below any trial's train.steps; without it Tune's
-    default, 100, would cut longer trials short)."""
+    trial trains (ASHA gets one more; without it Tune's default, 100, would cut longer trials short)."""
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     from towerlab.sweep.load import PBT_KEY
@@ -45,7 +44,9 @@ def scheduler(sweep: SweepConfig, max_t: int | None = None):
     s = sweep.scheduler
     # metric and mode come from the TuneConfig
     if s.name == "asha":
-        extra = {} if max_t is None else {"max_t": max_t}
+        # one past the budget: ASHA stops a trial whose step reaches max_t, and a trial stopped by the scheduler
+        # is recorded KILLED; at max_t + 1 a trial that trains all its steps ends FINISHED
+        extra = {} if max_t is None else {"max_t": max_t + 1}
         return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                              **extra)
     if s.name == "pbt":

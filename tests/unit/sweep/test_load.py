@@ -156,7 +156,8 @@ def test_asha_max_t_is_the_most_steps_of_a_trial(tmp_path, repo_root):
     plan = trial_plan(s, p)
     assert (plan.min_steps, plan.max_steps) == (20, 300)
     # Tune's default max_t (100) would stop the 300-step trials at step 100
-    assert scheduler(s, plan.max_steps)._max_t == 300
+    # one past it: a trial that trains its 300 steps finishes (ASHA stops whatever reaches max_t, recorded KILLED)
+    assert scheduler(s, plan.max_steps)._max_t == 301
 
 
 def test_integer_ranges_are_sampled_as_integers(tmp_path, repo_root):
