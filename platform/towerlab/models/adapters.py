@@ -179,6 +179,22 @@ def to_hf_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
+def _blocks_from_hf(hf: dict[str, torch.Tensor], get) -> dict[str, torch.Tensor]:
+    """Both towers' transformer blocks of a CLIPModel or SiglipModel state dict (the same block layout) in
+    towerlab's names: q, k and v packed into one in-projection. `get` reads a parameter and marks it used."""
+    out: dict[str, torch.Tensor] = {}
+    for tl, pre in (("towers.image.", "vision_model."), ("towers.text.", "text_model.")):
+        for i in range(_n_blocks(hf, f"{pre}encoder.layers.")):
+            src, dst = f"{pre}encoder.layers.{i}.", f"{tl}transformer.blocks.{i}."
+            a = src + "self_attn."
+            out[dst + "attn.in_proj_weight"] = torch.cat([get(f"{a}{x}_proj.weight") for x in "qkv"])
+            out[dst + "attn.in_proj_bias"] = torch.cat([get(f"{a}{x}_proj.bias") for x in "qkv"])
+            for t, h in _HF_BLOCK.items():
+                for p in ("weight", "bias"):
+                    out[f"{dst}{t}.{p}"] = get(f"{src}{h}.{p}")
+    return out
+
+
 def from_hf_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CLIPModel state dict in towerlab's ContrastiveModel names (the inverse of `to_hf_clip`); a parameter it
     has no place for is refused by name."""
@@ -191,16 +207,7 @@ def from_hf_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         used.add(name)
         return hf[name]
 
-    out: dict[str, torch.Tensor] = {}
-    for tl, pre in (("towers.image.", "vision_model."), ("towers.text.", "text_model.")):
-        for i in range(_n_blocks(hf, f"{pre}encoder.layers.")):
-            src, dst = f"{pre}encoder.layers.{i}.", f"{tl}transformer.blocks.{i}."
-            a = src + "self_attn."
-            out[dst + "attn.in_proj_weight"] = torch.cat([get(f"{a}{x}_proj.weight") for x in "qkv"])
-            out[dst + "attn.in_proj_bias"] = torch.cat([get(f"{a}{x}_proj.bias") for x in "qkv"])
-            for t, h in _HF_BLOCK.items():
-                for p in ("weight", "bias"):
-                    out[f"{dst}{t}.{p}"] = get(f"{src}{h}.{p}")
+    out = _blocks_from_hf(hf, get)
     names = {
         "towers.image.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
         "towers.image.class_embedding": "vision_model.embeddings.class_embedding",
@@ -387,16 +394,7 @@ def from_hf_siglip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         used.add(name)
         return hf[name]
 
-    out: dict[str, torch.Tensor] = {}
-    for tl, pre in (("towers.image.", "vision_model."), ("towers.text.", "text_model.")):
-        for i in range(_n_blocks(hf, f"{pre}encoder.layers.")):
-            src, dst = f"{pre}encoder.layers.{i}.", f"{tl}transformer.blocks.{i}."
-            a = src + "self_attn."
-            out[dst + "attn.in_proj_weight"] = torch.cat([get(f"{a}{x}_proj.weight") for x in "qkv"])
-            out[dst + "attn.in_proj_bias"] = torch.cat([get(f"{a}{x}_proj.bias") for x in "qkv"])
-            for t, h in _HF_BLOCK.items():
-                for p in ("weight", "bias"):
-                    out[f"{dst}{t}.{p}"] = get(f"{src}{h}.{p}")
+    out = _blocks_from_hf(hf, get)
     out.update({t: get(h) for t, h in _siglip_names().items()})
     out["towers.text.text_projection"] = get("text_model.head.weight").t()
     out["logit_scale"] = get("logit_scale").reshape(1)
