@@ -161,3 +161,45 @@ def test_pbt_hands_the_best_checkpoint_on(repo_root, tmp_path, ray_cluster, mlfl
     assert abs(scales[min(scales)] - 1.0) < 1e-4  # it started at its own temperature
     # ... and after the hand-over trains at 1/(0.05 x 0.8 or 1.2) = 16.7 or 25, up to the last step
     assert max(scales) == 20 and min(abs(scales[20] - 1 / (0.05 * p)) for p in (0.8, 1.2)) < 1e-3, scales
+
+
+def test_replicates_retry_failed_and_extend(repo_root, tmp_path, ray_cluster, mlflow_server):
+    """search.seeds=2: every configuration trains twice (seeds 0 and 1) with the same values, tagged for grouping;
+    `--resume --retry-failed` reruns the failed trials in their own child runs (finished ones are left alone);
+    `--resume --extend 1` adds seed 2 of both configurations under the same parent."""
+    f = _sweep_file(tmp_path, repo_root, "reps", "  optim.lr: {grid: [0.003, 1.0e+30]}\n",  # 1e30: a NaN, fails
+                    "search: {seeds: 2}\nmax_concurrent_trials: 2\nworkers_per_trial: 1\n",
+                    overrides="train.steps=10, train.log_every=5, eval.every=5, train.checkpoint_every=5, "
+                              "optim.warmup_steps=2")
+    out = run_cli(["sweep", f, "--tracking-uri", mlflow_server], cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    parent_id = _parent(client, "reps").info.run_id
+    kids = _children(client, parent_id)
+    seeds = sorted((k.data.params["optim.lr"], k.data.tags["towerlab.seed"], k.data.params["seed"]) for k in kids)
+    assert seeds == [("0.003", "0", "0"), ("0.003", "1", "1"), ("1e+30", "0", "0"), ("1e+30", "1", "1")]
+    configs = {k.data.tags["towerlab.config"] for k in kids}
+    assert len(configs) == 2 and all("seed" not in c for c in configs), configs  # replicates share their config
+    finished = {k.info.run_id: k.info.end_time for k in kids if k.info.status == "FINISHED"}
+    assert len(finished) == 2
+
+    out = run_cli(["sweep", "--resume", "reps", "--retry-failed", "--tracking-uri", mlflow_server], cwd=tmp_path,
+                  timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    kids = _children(client, parent_id)
+    assert len(kids) == 4  # the retried trials continued their own runs
+    for k in kids:
+        if k.info.run_id in finished:  # not rerun
+            assert k.info.status == "FINISHED" and k.info.end_time == finished[k.info.run_id]
+        else:  # rerun (and diverged again): the run says what ended the launch before
+            assert k.info.status == "FAILED" and "non-finite" in k.data.tags.get("towerlab.previous_failure", "")
+
+    out = run_cli(["sweep", "--resume", "reps", "--extend", "1", "--tracking-uri", mlflow_server], cwd=tmp_path,
+                  timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert _parent(client, "reps").info.run_id == parent_id
+    kids = _children(client, parent_id)
+    assert len(kids) == 6
+    added = [k for k in kids if k.data.tags["towerlab.seed"] == "2"]
+    assert len(added) == 2 and {k.data.tags["towerlab.config"] for k in added} == configs
+    assert "6 trials" in out.stdout.replace("\n", " ")

@@ -33,6 +33,10 @@ def _sweep(args: argparse.Namespace):
     from towerlab.sweep.load import load_sweep
     from towerlab.sweep.run import STATE_FILE, run_sweep
 
+    if (args.retry_failed or args.extend) and not args.resume:
+        raise ConfigError("--retry-failed and --extend act on an existing sweep: add --resume NAME")
+    if args.extend is not None and not 1 <= args.extend <= 100:
+        raise ConfigError(f"--extend {args.extend}: give the number of seeds to add to every configuration, 1 to 100")
     if args.resume:
         from towerlab.config import load_structured
         from towerlab.sweep.run import read_state
@@ -50,7 +54,8 @@ def _sweep(args: argparse.Namespace):
         except ConfigError as e:
             raise ConfigError(f"{state}: the saved sweep does not load ({e}): start it again under a new name") \
                 from None
-        summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True)
+        summary = run_sweep(sweep, sweep_file, tracking_uri=args.tracking_uri, resume=True,
+                            retry_failed=args.retry_failed, extend=args.extend or 0)
     else:
         if not args.sweep:
             raise ConfigError("give a sweep file (e.g. sweeps/quickstart.yaml) or --resume NAME")
@@ -104,6 +109,10 @@ def register(sub) -> None:
     s.add_argument("sweep", nargs="?", help="sweep YAML file, e.g. sweeps/quickstart.yaml")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. search.num_samples=2")
     s.add_argument("--resume", metavar="NAME", help="continue sweep NAME (after the driver was stopped or killed)")
+    s.add_argument("--retry-failed", action="store_true", help="with --resume: rerun the trials that failed (each "
+                   "continues its MLflow run from its latest checkpoint)")
+    s.add_argument("--extend", type=int, metavar="K", help="with --resume: train every configuration the sweep ran "
+                   "with K more seeds (replicates), under the same MLflow parent run")
     s.add_argument("--storage-path", default="results", help="where sweeps keep their state (default: results)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (else the sweep file, MLFLOW_TRACKING_URI, ./mlruns.db)")
     s.add_argument("-v", "--verbose", action="store_true", help="stream the trials' Ray worker logs and Ray Data's "

@@ -301,7 +301,10 @@ class TrainConfig:
     cpus_per_worker: int = num(1, ge=1)
     """CPU cores reserved per worker (and torch threads on CPU), at least 1."""
     steps: int = num(100, ge=1)
-    """Optimizer steps in the whole run, at least 1."""
+    """Optimizer steps in the whole run, at least 1 (set from train.samples when that is given)."""
+    samples: Optional[int] = num(None, ge=1)
+    """Samples seen in the whole run (null: train.steps decides): train.steps becomes ceil(samples / data.global_batch),
+    so runs of different batch sizes see the same data (a compute-matched budget)."""
     zero_stage: int = num(2, ge=0, le=3, why="DeepSpeed ZeRO stages are 0, 1, 2, 3")
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters).
     """

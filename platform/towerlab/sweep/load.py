@@ -90,6 +90,14 @@ class TrialPlan:
     min_steps: int
     max_steps: int
     int_keys: frozenset[str]
+    min_samples: int = 0
+    max_samples: int = 0
+
+    def extent(self, sweep: SweepConfig) -> tuple[int, int]:
+        """The shortest and longest trial in the unit the scheduler counts (scheduler.time: steps or samples)."""
+        if sweep.scheduler.time == "samples":
+            return self.min_samples, self.max_samples
+        return self.min_steps, self.max_steps
 
 
 def trial_plan(sweep: SweepConfig, sweep_file: str | os.PathLike) -> TrialPlan:
@@ -117,7 +125,8 @@ def trial_plan(sweep: SweepConfig, sweep_file: str | os.PathLike) -> TrialPlan:
             except ConfigError as e:
                 raise ConfigError(f"{src}: space.{key}={v}: {e}") from None
     steps = [r.train.steps for _, r in recipes]
-    return TrialPlan(base_recipe, recipes, min(steps), max(steps), frozenset(int_keys))
+    samples = [r.train.steps * r.data.global_batch for _, r in recipes]
+    return TrialPlan(base_recipe, recipes, min(steps), max(steps), frozenset(int_keys), min(samples), max(samples))
 
 
 def key_type(recipe: Recipe, key: str) -> Any:
@@ -151,19 +160,28 @@ def check_metric(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:
 def check_scheduler(sweep: SweepConfig, src: str, plan: TrialPlan) -> None:
     """What Ray Tune's schedulers would assert on or never act on, given the trials' training steps (Tune counts
     time in reported steps: sweep/space.py passes the most steps of a trial as ASHA's max_t)."""
-    s, steps = sweep.scheduler, f"train.steps={plan.max_steps}"
-    if s.name == "asha" and s.grace_period >= plan.max_steps:
-        raise ConfigError(f"{src}: scheduler.grace_period={s.grace_period}: no trial trains more than {steps} steps, "
-                          f"so ASHA could never stop one: use a grace_period below {plan.max_steps} (e.g. "
-                          f"{max(1, plan.max_steps // 4)}), or scheduler.name=none")
+    s, unit = sweep.scheduler, sweep.scheduler.time
+    shortest, longest = plan.extent(sweep)
+    if sweep.search.seeds > 1 and s.name == "pbt":
+        raise ConfigError(f"{src}: search.seeds={sweep.search.seeds} with scheduler pbt: PBT hands one trial's "
+                          "weights to another, so its replicates would not be independent: use scheduler.name=asha "
+                          "or none, or search.seeds=1")
+    if sweep.search.seeds > 1 and sweep.search.algorithm == "optuna":
+        raise ConfigError(f"{src}: search.seeds={sweep.search.seeds} with search.algorithm=optuna: optuna picks each "
+                          "configuration from the last results, so none is known in advance to replicate: use "
+                          "algorithm grid or random, or search.seeds=1 (then replicate the best with a grid sweep)")
+    if s.name == "asha" and s.grace_period >= longest:
+        raise ConfigError(f"{src}: scheduler.grace_period={s.grace_period}: no trial trains more than {longest} "
+                          f"{unit}, so ASHA could never stop one: use a grace_period below {longest} (e.g. "
+                          f"{max(1, longest // 4)}), or scheduler.name=none")
     if s.name == "pbt":
         if sweep.search.algorithm == "optuna":
             raise ConfigError(f"{src}: scheduler pbt chooses the trials' temperatures itself and Ray Tune refuses it "
                               "with a search algorithm: use search.algorithm=grid or random")
-        if s.perturbation_interval >= plan.min_steps:
+        if s.perturbation_interval >= shortest:
             raise ConfigError(f"{src}: scheduler.perturbation_interval={s.perturbation_interval}: trials of "
-                              f"train.steps={plan.min_steps} end before the first perturbation: use an interval "
-                              f"below {plan.min_steps}, or scheduler.name=none")
+                              f"{shortest} {unit} end before the first perturbation: use an interval "
+                              f"below {shortest}, or scheduler.name=none")
         population = sweep.search.num_samples
         if sweep.search.algorithm == "grid":
             population *= math.prod(len(v) for spec in sweep.space.values() for k, v in spec.items() if k == "grid")

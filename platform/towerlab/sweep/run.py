@@ -27,6 +27,7 @@ from pathlib import Path
 from towerlab.config import ConfigError, to_dict
 from towerlab.config.secrets import redact_params, redact_text, redacted_yaml
 from towerlab.sweep.schema import SweepConfig
+from towerlab.sweep.space import SEED_KEY, replicated_space, trial_config
 from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, stop, tags as T
 from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_beat
 from towerlab.util import atomic_write
@@ -71,6 +72,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     from towerlab.train.driver import train
     from towerlab.train.recipe import load_recipe
 
+    config = trial_config(config)
     trial_id = tune.get_context().get_trial_id()
     name = f"{ctx['name']}-{trial_id}"
     start = tune.get_checkpoint() if ctx["pbt"] else None
@@ -82,7 +84,8 @@ def run_trial(config: dict, ctx: dict) -> None:
     recipe = load_recipe(ctx["recipe"], overrides)
     kwargs = dict(tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"],
                   mlflow_name=trial_run_name(config, recipe),
-                  tags={TRIAL_TAG: trial_id, T.SWEEP: ctx["name"], T.ROLE: "trial"},
+                  tags={TRIAL_TAG: trial_id, T.SWEEP: ctx["name"], T.ROLE: "trial", T.SEED: str(recipe.seed),
+                        T.CONFIG: trial_run_name({k: v for k, v in config.items() if k != SEED_KEY}, recipe)},
                   close_on_error=False)
     if not ctx["pbt"]:
         train(recipe, callbacks=[TuneReportCallback()], **kwargs)
@@ -201,32 +204,35 @@ def sweep_dir(sweep: SweepConfig) -> Path:
 
 
 def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: str | None = None,
-              resume: bool = False) -> SweepSummary:
-    """Run (or with `resume`, continue) a validated sweep to its end and return its summary.
+              resume: bool = False, retry_failed: bool = False, extend: int = 0) -> SweepSummary:
+    """Run (or with `resume`, continue) a validated sweep to its end and return its summary. With `resume`,
+    `retry_failed` reruns the trials that failed (each continues its MLflow child run and its latest checkpoint), and
+    `extend` K trains every configuration the sweep ran with K more seeds (a new Tune experiment under the sweep's
+    directory, nested under the same parent run).
 
     Checks the tracking store, then opens the MLflow parent run (or reopens the one recorded in the sweep's state
     file), starts or joins Ray (its State API must answer: Ray Train frees stopped trials' workers through it), and
-    runs a Tune function trial per configuration: each trial calls train/driver.py's `train` with the sampled
-    overrides, nested under the parent. The state file is written when Tune sets up the experiment. The parent ends
-    FINISHED with the best trial's metric and config, or FAILED/KILLED when the sweep itself fails or is
+    runs a Tune function trial per configuration and seed: each trial calls train/driver.py's `train` with the
+    sampled overrides, nested under the parent. The state file is written when Tune sets up the experiment. The
+    parent ends FINISHED with the best trial's metric and config, or FAILED/KILLED when the sweep itself fails or is
     interrupted."""
     from ray import tune
 
     from towerlab.sweep.load import recipe_path, trial_plan
     from towerlab.train.ray_env import init_ray
-    from towerlab.sweep.space import param_space, scheduler, search_algorithm
 
     uri = resolve_uri(sweep.tracking.uri, tracking_uri)
     check_reachable(uri)
     root = sweep_dir(sweep)
     state_file = root / STATE_FILE
-    plan = None if resume else trial_plan(sweep, sweep_file)  # integer keys, and ASHA's max_t
+    plan = trial_plan(sweep, sweep_file) if not resume or extend else None  # integer keys, ASHA's max_t, the seed
     if resume:
         if not state_file.exists():
             raise ConfigError(f"no sweep '{sweep.name}' to resume under {root.parent}: start it with "
                               "`towerlab sweep SWEEP.yaml`")
         state = read_state(state_file)
-        if not tune_resumable(root):
+        experiments = [root / e for e in state.get("experiments", ["."])]
+        if not all(map(tune_resumable, experiments)):
             raise ConfigError(f"sweep '{sweep.name}' has no Ray Tune state under {root} to resume (its first start "
                               f"ended before Tune saved any): start it anew after removing {state_file}, or set "
                               "name=... for a new sweep")
@@ -239,10 +245,14 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                               f"`towerlab sweep --resume {sweep.name}`, or set name=... for a new sweep")
         params = {f"space.{k}": json.dumps(v) for k, v in sweep.space.items()}
         params.update({"metric": sweep.metric, "mode": sweep.mode, "search.algorithm": sweep.search.algorithm,
-                       "search.num_samples": sweep.search.num_samples, "scheduler.name": sweep.scheduler.name,
+                       "search.num_samples": sweep.search.num_samples, "search.seeds": sweep.search.seeds,
+                       "scheduler.name": sweep.scheduler.name, "scheduler.time": sweep.scheduler.time,
                        "recipe": sweep.recipe, "workers_per_trial": sweep.workers_per_trial})
         parent = MlflowRun.start(uri, sweep.tracking.experiment, f"sweep {sweep.name}", redact_params(params),
                                  {T.SWEEP: sweep.name, T.ROLE: "sweep"})
+        state = {"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
+                 "sweep_file": str(Path(sweep_file).absolute()), "experiments": ["."]}
+        experiments = [root]
 
     # from here every way out ends the parent (and its children left open) FINISHED, FAILED or KILLED
     status = "FAILED"
@@ -270,43 +280,39 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
         # the trial itself only waits on its TorchTrainer: it needs (almost) no CPU of its own
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
         callbacks = [_mlflow_callback(uri, parent.run_id)]
-        if not resume:
+        fitted = {}  # experiment directory -> its results
+        if resume and not extend:
+            # the last experiment continues; with retry_failed every one reruns its failed trials
+            for path in experiments if retry_failed else experiments[-1:]:
+                fitted[path] = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                                  resume_errored=False, restart_errored=retry_failed).fit()
+        else:
+            if extend:
+                configs, seeds = ran_configurations(experiments, plan.base.seed)
+                space = replicated_space(configs, list(range(max(seeds) + 1, max(seeds) + 1 + extend)))
+                name = f"extend{len(experiments)}"
+                state = {**state, "experiments": [*state.get("experiments", ["."]), name]}
+                storage = root
+            else:
+                space = _search_space(sweep, plan)
+                name, storage = sweep.name, root.parent
             # the state file (what --resume reads) is written once Tune has started, not before: a start that
             # fails earlier (Ray, the State API, a setting Tune refuses) leaves the sweep's name free
-            state = {"parent_run_id": parent.run_id, "sweep": to_dict(sweep),
-                     "sweep_file": str(Path(sweep_file).absolute())}
             callbacks.append(_state_callback(state_file, state))
-        if resume:
-            tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(sweep, plan.int_keys),
-                tune_config=tune.TuneConfig(num_samples=sweep.search.num_samples,
-                                            max_concurrent_trials=sweep.max_concurrent_trials,
-                                            search_alg=search_algorithm(sweep),
-                                            scheduler=scheduler(sweep, plan.max_steps),
-                                            metric=sweep.metric, mode=sweep.mode),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=str(root.parent), callbacks=callbacks,
-                                          # PBT clones checkpoints of other trials: keep a few (Tune warns at <= 2)
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
-            )
-        results = tuner.fit()
-        errors = sum(1 for r in results if r.error is not None)
-        best_config, best_metric = {}, None
-        try:
-            best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
-            best_config = dict(best.config or {})
-            series = best.metrics_dataframe[sweep.metric].dropna()
-            best_metric = float(series.max() if sweep.mode == "max" else series.min()) if len(series) else None
-        except (RuntimeError, KeyError):
-            pass  # no trial reported the metric
+            fitted[storage / name] = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(sweep, plan, replicated=extend > 0),
+                       run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                                                 # PBT clones checkpoints of other trials: keep a few (Tune warns
+                                                 # at <= 2)
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4))).fit()
+        grids = [fitted[path] if path in fitted else tune.Tuner.restore(str(path), trainable=trainable).get_results()
+                 for path in (root / e for e in state["experiments"])]
+        trials, errors, best_config, best_metric = _outcome(sweep, grids)
         if best_metric is not None:
             parent.log_metrics({f"best/{sweep.metric}": best_metric}, step=0)
             parent.set_tags({f"best.{k}": str(v) for k, v in best_config.items()})
             parent.log_text(json.dumps(best_config, indent=1), "best_config.json")
         status = "FINISHED"
-        return SweepSummary(sweep.name, parent.run_id, uri, best_config, best_metric, len(results), errors)
+        return SweepSummary(sweep.name, parent.run_id, uri, best_config, best_metric, trials, errors)
     except (KeyboardInterrupt, SystemExit):  # a stop signal (SystemExit: Ray's own SIGTERM handler)
         status = "KILLED"
         raise
@@ -333,6 +339,61 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
                 raise
             print(f"warning: could not end the sweep's MLflow runs {status} ({type(e).__name__}); `towerlab runs "
                   "doctor --fix` closes them once their heartbeat is stale", file=sys.stderr)
+
+
+def _search_space(sweep: SweepConfig, plan) -> dict:
+    """Tune's param_space of a first start: the space itself, or with search.seeds > 1 every configuration (drawn
+    once) with every seed."""
+    from towerlab.sweep.space import configurations, param_space
+
+    if sweep.search.seeds == 1:
+        return param_space(sweep, plan.int_keys)
+    seed = plan.base.seed
+    return replicated_space(configurations(sweep, plan.int_keys), list(range(seed, seed + sweep.search.seeds)))
+
+
+def _tune_config(sweep: SweepConfig, plan, replicated: bool):
+    from ray import tune
+
+    from towerlab.sweep.space import scheduler, search_algorithm
+
+    replicated = replicated or sweep.search.seeds > 1  # the configurations are a grid drawn before Tune
+    return tune.TuneConfig(num_samples=1 if replicated else sweep.search.num_samples,
+                           max_concurrent_trials=sweep.max_concurrent_trials,
+                           search_alg=None if replicated else search_algorithm(sweep),
+                           scheduler=scheduler(sweep, plan.extent(sweep)[1]), metric=sweep.metric, mode=sweep.mode)
+
+
+def ran_configurations(experiments: list[Path], base_seed: int) -> tuple[list[dict], set[int]]:
+    """The configurations a sweep's Tune experiments trained (without their seed, each once) and the seeds used (a
+    sweep without replicates trained the recipe's own seed)."""
+    from ray.tune import ExperimentAnalysis
+
+    configs, seeds = {}, set()
+    for path in experiments:
+        for trial in ExperimentAnalysis(str(path)).trials:
+            config = trial_config(trial.config)
+            seeds.add(int(config.pop(SEED_KEY, base_seed)))
+            configs.setdefault(json.dumps(config, sort_keys=True, default=str), config)
+    return list(configs.values()), seeds or {base_seed}
+
+
+def _outcome(sweep: SweepConfig, grids: list) -> tuple[int, int, dict, float | None]:
+    """Trials, failed trials, and the best trial's config and metric over all the sweep's Tune experiments' results."""
+    trials = errors = 0
+    best_config, best_metric = {}, None
+    best_of = max if sweep.mode == "max" else min
+    for results in grids:
+        trials += len(results)
+        errors += sum(1 for r in results if r.error is not None)
+        for r in results:
+            df = r.metrics_dataframe
+            series = df[sweep.metric].dropna() if df is not None and sweep.metric in df else ()
+            if len(series):
+                value = float(best_of(series))
+                if best_metric is None or (value > best_metric if sweep.mode == "max" else value < best_metric):
+                    best_config, best_metric = trial_config(dict(r.config or {})), value
+    return trials, errors, best_config, best_metric
 
 
 def _state_callback(state_file: Path, state: dict):

@@ -29,6 +29,11 @@ class Algorithm(StrEnum):
     optuna = "optuna"
 
 
+class TimeAxis(StrEnum):
+    steps = "steps"
+    samples = "samples"
+
+
 class Scheduler(StrEnum):
     none = "none"
     asha = "asha"
@@ -45,6 +50,9 @@ class SearchConfig:
     """Repeats of the grid (grid) or number of trials (random, optuna), at least 1."""
     seed: int = num(0, ge=0, le=INT64_MAX)
     """Seed of the sampled values, in [0, 2**63 - 1]."""
+    seeds: int = num(1, ge=1, le=100)
+    """Replicates: every configuration trains this many times, with recipe seeds seed, seed+1, ... (initial weights
+    and data order), in [1, 100]; `towerlab compare` turns them into a mean and an interval per configuration."""
 
 
 @dataclass
@@ -53,8 +61,11 @@ class SchedulerConfig:
 
     name: Scheduler = Scheduler.none
     """Trial scheduler: none (every trial runs to the end), asha (early stopping) or pbt (population-based training)."""
+    time: TimeAxis = TimeAxis.steps
+    """What the scheduler counts (grace_period, perturbation_interval): steps, or samples seen (a batch-size axis then
+    compares trials at equal data)."""
     grace_period: int = num(10, ge=1)
-    """asha: reported steps before a trial can be stopped, at least 1."""
+    """asha: steps (or samples, with time=samples) before a trial can be stopped, at least 1."""
     reduction_factor: float = num(3.0, gt=1)
     """asha: each rung keeps the best 1/reduction_factor of the trials, > 1."""
     # pbt (population-based training of the temperature): every perturbation_interval steps a trial in the bottom
@@ -62,7 +73,7 @@ class SchedulerConfig:
     # loss.temperature_init (x0.8 or x1.2, or resampled from its space entry with resample_probability). Needs a fixed
     # temperature (loss.learn_temperature=false), and a checkpoint at least every perturbation_interval steps.
     perturbation_interval: int = num(10, ge=1)
-    """pbt: training steps between perturbations, at least 1 (and at least train.checkpoint_every)."""
+    """pbt: training steps (or samples, with time=samples) between perturbations, at least 1 (and at least train.checkpoint_every)."""
     quantile_fraction: float = num(0.25, gt=0, le=0.5)
     """pbt: fraction of trials at the bottom that take over a checkpoint from the top, in (0, 0.5]."""
     resample_probability: float = num(0.25, ge=0, le=1)

@@ -113,16 +113,19 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 metrics["train/epoch"] = epoch
+                metrics["train/samples"] = step * plan.global_batch
             metrics.update(evaluate(engine.module.model, step, last))
             if metrics:
                 run.log_metrics(metrics, step)
+            # a scheduler's time axis: steps, or samples seen (equal data across batch sizes)
+            progress = {"step": step, "samples": step * plan.global_batch}
             if step % recipe.train.checkpoint_every == 0 or last:
                 save_checkpoint(engine, recipe, rank, {"step": step, "epoch": epoch, "batch": consumed},
-                                lambda ckpt, name: ray.train.report({"step": step, **metrics}, checkpoint=ckpt,
+                                lambda ckpt, name: ray.train.report({**progress, **metrics}, checkpoint=ckpt,
                                                                     checkpoint_dir_name=name),
                                 storage=ctx.get_storage())
             elif metrics:
-                ray.train.report({"step": step, **metrics})
+                ray.train.report({**progress, **metrics})
             if metrics:
                 window_start, window_samples = time.perf_counter(), 0
             if step >= total:

@@ -4,9 +4,10 @@
 Worked out from the recipe, not from a list kept by hand:
 - train/TERM for every term the loss family returns (its "loss" and named terms, e.g. loss_i2t, mixing), found by
   calling the loss once on a tiny batch of random features, plus train/logit_scale (train/module.py adds it) and
-  the loop's own train/lr, train/samples_per_s and train/epoch (train/loop.py);
+  the loop's own train/lr, train/samples_per_s, train/epoch and train/samples (train/loop.py);
 - eval/NAME/METRIC for every evaluator of `evals`, as its type declares (train/evaluate.py `declares`).
-Foreign (web) data adds data/skipped_samples_epoch. (Tune also receives `step`, its time attribute, not a metric.)
+Foreign (web) data adds data/skipped_samples_epoch. (Tune also receives `step` and `samples`, its time attributes,
+not metrics.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from towerlab import losses
 from towerlab.config import Recipe
 from towerlab.train.evaluate import metric_names
 
-LOOP = ("train/lr", "train/samples_per_s", "train/epoch", "train/logit_scale")  # train/loop.py, train/module.py
+# train/loop.py, train/module.py
+LOOP = ("train/lr", "train/samples_per_s", "train/epoch", "train/samples", "train/logit_scale")
 FOREIGN = "data/skipped_samples_epoch"  # train/loop.py, for shards without a towerlab manifest
 
 

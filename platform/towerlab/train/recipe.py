@@ -66,6 +66,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         configure(recipe.model)
     if any(o.replace(" ", "") == "evals={}" for o in overrides):
         recipe.evals = {}  # merging {} would keep a recipe file's evaluators: `evals={}` means none
+    if recipe.train.samples:  # a compute-matched budget: the steps follow from it (both are recorded)
+        recipe.train.steps = -(-recipe.train.samples // recipe.data.global_batch)
     validate(recipe)
     return recipe
 

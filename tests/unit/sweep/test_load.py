@@ -101,15 +101,15 @@ PBT_OK = "overrides: [loss.learn_temperature=false, train.checkpoint_every=5]\n"
      "metric=eval/zeroshot/top1 is not logged"),
     # ASHA: Tune asserts grace_period <= max_t (the trials' steps); equal, it could never stop a trial
     ("space: {optim.lr: {choice: [0.1]}}\nscheduler: {name: asha, grace_period: 10}\n",
-     "scheduler.grace_period=10: no trial trains more than train.steps=10 steps, so ASHA could never stop one"),
+     "scheduler.grace_period=10: no trial trains more than 10 steps, so ASHA could never stop one"),
     ("space: {train.steps: {grid: [20, 30]}}\nscheduler: {name: asha, grace_period: 40}\n",
-     "no trial trains more than train.steps=30 steps"),
+     "no trial trains more than 30 steps"),
     # PBT: Tune refuses a search algorithm with it; an interval no trial reaches; a population of one
     (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: optuna, num_samples: 4}\n"
      "scheduler: {name: pbt, perturbation_interval: 5}\n", "use search.algorithm=grid or random"),
     (PBT_OK + "space: {loss.temperature_init: {grid: [0.05, 0.5]}}\n"
      "scheduler: {name: pbt, perturbation_interval: 10}\n",
-     "scheduler.perturbation_interval=10: trials of train.steps=10 end before the first perturbation"),
+     "scheduler.perturbation_interval=10: trials of 10 steps end before the first perturbation"),
     (PBT_OK + "space: {loss.temperature_init: {choice: [0.05, 0.5]}}\nsearch: {algorithm: random}\n"
      "scheduler: {name: pbt, perturbation_interval: 5}\n", "this sweep has 1 trial"),
     # a float range over an integer key would fail every trial
