@@ -284,8 +284,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
         if resume and not extend:
             # the last experiment continues; with retry_failed every one reruns its failed trials
             for path in experiments if retry_failed else experiments[-1:]:
+                # resumed, not restarted: a restarted trial gets a new id, so a new Train run and child run
                 fitted[path] = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                                  resume_errored=False, restart_errored=retry_failed).fit()
+                                                  resume_errored=retry_failed, restart_errored=False).fit()
         else:
             if extend:
                 configs, seeds = ran_configurations(experiments, plan.base.seed)
