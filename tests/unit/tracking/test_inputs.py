@@ -102,20 +102,20 @@ def _monitor_threads():
 
 def test_system_metrics_are_logged_per_node_until_stopped(store):
     uri, client, run_id = store
-    monitor = SystemMetrics(uri, run_id, every=0.2, node="node-a").start()
+    monitor = SystemMetrics(uri, run_id, every=0.2, node="10.0.0.5").start()
     try:
         deadline = time.monotonic() + 10
-        while len(_cpu_points(client, run_id, "node-a")) < 2 and time.monotonic() < deadline:
+        while len(_cpu_points(client, run_id, "10.0.0.5")) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert len(_cpu_points(client, run_id, "node-a")) >= 2
+        assert len(_cpu_points(client, run_id, "10.0.0.5")) >= 2
         keys = client.get_run(run_id).data.metrics
-        assert "system/node-a/system_memory_usage_megabytes" in keys
+        assert "system/10.0.0.5/system_memory_usage_megabytes" in keys
     finally:
         monitor.stop()
     assert not _monitor_threads()  # stop() waited for the thread
-    logged = len(_cpu_points(client, run_id, "node-a"))
+    logged = len(_cpu_points(client, run_id, "10.0.0.5"))
     time.sleep(0.8)  # four intervals
-    assert len(_cpu_points(client, run_id, "node-a")) == logged
+    assert len(_cpu_points(client, run_id, "10.0.0.5")) == logged
 
 
 def test_a_resumed_run_continues_the_system_metric_steps(store):
