@@ -37,13 +37,13 @@ class SystemMetrics:
     `stop()`; `every` 0 logs nothing. Neither call raises: system metrics are an aid, not part of training."""
 
     def __init__(self, uri: str, run_id: str, every: float, node: str | None = None):
-        self.uri, self.run_id, self.every = uri, run_id, every
-        self.node = node or node_id()
+        self.uri, self.run_id, self.every, self.node = uri, run_id, every, node
         self.monitor = None
 
     def start(self) -> "SystemMetrics":
         if self.every <= 0 or not (self.uri and self.run_id):
             return self
+        self.node = self.node or node_id()
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -62,7 +62,8 @@ class SystemMetrics:
         return self
 
     def stop(self) -> None:
-        """Stop sampling and wait for the monitor's thread to end (it sends what it holds first)."""
+        """Stop sampling and wait for the monitor's thread to end (what it has batched is sent). MLflow's monitor
+        logs whole intervals: the one the stop cuts short is not logged, so a run shorter than `every` has none."""
         if self.monitor is None:
             return
         try:
