@@ -27,7 +27,7 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     shm_before = _shm_buffers()
     # micro-batch 16 x 2 workers: 2 micro-batches per step through the feature cache
     first = run_cli(["train", recipe, "name=itest", "train.steps=10", "data.micro_batch=16", "--no-progress",
-                     "--tracking-uri", mlflow_server], cwd=tmp_path)
+                     "tracking.system_metrics_every=1", "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "zero-shot top-1" in first.stdout
     # a quiet console: the workers' output is in the run directory, not on the console (no -v)
@@ -54,6 +54,13 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     for tag in ("towerlab.git_commit", "towerlab.data_fingerprint", "towerlab.version.ray",
                 "towerlab.version.torch", "towerlab.version.deepspeed"):
         assert run.data.tags.get(tag), tag
+    # what a comparison needs beside the metrics: the training data as a dataset input, each node's system metrics
+    [data] = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert data.dataset.name == "synthetic"
+    assert data.dataset.digest == run.data.tags["towerlab.data_fingerprint"][:12]
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert len(nodes) == 1, nodes  # two workers on one node: one monitor
+    assert f"system/{nodes.pop()}/cpu_utilization_percentage" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "recipe.yaml" in artifacts
     recipe_text = client.download_artifacts(run.info.run_id, "recipe.yaml", str(tmp_path))

@@ -418,6 +418,9 @@ class TrackingConfig:
     zeroshot evaluator (none: only the last checkpoint is logged)."""
     best_mode: Mode = Mode.max
     """Whether a larger (max) or smaller (min) best_metric is better."""
+    system_metrics_every: float = num(10.0, ge=0, le=3600)
+    """Seconds between samples of each node's CPU, memory, disk, network and (with pynvml and a GPU) GPU use, logged
+    as system/<node>/... metrics of the run by the first worker on each node, in [0, 3600]; 0: none."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from towerlab.config import ConfigError, Recipe, flatten, resolve_batch, to_dict
 from towerlab.config.secrets import redact_params, redacted_yaml
 from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, stop, tags as T
+from towerlab.tracking.dataset_input import log_training_dataset
 from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_beat
 from towerlab.tracking.provenance import git_commit, versions
 from towerlab.train.checkpoint import RUN_FILE, resume_differences
@@ -134,6 +135,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
             run.log_text(json.dumps(manifest.counts | {"fingerprint": manifest.fingerprint} | described),
                          "data.json")
+            # the same identity as a dataset input: the MLflow UI shows it in the run list's Datasets column
+            log_training_dataset(run.client, run.run_id, recipe.data.source, manifest)
             unknown = prompt_unknown_share(recipe, manifest)
             if unknown is not None:
                 run.log_metrics({"data/prompt_unknown_share": unknown}, 0)

@@ -19,6 +19,7 @@ from towerlab.config import Recipe, resolve_batch
 from towerlab.data import read_manifest
 from towerlab.data.pipeline import epoch_batches, preprocessor
 from towerlab.tracking import NoopRun, open_run
+from towerlab.tracking.system_metrics import SystemMetrics
 from towerlab.tracking.tags import FAILURE
 from towerlab.train.checkpoint import CKPT_TAG, save_checkpoint
 from towerlab.train.deepspeed_config import deepspeed_config
@@ -37,13 +38,28 @@ def train_loop_per_worker(config: dict) -> None:
     Resumes from this run's latest Ray Train checkpoint when there is one, skipping the micro-batches of the
     interrupted epoch already trained on; raises FloatingPointError (tagged on the MLflow run) on a non-finite loss."""
     import ray.train
-    from ray.train import Checkpoint
 
     recipe: Recipe = config["recipe"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("log_dir"):  # not streamed to the console (no -v): kept in the run directory
         redirect_output(Path(config["log_dir"]) / f"rank{rank}.log")
+    # one monitor per node: the first worker of each samples the node's CPU, memory and GPUs into the run, from
+    # before the model is built (its cost shows too) to the end, failed or not: stopped before the worker returns,
+    # so none is left logging into the run the driver is about to end
+    monitor = SystemMetrics(config.get("tracking_uri"), config.get("run_id"),
+                            recipe.tracking.system_metrics_every if ctx.get_local_rank() == 0 else 0).start()
+    try:
+        _train(config, recipe, ctx, rank, world)
+    finally:
+        monitor.stop()
+
+
+def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
+    """The training itself (train_loop_per_worker's docstring)."""
+    import ray.train
+    from ray.train import Checkpoint
+
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if recipe.train.use_gpu else "cpu")
     if not recipe.train.use_gpu:
         torch.set_num_threads(recipe.train.cpus_per_worker)

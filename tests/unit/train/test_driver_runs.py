@@ -249,3 +249,16 @@ def test_heartbeat_beats_until_stopped(store, experiment):
     last = client.get_run(rid).data.tags[T.HEARTBEAT]
     time.sleep(0.6)
     assert client.get_run(rid).data.tags[T.HEARTBEAT] == last  # stopped
+
+
+def test_the_run_has_its_training_data_as_a_dataset_input(setup):
+    """Logged by the driver with the run's other records, before any worker starts (tracking/dataset_input.py)."""
+    recipe, uri, client = setup
+    with pytest.raises(Refuse):
+        train(recipe, on_start=_stop_before_ray)
+    (run,) = _runs(client, recipe)
+    [given] = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert given.dataset.name == recipe.data.source
+    assert given.dataset.digest == run.data.tags[T.DATA_FINGERPRINT][:12]
+    assert json.loads(given.dataset.source)["uri"] == str(recipe.data.path)
+    assert json.loads(given.dataset.profile)["samples"] > 0
