@@ -17,3 +17,5 @@ TRIAL_ID = "towerlab.trial_id"  # Ray Tune's trial id, on a trial's child run
 HEARTBEAT = "towerlab.heartbeat"  # Unix time (s) of the driver's latest sign of life while the run is RUNNING
 MODELS_NOTE = "towerlab.models_note"  # what the run's logged models lack (e.g. a tokenizer outside towerlab)
 PREVIOUS_FAILURE = "towerlab.previous_failure"  # on a resumed run: the failure of the launch before
+CONFIG = "towerlab.config"  # a trial's configuration without its seed (the sweep's replicates share it)
+SEED = "towerlab.seed"  # a trial's recipe seed (one replicate of its configuration)
