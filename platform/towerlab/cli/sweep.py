@@ -134,8 +134,27 @@ def _study_table(s) -> Table:
     return t
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from towerlab.tracking import check_reachable, resolve_uri
+    from towerlab.tracking.report import check_target
+    from towerlab.tracking.uri import require_store, store_errors
+
+    out = Path(args.out or f"results/report-{args.sweep}.html").absolute()
+    check_target(out)  # before reading the store: a refused --out costs nothing
+    uri = resolve_uri(None, args.tracking_uri)
+    check_reachable(uri)
+    require_store(uri, f"no sweep '{args.sweep}'")
+    with store_errors(uri):
+        from towerlab.tracking import report, study
+
+        s = study.load(uri, args.sweep, args.metric, args.mode)
+        report.write(s, uri, out)
+    console.print(f"report: {out} (also report.html, an artifact of the sweep's parent run {s.parent_run_id})")
+    return 0
+
+
 def register(sub) -> None:
-    """`sweep` and `compare` under the top-level parser's subcommands."""
+    """`sweep`, `compare` and `report` under the top-level parser's subcommands."""
     s = sub.add_parser("sweep", help="run a Ray Tune sweep of a recipe (one MLflow child run per trial)")
     s.add_argument("sweep", nargs="?", help="sweep YAML file, e.g. sweeps/quickstart.yaml")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. search.num_samples=2")
@@ -154,3 +173,11 @@ def register(sub) -> None:
     c.add_argument("--out", help="PNG path (default: results/compare-<sweep>.png)")
     c.add_argument("--tracking-uri", help="MLflow tracking URI")
     c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="a sweep as one self-contained HTML page: plots, statistics, run links")
+    r.add_argument("--sweep", required=True, help="sweep name")
+    r.add_argument("--out", help="HTML path (default: results/report-<sweep>.html; only a towerlab report is replaced)")
+    r.add_argument("--metric", help="metric to rank by (default: the sweep's metric)")
+    r.add_argument("--mode", choices=["max", "min"])
+    r.add_argument("--tracking-uri", help="MLflow tracking URI")
+    r.set_defaults(func=cmd_report)
