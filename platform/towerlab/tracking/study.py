@@ -92,6 +92,13 @@ def _at(curve: list[tuple[int, float]], step: int) -> float | None:
     return before[-1] if before else None
 
 
+def _steps(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
 def _label(params: dict[str, str], keys: list[str]) -> str:
     return ", ".join(f"{k}={params.get(k)}" for k in keys)
 
@@ -122,10 +129,12 @@ def load(uri: str, sweep: str, metric: str | None = None, mode: str | None = Non
         if not hist:
             excluded["without the metric"] += 1
             continue
-        tags = r.data.tags
+        tags, budget = r.data.tags, _steps(r.data.params.get("train.steps"))
+        # stopped by the scheduler: KILLED as a trial, before its budget (older sweeps recorded KILLED at max_t too)
+        cut = status == "KILLED" and T.TRIAL_ID in tags and (budget is None or hist[-1].step < budget)
         rec = RunRecord(r.info.run_id, r.info.run_name, status, r.info.experiment_id,
                         tags.get(T.SEED, r.data.params.get("seed")), [(m.step, m.value) for m in hist],
-                        dict(r.data.metrics), killed_by_scheduler=status == "KILLED" and T.TRIAL_ID in tags)
+                        dict(r.data.metrics), killed_by_scheduler=cut)
         key = tags.get(T.CONFIG) or r.info.run_id  # older sweeps: each run is its own configuration
         if key not in groups:
             params = {k: v for k, v in r.data.params.items() if k != "seed"}

@@ -59,7 +59,7 @@ def test_chromium_renders_every_plot_offline(page, tmp_path):
 
 def test_the_page_says_what_was_tested_and_is_logged(page, sweep_store):  # noqa: F811
     text = html.unescape(page.read_text())
-    assert "Welch's t, Holm-corrected over 10 pairs, alpha 0.05" in text
+    assert "Welch's t, Holm-corrected over 15 pairs, alpha 0.05" in text
     assert "stopped early while still improving" in text and "final (last logged) value" in text
     assert "is not a server, so runs are listed by id" in text  # a sqlite store: no UI links to give
     for ids in sweep_store["runs"].values():

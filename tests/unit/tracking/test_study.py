@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("restore_signals")
 
 def test_configurations_are_grouped_and_ranked(sweep_store):
     s = study.load(sweep_store["uri"], "study")
-    assert [g.key for g in s.configs] == ["clip-0.07-32", "siglip-0.07-32", "clip-0.2-32", "siglip-0.2-128",
-                                          "dcl-0.2-128"]
+    assert [g.key for g in s.configs] == ["clip-0.07-32", "siglip-0.07-32", "clip-0.2-128", "clip-0.2-32",
+                                          "siglip-0.2-128", "dcl-0.2-128"]
     for g in s.configs:
         assert sorted(r.value for r in g.runs) == pytest.approx(sorted(CONFIGS[g.key][3]))
     assert s.excluded == {"failed": 1, "without the metric": 1, "still running": 0}
@@ -28,10 +28,11 @@ def test_configurations_are_grouped_and_ranked(sweep_store):
 
 
 def test_early_stop_marks_a_rising_killed_run_not_a_flat_one(sweep_store):
+    """siglip-0.2-128 is cut rising; dcl-0.2-128 is cut flat; clip-0.2-128 rises but was KILLED at its last step."""
     s = study.load(sweep_store["uri"], "study")
     marks = {g.key: g.cut_climbing for g in s.configs}
     assert marks == {"clip-0.07-32": False, "siglip-0.07-32": False, "clip-0.2-32": False,
-                     "siglip-0.2-128": True, "dcl-0.2-128": False}
+                     "siglip-0.2-128": True, "dcl-0.2-128": False, "clip-0.2-128": False}
 
 
 def test_climbing():
@@ -46,7 +47,7 @@ def test_compare_sweep_prints_the_statistics_and_logs_them(sweep_store, capsys, 
     monkeypatch.chdir(sweep_store["tmp"])
     assert main(["compare", "--sweep", "study", "--tracking-uri", sweep_store["uri"]]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps cells: compare words, not lines
-    assert "Welch's t, Holm-corrected over 10 pairs, alpha 0.05" in out
+    assert "Welch's t, Holm-corrected over 15 pairs, alpha 0.05" in out
     assert "final (last logged) value" in out
     assert "tied p=0.51" in out and "worse p=" in out and "not significantly different from the best (1)" in out
     assert "stopped early while still improving" in out
@@ -54,10 +55,10 @@ def test_compare_sweep_prints_the_statistics_and_logs_them(sweep_store, capsys, 
     client = sweep_store["client"]
     data = json.loads(client.download_artifacts(sweep_store["parent"], "comparison.json", str(sweep_store["tmp"])) and
                       (sweep_store["tmp"] / "comparison.json").read_text())
-    assert [c["config"] for c in data["configs"]][:3] == ["clip-0.07-32", "siglip-0.07-32", "clip-0.2-32"]
+    assert [c["config"] for c in data["configs"]][:3] == ["clip-0.07-32", "siglip-0.07-32", "clip-0.2-128"]
     best = data["configs"][0]
     assert best["n"] == 3 and best["mean"] == pytest.approx(0.91) and len(best["ci95"]) == 2
-    assert data["pairs_tested"] == 10 and len(data["pairs"]) == 10
+    assert data["pairs_tested"] == 15 and len(data["pairs"]) == 15
     assert data["tied_with_best"] == [data["configs"][1]["label"]]
 
 
