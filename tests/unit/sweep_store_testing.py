@@ -68,4 +68,12 @@ def sweep_store(tmp_path_factory):
     silent = client.create_run(exp, run_name="no metric", tags={"mlflow.parentRunId": parent, T.ROLE: "trial"})
     client.set_terminated(silent.info.run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
+    # a sweep from before the config and seed tags: two runs of the same values, each its own configuration
+    old = client.create_run(exp, tags={T.SWEEP: "old", T.ROLE: "sweep"}, run_name="sweep old").info.run_id
+    client.log_param(old, "space.loss.name", json.dumps({"choice": ["clip"]}))
+    for i, value in enumerate([0.5, 0.6]):
+        rid = client.create_run(exp, run_name=f"old {i}", tags={"mlflow.parentRunId": old, T.ROLE: "trial"}).info.run_id
+        client.log_param(rid, "loss.name", "clip")
+        client.log_metric(rid, METRIC, value, step=10)
+        client.set_terminated(rid, "FINISHED")
     return {"uri": uri, "client": client, "parent": parent, "exp": exp, "runs": runs, "tmp": tmp_path}

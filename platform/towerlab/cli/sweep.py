@@ -121,7 +121,7 @@ def _study_table(s) -> Table:
         ci = " (n=1)" if st.low is None else f" ± {(st.high - st.low) / 2:.4f}"
         p = "" if st.p_vs_best is None else f" p={st.p_vs_best:.2g}"
         verdict = {"best": "best", "tied with best": "tied" + p, "worse": "worse" + p,
-                   "not tested": "n<2: untested"}[st.mark]
+                   "not tested": "untested"}[st.mark]
         t.add_row(f"{st.rank}*" if g.cut_climbing else str(st.rank), *(str(g.params.get(k)) for k in s.keys),
                   str(st.n), f"{st.mean:.4f}{ci}", verdict)
         if g.cut_climbing:
@@ -129,7 +129,7 @@ def _study_table(s) -> Table:
     gone = ", ".join(f"{n} {why}" for why, n in s.excluded.items() if n)
     tied = [g.label for g in s.configs if g.stat.mark == "tied with best"]
     t.caption = (f"{VALUE_NOTE}. Test: {s.result.note()}; tied = not significantly different from the best "
-                 f"({len(tied)}), worse = significantly worse." + (f" Excluded runs: {gone}." if gone else "")
+                 f"({len(tied)}), worse = significantly worse, untested = n<2 or no spread." + (f" Excluded runs: {gone}." if gone else "")
                  + "".join(f"\n* {c}: {CUT_NOTE}." for c in cut))
     return t
 

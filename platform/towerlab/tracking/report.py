@@ -57,7 +57,7 @@ def _table(s: Study, uri: str) -> str:
         ci = "n=1: no interval" if st.low is None else f"{st.low:.4f} to {st.high:.4f}"
         p = "" if st.p_vs_best is None else f" (p={st.p_vs_best:.2g})"
         verdict = {"best": "best", "tied with best": "tied with best" + p,
-                   "worse": "significantly worse" + p, "not tested": "not tested (n&lt;2)"}[st.mark]
+                   "worse": "significantly worse" + p, "not tested": "not tested (n&lt;2 or no spread)"}[st.mark]
         runs = []
         for r in g.runs:
             link, text = run_link(uri, r.experiment_id, r.run_id), f"{_e(r.name)} ({_e(r.seed)})"

@@ -12,6 +12,7 @@ false discovery rate, not a family-wise error), and statsmodels is not a depende
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -30,7 +31,7 @@ class ConfigStat:
     low: float | None = None  # the 95% interval; None when n < 2 (no spread to estimate)
     high: float | None = None
     rank: int = 0  # 1 = best
-    mark: str = ""  # "best", "tied with best", "worse", "not tested"
+    mark: str = ""  # "best", "tied with best", "worse", "not tested" (n < 2, or no spread on either side)
     p_vs_best: float | None = None  # the Holm-adjusted p of the pair with the best
 
 
@@ -86,7 +87,11 @@ def welch(a: list[float], b: list[float]) -> float | None:
 
     if len(a) < 2 or len(b) < 2:
         return None
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if np.var(a) == 0 and np.var(b) == 0:  # no spread to weigh the difference by: scipy would say p=0 (t = inf)
+        return None
+    with warnings.catch_warnings():  # (near-)constant samples: scipy warns, and answers nan where t is undefined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return None if math.isnan(p) else p
 
 

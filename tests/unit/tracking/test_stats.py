@@ -44,6 +44,11 @@ def test_two_clearly_differ_and_two_clearly_tie():
     assert "Holm-corrected over 3 pairs, alpha 0.05" in r.note()
 
 
+def test_constant_replicates_are_not_tested_rather_than_guessed():
+    r = stats.compare({"a": [0.9, 0.9], "b": [0.8, 0.8]}, "max")
+    assert r.tested == 0 and r.configs[1].mark == "not tested" and r.pairs[0].p is None
+
+
 def test_min_mode_ranks_the_smallest_first():
     r = stats.compare({"hi": [2.0, 2.1], "lo": [1.0, 1.1]}, "min")
     assert [c.key for c in r.configs] == ["lo", "hi"]

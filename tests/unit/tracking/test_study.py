@@ -35,6 +35,13 @@ def test_early_stop_marks_a_rising_killed_run_not_a_flat_one(sweep_store):
                      "siglip-0.2-128": True, "dcl-0.2-128": False, "clip-0.2-128": False}
 
 
+def test_an_older_sweep_compares_run_by_run(sweep_store):
+    s = study.load(sweep_store["uri"], "old")
+    assert [(g.label, g.stat.n, g.stat.mark) for g in s.configs] == [("loss.name=clip #2", 1, "best"),
+                                                                     ("loss.name=clip", 1, "not tested")]
+    assert s.result.tested == 0
+
+
 def test_climbing():
     assert study.climbing([(10, 0.2), (20, 0.4)], "max")
     assert not study.climbing([(10, 0.3), (20, 0.31), (30, 0.3)], "max")
