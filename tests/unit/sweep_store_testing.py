@@ -1,6 +1,7 @@
-"""A unit-test helper: a sweep recorded in a real MLflow store (sqlite under tmp_path), shaped like `towerlab sweep` records one: a parent
-run with the sweep's params and tags, one child per trial with the flattened recipe as params, the trial tags, and
-metric histories. Replicates share a `towerlab.config` tag. `sweep_store` returns the URI and what was logged."""
+"""A unit-test helper: a sweep recorded in a real MLflow store (sqlite, one per test module), shaped like
+`towerlab sweep` records one: a parent run with the sweep's params and tags, one child per trial with the flattened
+recipe as params, the trial tags, and metric histories. Replicates share a `towerlab.config` tag. A second sweep,
+"old", predates that tag. `sweep_store` returns the URI and what was logged."""
 
 from __future__ import annotations
 

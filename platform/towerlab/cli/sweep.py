@@ -26,6 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if summary.best_metric is not None:
         console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
     console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
+    console.print(f"report:  towerlab report --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
     return 0
 
 
@@ -113,8 +114,8 @@ def _study_table(s) -> Table:
     heads = short if len(set(short)) == len(short) else s.keys  # full keys only where the last parts collide
     fixed = dict(no_wrap=True, justify="right")  # numbers are not wrapped: the swept values' columns give way
     t = Table(Column("#", **fixed), *heads, Column("n", **fixed), Column("mean ± 95% CI", **fixed),
-              Column("vs best", no_wrap=True), caption_justify="left", title=f"sweep '{s.sweep}': {s.metric} ({s.mode}), "
-              f"{len(s.configs)} configurations")
+              Column("vs best", no_wrap=True), caption_justify="left",
+              title=f"sweep '{s.sweep}': {s.metric} ({s.mode}), {len(s.configs)} configurations")
     cut = []
     for g in s.configs:
         st = g.stat
@@ -129,7 +130,8 @@ def _study_table(s) -> Table:
     gone = ", ".join(f"{n} {why}" for why, n in s.excluded.items() if n)
     tied = [g.label for g in s.configs if g.stat.mark == "tied with best"]
     t.caption = (f"{VALUE_NOTE}. Test: {s.result.note()}; tied = not significantly different from the best "
-                 f"({len(tied)}), worse = significantly worse, untested = n<2 or no spread." + (f" Excluded runs: {gone}." if gone else "")
+                 f"({len(tied)}), worse = significantly worse, untested = n<2 or no spread."
+                 + (f" Excluded runs: {gone}." if gone else "")
                  + "".join(f"\n* {c}: {CUT_NOTE}." for c in cut))
     return t
 
@@ -176,7 +178,7 @@ def register(sub) -> None:
 
     r = sub.add_parser("report", help="a sweep as one self-contained HTML page: plots, statistics, run links")
     r.add_argument("--sweep", required=True, help="sweep name")
-    r.add_argument("--out", help="HTML path (default: results/report-<sweep>.html; only a towerlab report is replaced)")
+    r.add_argument("--out", help="HTML path (default: results/report-<sweep>.html; replaces only a towerlab report)")
     r.add_argument("--metric", help="metric to rank by (default: the sweep's metric)")
     r.add_argument("--mode", choices=["max", "min"])
     r.add_argument("--tracking-uri", help="MLflow tracking URI")
