@@ -90,8 +90,8 @@ def render(s: Study, uri: str) -> str:
                                                                      "(eval/geometry.py), mean over seeds, 95% bars"))
     from towerlab.tracking import redact
 
-    links = ("run links open the MLflow UI of the tracking server" if run_link(uri, "0", "0") else
-             f"the tracking URI ({_e(redact(uri))}) is not a server, so runs are listed by id: open them with "
+    links = ("Run links open the MLflow UI of the tracking server" if run_link(uri, "0", "0") else
+             f"The tracking URI ({_e(redact(uri))}) is not a server, so runs are listed by id: open them with "
              f"<code>towerlab ui --tracking-uri {_e(redact(uri))}</code>")
     gone = ", ".join(f"{n} {why}" for why, n in s.excluded.items() if n)
     cut = [f"<li>rank {g.stat.rank} ({_e(g.label)}): {CUT_NOTE}</li>" for g in s.configs if g.cut_climbing]
@@ -107,7 +107,7 @@ def render(s: Study, uri: str) -> str:
 <h2>Comparison</h2>
 <p>Best: {best}. Not significantly different from it: {", ".join(tied) or "none"}.</p>
 {_table(s, uri)}
-<p class="note">{VALUE_NOTE}. Test: {_e(s.result.note())}. Excluded runs: {gone or "none"}. {links}.</p>
+<p class="note">{VALUE_NOTE[0].upper() + VALUE_NOTE[1:]}. Test: {_e(s.result.note())}. Excluded runs: {gone or "none"}. {links}.</p>
 <h2>Early stopping</h2>
 {f"<ul>{''.join(cut)}</ul>" if cut else "<p>No configuration was stopped while still improving below the best.</p>"}
 <h2>Plots</h2>
