@@ -244,6 +244,14 @@ CASES = [
          "m.db", files(**{"db__keep": ""})),
     case("compare --sweep q --mode sideways", "--mode"),
 
+    # report -------------------------------------------------------------------------------------------------------
+    case("report", "--sweep"),
+    case("report --sweep nope --tracking-uri sqlite:///{tmp}/db/m.db", "m.db", files(**{"db__keep": ""})),
+    case("report --sweep q --out {tmp}/notes.html --tracking-uri sqlite:///{tmp}/db/m.db", "notes.html",
+         files(**{"notes.html": "<html>mine</html>"}), id="report --out a file towerlab did not write"),
+    case("report --sweep q --out {tmp}/d --tracking-uri sqlite:///{tmp}/db/m.db", "directory",
+         files(**{"d__keep": ""}), id="report --out a directory"),
+
     # data prepare -------------------------------------------------------------------------------------------------
     case("data prepare digits --out {tmp}/mine", "mine", files(**{"mine__notes.txt": "mine"})),
     case("data prepare digits --out {tmp}/f", "f", files(f="a file")),

@@ -1,12 +1,12 @@
-"""`towerlab sweep` (a Ray Tune sweep of a recipe, or --resume of one) and `towerlab compare` (a sweep's trials or any
-runs, as a table and a plot)."""
+"""`towerlab sweep` (a Ray Tune sweep of a recipe, or --resume of one), `towerlab compare` (a sweep's configurations
+with their statistics, or any runs, as a table and a plot) and `towerlab report` (a sweep as one HTML page)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from rich.table import Table
+from rich.table import Column, Table
 
 from towerlab.cli import console, err
 from towerlab.config import ConfigError
@@ -26,6 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if summary.best_metric is not None:
         console.print(f"best {summary.best_metric:.4f} with {summary.best_config}")
     console.print(f"compare: towerlab compare --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
+    console.print(f"report:  towerlab report --sweep {summary.name} --tracking-uri {redact(summary.tracking_uri)}")
     return 0
 
 
@@ -85,26 +86,82 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, uri: str) -> int:
     from towerlab.tracking.compare import compare_runs, compare_sweep, log_to_parent, plot
 
+    payload = None
     if args.sweep:
+        from towerlab.tracking import study
+
+        s = study.load(uri, args.sweep, args.metric, args.mode)
+        console.print(_study_table(s))
+        payload = study.to_json(s)
         c = compare_sweep(uri, args.sweep, args.metric, args.mode)
     else:
         c = compare_runs(uri, args.runs, args.metric or "eval/zeroshot/top1", args.mode or "max")
-    t = Table("#", "run", "status", *c.keys, c.metric, "train/loss")
-    for i, r in enumerate(c.rows, 1):
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        t.add_row(str(i), r["name"], r["status"], *(str(r["params"][k]) for k in c.keys), fmt(r["metric"]),
-                  fmt(r["loss"]))
-    console.print(t)
+        t = Table("#", "run", "status", *c.keys, c.metric, "train/loss")
+        for i, r in enumerate(c.rows, 1):
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            t.add_row(str(i), r["name"], r["status"], *(str(r["params"][k]) for k in c.keys), fmt(r["metric"]),
+                      fmt(r["loss"]))
+        console.print(t)
     out = Path(args.out or f"results/compare-{args.sweep or 'runs'}.png").absolute()
     png = plot(c, out)
-    log_to_parent(uri, c, png)
+    log_to_parent(uri, c, png, payload)
     if png:
         console.print(f"plot: {png}" + (" (also an artifact of the sweep's parent run)" if c.parent_run_id else ""))
     return 0
 
 
+def _study_table(s) -> Table:
+    """One row per configuration, best first, a column per swept key, with the test's verdict against the best; the
+    caption says what a value is, which test ran, what was left out, and which ranks are not conclusions."""
+    from towerlab.tracking.study import CUT_NOTE, VALUE_NOTE
+
+    short = [k.rsplit(".", 1)[-1] for k in s.keys]
+    heads = short if len(set(short)) == len(short) else s.keys  # full keys only where the last parts collide
+    fixed = dict(no_wrap=True, justify="right")  # numbers are not wrapped: the swept values' columns give way
+    t = Table(Column("#", **fixed), *heads, Column("n", **fixed), Column("mean ± 95% CI", **fixed),
+              Column("vs best", no_wrap=True), caption_justify="left",
+              title=f"sweep '{s.sweep}': {s.metric} ({s.mode}), {len(s.configs)} configurations")
+    cut = []
+    for g in s.configs:
+        st = g.stat
+        ci = " (n=1)" if st.low is None else f" ± {(st.high - st.low) / 2:.4f}"
+        p = "" if st.p_vs_best is None else f" p={st.p_vs_best:.2g}"
+        verdict = {"best": "best", "tied with best": "tied" + p, "worse": "worse" + p,
+                   "not tested": "untested"}[st.mark]
+        t.add_row(f"{st.rank}*" if g.cut_climbing else str(st.rank), *(str(g.params.get(k)) for k in s.keys),
+                  str(st.n), f"{st.mean:.4f}{ci}", verdict)
+        if g.cut_climbing:
+            cut.append(f"rank {st.rank} ({g.label})")
+    gone = ", ".join(f"{n} {why}" for why, n in s.excluded.items() if n)
+    tied = [g.label for g in s.configs if g.stat.mark == "tied with best"]
+    t.caption = (f"{VALUE_NOTE[0].upper() + VALUE_NOTE[1:]}. Test: {s.result.note()}; tied = not significantly different from the best "
+                 f"({len(tied)}), worse = significantly worse, untested = n<2 or no spread."
+                 + (f" Excluded runs: {gone}." if gone else "")
+                 + "".join(f"\n* {c}: {CUT_NOTE}." for c in cut))
+    return t
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from towerlab.tracking import check_reachable, resolve_uri
+    from towerlab.tracking.report import check_target
+    from towerlab.tracking.uri import require_store, store_errors
+
+    out = Path(args.out or f"results/report-{args.sweep}.html").absolute()
+    check_target(out)  # before reading the store: a refused --out costs nothing
+    uri = resolve_uri(None, args.tracking_uri)
+    check_reachable(uri)
+    require_store(uri, f"no sweep '{args.sweep}'")
+    with store_errors(uri):
+        from towerlab.tracking import report, study
+
+        s = study.load(uri, args.sweep, args.metric, args.mode)
+        report.write(s, uri, out)
+    console.print(f"report: {out} (also report.html, an artifact of the sweep's parent run {s.parent_run_id})")
+    return 0
+
+
 def register(sub) -> None:
-    """`sweep` and `compare` under the top-level parser's subcommands."""
+    """`sweep`, `compare` and `report` under the top-level parser's subcommands."""
     s = sub.add_parser("sweep", help="run a Ray Tune sweep of a recipe (one MLflow child run per trial)")
     s.add_argument("sweep", nargs="?", help="sweep YAML file, e.g. sweeps/quickstart.yaml")
     s.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. search.num_samples=2")
@@ -127,3 +184,11 @@ def register(sub) -> None:
     c.add_argument("--out", help="PNG path (default: results/compare-<sweep>.png)")
     c.add_argument("--tracking-uri", help="MLflow tracking URI")
     c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="a sweep as one self-contained HTML page: plots, statistics, run links")
+    r.add_argument("--sweep", required=True, help="sweep name")
+    r.add_argument("--out", help="HTML path (default: results/report-<sweep>.html; replaces only a towerlab report)")
+    r.add_argument("--metric", help="metric to rank by (default: the sweep's metric)")
+    r.add_argument("--mode", choices=["max", "min"])
+    r.add_argument("--tracking-uri", help="MLflow tracking URI")
+    r.set_defaults(func=cmd_report)

@@ -118,10 +118,12 @@ def plot(c: Comparison, path: Path) -> Path | None:
     return path
 
 
-def log_to_parent(uri: str, c: Comparison, png: Path | None) -> None:
+def log_to_parent(uri: str, c: Comparison, png: Path | None, payload: dict | None = None) -> None:
+    """The plot and comparison.json (`payload`, a sweep's statistics, else the rows) as artifacts of the parent."""
     if c.parent_run_id is None:
         return
     client = _client(uri)
     if png is not None:
         client.log_artifact(c.parent_run_id, str(png))
-    client.log_text(c.parent_run_id, json.dumps(c.rows, indent=1, default=str), "comparison.json")
+    client.log_text(c.parent_run_id, json.dumps(c.rows if payload is None else payload, indent=1, default=str),
+                    "comparison.json")

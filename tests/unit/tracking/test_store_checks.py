@@ -48,6 +48,7 @@ def silent_server():
 COMMANDS = [
     ["compare", "--sweep", "s"],
     ["compare", RUN_ID],
+    ["report", "--sweep", "s"],
     ["ui"],
     ["eval", RUN_ID],
     ["reproduce", RUN_ID],
