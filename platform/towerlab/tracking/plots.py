@@ -75,13 +75,14 @@ def metric_vs(study, x: str) -> str:
 
 
 def learning_curves(study) -> str:
-    """The metric over steps per configuration, the mean over its seeds; dashed where the scheduler cut a climb."""
+    """The metric over steps (samples seen, when the batch size is swept) per configuration, the mean over its seeds;
+    dashed where the scheduler cut a climb."""
     fig, ax = _figure(7.5, 4.5)
     for g in study.configs:
         curve = g.curve()
         ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", linestyle="--" if g.cut_climbing else "-",
                 label=f"#{g.stat.rank} {g.label}")
-    ax.set_xlabel("step")
+    ax.set_xlabel(study.x)
     ax.set_ylabel(f"{study.metric} (mean over seeds)")
     ax.set_title("learning curves (dashed: stopped early while still improving)")
     ax.grid(alpha=0.3)

@@ -82,8 +82,8 @@ def render(s: Study, uri: str) -> str:
                                    f"{s.metric} against the {what}: each point a configuration's mean over seeds, "
                                    "bars its 95% interval (none for n=1)"))
     if s.configs:
-        figures.append(_figure("curves", plots.learning_curves(s), "learning curves: the mean over seeds at each "
-                                                                    "evaluation step"))
+        figures.append(_figure("curves", plots.learning_curves(s), f"learning curves: the mean over seeds at each "
+                                                                    f"evaluation, against {s.x}"))
     names = plots.geometry_names(s)
     if names:
         figures.append(_figure("geometry", plots.geometry(s, names), "embedding geometry at the end of training "

@@ -24,7 +24,7 @@ class RunRecord:
     status: str
     experiment_id: str
     seed: str | None
-    history: list[tuple[int, float]]  # the sweep metric by step, in order
+    history: list[tuple[int, float]]  # the sweep metric by step (or samples seen: Study.x), in order
     metrics: dict[str, float]  # every metric's latest value (geometry, train/loss, ...)
     killed_by_scheduler: bool = False
     cut_climbing: bool = False
@@ -47,7 +47,7 @@ class ConfigGroup:
         return any(r.cut_climbing for r in self.runs)
 
     def curve(self) -> list[tuple[int, float]]:
-        """The sweep metric's mean over seeds at each step (of the runs that logged that step)."""
+        """The sweep metric's mean over seeds at each step or sample count (of the runs that logged it)."""
         by_step: dict[int, list[float]] = {}
         for r in self.runs:
             for step, v in r.history:
@@ -66,6 +66,7 @@ class Study:
     configs: list[ConfigGroup]  # ranked, best first
     result: stats.Result
     excluded: dict[str, int]  # reason -> runs left out
+    x: str = "step"  # what histories are indexed by: "step", or "samples seen" when the batch size is swept
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -113,6 +114,7 @@ def load(uri: str, sweep: str, metric: str | None = None, mode: str | None = Non
     p = parent.data.params
     metric, mode = metric or p.get("metric", "eval/zeroshot/top1"), mode or p.get("mode", "max")
     keys = sorted(k[len("space."):] for k in p if k.startswith("space.") and k != "space.seed")
+    x = "samples seen" if "data.global_batch" in keys else "step"
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     excluded = {"failed": 0, "without the metric": 0, "still running": 0}
@@ -132,8 +134,10 @@ def load(uri: str, sweep: str, metric: str | None = None, mode: str | None = Non
         tags, budget = r.data.tags, _steps(r.data.params.get("train.steps"))
         # stopped by the scheduler: KILLED as a trial, before its budget (older sweeps recorded KILLED at max_t too)
         cut = status == "KILLED" and T.TRIAL_ID in tags and (budget is None or hist[-1].step < budget)
+        # a swept batch size: configurations are compared at equal data, not at equal steps
+        per_step = (_steps(r.data.params.get("data.global_batch")) or 1) if x == "samples seen" else 1
         rec = RunRecord(r.info.run_id, r.info.run_name, status, r.info.experiment_id,
-                        tags.get(T.SEED, r.data.params.get("seed")), [(m.step, m.value) for m in hist],
+                        tags.get(T.SEED, r.data.params.get("seed")), [(m.step * per_step, m.value) for m in hist],
                         dict(r.data.metrics), killed_by_scheduler=cut)
         key = tags.get(T.CONFIG) or r.info.run_id  # older sweeps: each run is its own configuration
         if key not in groups:
@@ -153,7 +157,7 @@ def load(uri: str, sweep: str, metric: str | None = None, mode: str | None = Non
                 r.cut_climbing = (r.killed_by_scheduler and climbing(r.history, mode) and at is not None
                                   and _better(at, r.value, mode))
     return Study(sweep, metric, mode, parent.info.run_id, parent.info.experiment_id, keys, configs, result,
-                 excluded)
+                 excluded, x)
 
 
 def _unique_labels(groups: list[ConfigGroup]) -> None:
@@ -175,7 +179,7 @@ def to_json(s: Study) -> dict:
             "p_holm_vs_best": g.stat.p_vs_best, "stopped_early_while_improving": g.cut_climbing,
             "params": {k: g.params.get(k) for k in s.keys},
             "runs": [{"run_id": r.run_id, "name": r.name, "status": r.status, "seed": r.seed, "value": r.value,
-                      "step": r.history[-1][0], "cut_climbing": r.cut_climbing} for r in g.runs],
+                      s.x: r.history[-1][0], "cut_climbing": r.cut_climbing} for r in g.runs],
         } for g in s.configs],
         "pairs": [{"a": _name(s, p.a), "b": _name(s, p.b), "p": p.p, "p_holm": p.p_holm,
                    "significant": p.significant} for p in s.result.pairs],
