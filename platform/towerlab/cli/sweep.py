@@ -134,8 +134,8 @@ def _study_table(s) -> Table:
             cut.append(f"rank {st.rank} ({g.label})")
     gone = ", ".join(f"{n} {why}" for why, n in s.excluded.items() if n)
     tied = [g.label for g in s.configs if g.stat.mark == "tied with best"]
-    t.caption = (f"{VALUE_NOTE[0].upper() + VALUE_NOTE[1:]}. Test: {s.result.note()}; tied = not significantly different from the best "
-                 f"({len(tied)}), worse = significantly worse, untested = n<2 or no spread."
+    t.caption = (f"{VALUE_NOTE[0].upper() + VALUE_NOTE[1:]}. Test: {s.result.note()}; tied = not significantly "
+                 f"different from the best ({len(tied)}), worse = significantly worse, untested = n<2 or no spread."
                  + (f" Excluded runs: {gone}." if gone else "")
                  + "".join(f"\n* {c}: {CUT_NOTE}." for c in cut))
     return t

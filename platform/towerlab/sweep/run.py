@@ -300,11 +300,12 @@ def run_sweep(sweep: SweepConfig, sweep_file: str | os.PathLike, tracking_uri: s
             # the state file (what --resume reads) is written once Tune has started, not before: a start that
             # fails earlier (Ray, the State API, a setting Tune refuses) leaves the sweep's name free
             callbacks.append(_state_callback(state_file, state))
-            fitted[storage / name] = tune.Tuner(trainable, param_space=space, tune_config=_tune_config(sweep, plan, replicated=extend > 0),
-                       run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
-                                                 # PBT clones checkpoints of other trials: keep a few (Tune warns
-                                                 # at <= 2)
-                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4))).fit()
+            # PBT clones checkpoints of other trials: keep a few (Tune warns at <= 2)
+            run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                                        checkpoint_config=tune.CheckpointConfig(num_to_keep=4))
+            tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                               tune_config=_tune_config(sweep, plan, replicated=extend > 0))
+            fitted[storage / name] = tuner.fit()
         grids = [fitted[path] if path in fitted else tune.Tuner.restore(str(path), trainable=trainable).get_results()
                  for path in (root / e for e in state["experiments"])]
         trials, errors, best_config, best_metric = _outcome(sweep, grids)

@@ -73,7 +73,8 @@ class SchedulerConfig:
     # loss.temperature_init (x0.8 or x1.2, or resampled from its space entry with resample_probability). Needs a fixed
     # temperature (loss.learn_temperature=false), and a checkpoint at least every perturbation_interval steps.
     perturbation_interval: int = num(10, ge=1)
-    """pbt: training steps (or samples, with time=samples) between perturbations, at least 1 (and at least train.checkpoint_every)."""
+    """pbt: training steps (or samples, with time=samples) between perturbations, at least 1 (and at least
+    train.checkpoint_every)."""
     quantile_fraction: float = num(0.25, gt=0, le=0.5)
     """pbt: fraction of trials at the bottom that take over a checkpoint from the top, in (0, 0.5]."""
     resample_probability: float = num(0.25, ge=0, le=1)

@@ -77,7 +77,8 @@ def scheduler(sweep: SweepConfig, max_t: int | None = None):
         # one past the budget: ASHA stops a trial whose step reaches max_t, and a trial stopped by the scheduler
         # is recorded KILLED; at max_t + 1 a trial that trains all its steps ends FINISHED
         extra = {} if max_t is None else {"max_t": max_t + 1}
-        return ASHAScheduler(time_attr=time_attr(sweep), grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+        return ASHAScheduler(time_attr=time_attr(sweep), grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor,
                              **extra)
     if s.name == "pbt":
         kind, values = next(iter(sweep.space[PBT_KEY].items()))
@@ -86,7 +87,8 @@ def scheduler(sweep: SweepConfig, max_t: int | None = None):
             kind, values = ("loguniform", [min(values), max(values)]) if min(values) < max(values) else ("choice", values)
         mutation = domain(kind, values, False)
         return PopulationBasedTraining(
-            time_attr=time_attr(sweep), perturbation_interval=s.perturbation_interval, quantile_fraction=s.quantile_fraction,
+            time_attr=time_attr(sweep), perturbation_interval=s.perturbation_interval,
+            quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability, hyperparam_mutations={PBT_KEY: mutation}, synch=s.synch)
     return None
 

@@ -24,7 +24,8 @@ def _trials(space: dict) -> list[dict]:
 
 def test_every_configuration_trains_every_seed_with_the_same_values(tmp_path, repo_root):
     # a range sampled under a grid: Tune alone would draw it anew for every seed
-    p = _write(tmp_path, repo_root, "space: {loss.name: {grid: [clip, siglip]}, optim.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+    p = _write(tmp_path, repo_root, "space: {loss.name: {grid: [clip, siglip]}, "
+                                    "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
                                     "search: {seeds: 3}\noverrides: [seed=7]\n")
     s = load_sweep(p)
     trials = _trials(_search_space(s, trial_plan(s, p)))
