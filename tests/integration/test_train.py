@@ -26,8 +26,8 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     recipe = str(repo_root / "recipes" / "debug.yaml")
     shm_before = _shm_buffers()
     # micro-batch 16 x 2 workers: 2 micro-batches per step through the feature cache
-    first = run_cli(["train", recipe, "name=itest", "train.steps=10", "data.micro_batch=16", "--no-progress",
-                     "tracking.system_metrics_every=1", "--tracking-uri", mlflow_server], cwd=tmp_path)
+    first = run_cli(["train", recipe, "name=itest", "train.steps=10", "data.micro_batch=16",
+                     "tracking.system_metrics_every=1", "--no-progress", "--tracking-uri", mlflow_server], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "zero-shot top-1" in first.stdout
     # a quiet console: the workers' output is in the run directory, not on the console (no -v)
