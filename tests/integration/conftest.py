@@ -31,6 +31,9 @@ RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 52366}  # a random port must not 
 # clients of the cluster would then be refused. So the session's token is chosen here, before any test module loads.
 SESSION_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 os.environ.update(SESSION_AUTH)
+# the test cluster is one node that is never drained: no preemption-watcher actor per worker group (the setting a
+# local Ray gets from towerlab, train/ray_env.py); the CLI runs inherit it and pass it to Ray Train's controller
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def free_port() -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from towerlab.train.startup import PHASES
+
 from .conftest import run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
@@ -58,6 +60,10 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     [data] = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert data.dataset.name == "synthetic"
     assert data.dataset.digest == run.data.tags["towerlab.data_fingerprint"][:12]
+    # where start-up went: every phase marked, in order, from the driver's checks to the first step (at step 0)
+    marks = [run.data.metrics[f"startup/{p}_s"] for p in PHASES]
+    assert marks == sorted(marks) and 0 < marks[0] and marks[-1] < 600, marks
+    assert _history(client, run.info.run_id, "startup/first_step_s") == [0]
     nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
     assert len(nodes) == 1, nodes  # two workers on one node: one monitor
     assert f"system/{nodes.pop()}/cpu_utilization_percentage" in run.data.metrics
@@ -75,7 +81,8 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert runs[0].info.status == "FINISHED"
     assert _history(client, run.info.run_id, "train/loss") == [5, 10, 15, 20]
-    # DeepSpeed's CPU backend leaves a 69 MB /dev/shm file per worker behind unless the loop unlinks it
+    # DeepSpeed's CPU backend maps a 69 MB /dev/shm file per worker for a kernel training never uses, and never
+    # unlinks it: the workers keep DeepSpeed from building it (train/engine.py lean_deepspeed)
     assert _shm_buffers() - shm_before == set()
 
 

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def gloo():
     """A one-process gloo group in the test process for deepspeed.initialize, destroyed after the module. DeepSpeed
     caches the world group it cloned and its comm backend: they are forgotten with the group, or the next module's
-    group would be checked against the destroyed one ("Group ... is not registered")."""
+    group would be checked against the destroyed one ("Group ... is not registered"). DeepSpeed is imported the way
+the workers import it (train/engine.py lean_deepspeed)."""
     import torch.distributed as dist
 
     from towerlab.util import free_port
@@ -25,6 +26,9 @@ def gloo():
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"})
         dist.init_process_group("gloo", rank=0, world_size=1)
+    from towerlab.train.engine import lean_deepspeed
+
+    lean_deepspeed()  # as the workers do: no shared-memory kernel, no /dev/shm buffer left behind by the tests
     yield
     dist.destroy_process_group()
     import deepspeed.comm.comm as ds_comm

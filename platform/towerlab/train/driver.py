@@ -27,6 +27,7 @@ from towerlab.train.evaluate import check_eval_data
 from towerlab.train.memory import check_fits
 from towerlab.train.preconditions import check_preconditions
 from towerlab.train.ray_env import allocator_env, cpus_needed, ingest_config, init_ray
+from towerlab.train.startup import Timeline
 from towerlab.data.location import is_uri
 from towerlab.util import CONSOLE_FILE, atomic_write, verbose
 
@@ -92,6 +93,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
 
     `mlflow_run_id` continues that MLflow run, and `start_checkpoint` (a Ray Train checkpoint directory) is where a
     run with no checkpoint of its own starts: population-based training hands a trial another trial's checkpoint."""
+    timeline = Timeline()  # start-up marks (train/startup.py), finished and logged by rank 0
     plan = resolve_batch(recipe.data.global_batch, recipe.train.workers, recipe.data.micro_batch)
     check_fits(recipe)  # refuses, with the numbers, what cannot fit the workers' memory
     check_preconditions(recipe)  # libaio for nvme offload, a GPU for use_gpu, bf16 support
@@ -100,6 +102,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
     check_reachable(uri)
     manifest = ensure_data(recipe)
     check_eval_data(recipe, manifest)
+    timeline.mark("checks")
 
     storage = Path(recipe.train.storage_path).absolute()
     run_dir = storage / recipe.name
@@ -146,6 +149,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             except OSError as e:
                 raise ConfigError(f"train.storage_path={recipe.train.storage_path}: cannot hold the run directory "
                                   f"{run_dir} ({e.strerror or e}): point it at a directory") from None
+        timeline.mark("mlflow")
         if on_start:
             on_start(summary)
 
@@ -157,18 +161,22 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         allocator_env(recipe)
         init_ray(cpus_needed(recipe))
         stop.reinstall()  # ray.init replaced the CLI's SIGTERM handler with one that calls sys.exit
+        timeline.mark("ray")
         # Ray Train's controller polls its workers every 2 s by default, and a run's end takes a few polls: about
         # 4 s of idle tail per run (per trial, in a sweep). Polling every 0.5 s costs nothing measurable. Read by
         # the controller, to which Ray Train passes this variable on; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         data_config = ingest_config(recipe)
+        datasets = {"train": train_dataset(recipe, manifest, captions_per_image(recipe))}
+        timeline.mark("dataset")
         trainer = _Trainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "tracking_uri": uri, "run_id": run.run_id,
                                "data_dir": manifest.uri, "start_checkpoint": start_checkpoint,
                                "log_dir": summary.logs,
                                # foreign shards have no manifest.json for the workers to read: send the listing
-                               "manifest": manifest if manifest.foreign else None},
+                               "manifest": manifest if manifest.foreign else None,
+                               "startup": (timeline.t0, timeline.marks)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
@@ -177,7 +185,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                 failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                 callbacks=list(callbacks)),
-            datasets={"train": train_dataset(recipe, manifest, captions_per_image(recipe))},
+            datasets=datasets,
             dataset_config=data_config,
         )
         if manifest.skipped:  # shards found unreadable while building the dataset (data.bad_shards=skip)

@@ -1,9 +1,9 @@
 """The DeepSpeed engine as every towerlab worker builds it (`initialize_engine`) and the ZeRO-3 fix-ups around it:
 the context the model is built in (deepspeed.zero.Init under ZeRO-3, so no worker ever holds the whole model), the
 loss's tensors kept whole, the optimizer's master weights aliased, the logit scale clamped in the parameter and in
-DeepSpeed's fp32 master copy, and the CPU backend's shared-memory name released.
+DeepSpeed's fp32 master copy.
 
-DeepSpeed is imported inside these functions only (workers set DS_ACCELERATOR first).
+DeepSpeed is imported inside these functions only (workers set DS_ACCELERATOR first), through `lean_deepspeed`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def construction(r: Recipe, ds_config: dict | None):
     """The context to build the model in: deepspeed.zero.Init under ZeRO-3, else nothing."""
     if r.train.zero_stage != 3 or ds_config is None:
         return contextlib.nullcontext()
-    import deepspeed
+    deepspeed = lean_deepspeed()
 
     if "nvme" in (r.train.offload_optimizer, r.train.offload_param):
         os.makedirs(r.train.nvme_path, exist_ok=True)
@@ -32,39 +32,36 @@ def construction(r: Recipe, ds_config: dict | None):
 
 def initialize_engine(r: Recipe, module, ds_config: dict, total_steps: int):
     """deepspeed.initialize as every towerlab worker calls it, and what must follow it: the loss's tensors kept
-    whole under ZeRO-3, the optimizer's master weights aliased where DeepSpeed copies them needlessly, and the
-    CPU backend's shared-memory name released. Returns (engine, optimizer, lr_scheduler)."""
-    import deepspeed
-
+    whole under ZeRO-3, the optimizer's master weights aliased where DeepSpeed copies them needlessly. Returns (engine, optimizer, lr_scheduler)."""
     from towerlab.train.deepspeed_config import optimizer_args
+
+    deepspeed = lean_deepspeed()
 
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, config=ds_config, dist_init_required=False,
         **optimizer_args(r, module, total_steps, ds_config))
     keep_loss_tensors_whole(engine)
     share_master_weights(engine)
-    release_shm_name()
     return engine, optimizer, scheduler
 
 
-def release_shm_name() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU backend, once every rank has mapped every buffer.
+def lean_deepspeed():
+    """`import deepspeed`, kept from building its shared-memory all-reduce kernel on CPU workers.
 
-    With all ranks on one machine, DeepSpeed's CPU communication backend maps a 69 MB file per rank,
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (for its shared-memory allreduce),
-    and never unlinks it: every run leaked 69 MB of RAM per worker until reboot (4.2 GB after a day of tests here,
-    enough to tip a 1B-parameter benchmark into Ray's OOM killer). Each rank maps all the others' files while
-    DeepSpeed initialises, so after a barrier the names can go; the mappings live until the processes exit, however
-    they exit (a SIGKILLed worker included)."""
-    import torch.distributed as dist
+    DeepSpeed's TorchBackend loads `deepspeed_shm_comm` when it is set up: a C++ extension that ninja compiles into
+    the torch extensions cache on first use, and again whenever the cache was built from another virtualenv (the
+    build line names the path); before that, it probes every op's compatibility with the compiler. The kernel
+    serves only `inference_all_reduce`, which training never calls (gradients go through torch.distributed), so
+    the probe, the compile and the load were start-up cost only (about a minute of compile on 2 cores after a fresh
+    install), and the kernel's 69 MB /dev/shm buffer per rank was never unlinked. `deepspeed.ops.__compatible_ops__`
+    is where DeepSpeed caches the probe's answer, computed on first access; an answer set before then is used as
+    is, and an op it does not list counts as not compatible. Every worker imports DeepSpeed through here."""
+    import deepspeed
+    import deepspeed.ops
 
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
+    return deepspeed
 
 
 def _loss_tensors(engine) -> list:

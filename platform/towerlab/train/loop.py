@@ -26,6 +26,7 @@ from towerlab.train.deepspeed_config import deepspeed_config
 from towerlab.train.engine import clamp_logit_scale, fix_logit_scale, initialize_engine
 from towerlab.train.evaluate import Evaluators
 from towerlab.train.module import build_module
+from towerlab.train.startup import Timeline
 from towerlab.train.step import contrastive_step, mean_over_ranks
 from towerlab.util import redirect_output
 
@@ -40,6 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     recipe: Recipe = config["recipe"]
+    timeline = Timeline(*config.get("startup") or (None, None))
+    timeline.mark("workers")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("log_dir"):  # not streamed to the console (no -v): kept in the run directory
@@ -50,12 +53,12 @@ def train_loop_per_worker(config: dict) -> None:
     monitor = SystemMetrics(config.get("tracking_uri"), config.get("run_id"),
                             recipe.tracking.system_metrics_every if ctx.get_local_rank() == 0 else 0).start()
     try:
-        _train(config, recipe, ctx, rank, world)
+        _train(config, recipe, ctx, rank, world, timeline)
     finally:
         monitor.stop()
 
 
-def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
+def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: Timeline) -> None:
     """The training itself (train_loop_per_worker's docstring)."""
     import ray.train
     from ray.train import Checkpoint
@@ -67,6 +70,7 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
     total = recipe.train.steps
     ds_config = deepspeed_config(recipe, plan)
     module = build_module(recipe, rank, world, ds_config)
+    timeline.mark("model")
     engine, optimizer, scheduler = initialize_engine(recipe, module, ds_config, total)
 
     # data position: epoch and the micro-batches of it already consumed (a mid-epoch resume skips them)
@@ -80,6 +84,7 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
         state.update({k: client.get(k, 0) for k in state})
         if not recipe.loss.learn_temperature:
             fix_logit_scale(engine, recipe.loss.temperature_init)
+    timeline.mark("engine")  # built, and restored from a checkpoint if there is one
 
     run = open_run(config["tracking_uri"], config["run_id"]) if rank == 0 else NoopRun()
     if checkpoint:
@@ -87,6 +92,7 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
     manifest = config.get("manifest") or read_manifest(config["data_dir"])
     eval_pre = preprocessor(recipe, manifest, train=False)
     evaluate = Evaluators(recipe, manifest, eval_pre)
+    timeline.mark("evaluators")
 
     shard = ray.train.get_dataset_shard("train")
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
@@ -102,11 +108,16 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int) -> None:
                 skipped += int(batch.pop("skipped").sum())
             if consumed <= skip:  # trained on before the checkpoint this run resumed from
                 continue
+            if "first_batch" not in timeline.marks:
+                timeline.mark("first_batch")
             micro.append(batch)
             if len(micro) < plan.accumulation:
                 continue
             terms = contrastive_step(engine, micro, step)
             micro = []
+            if "first_step" not in timeline.marks:
+                timeline.mark("first_step")
+                run.log_metrics(timeline.metrics(), step)
             clamp_logit_scale(engine)
             step += 1
             window_samples += plan.global_batch

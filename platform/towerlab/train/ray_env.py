@@ -46,6 +46,10 @@ def init_ray(min_cpus: int) -> None:
         ray.init(address=address, **_console(api))
         return
     # address="local": always a new local instance, never a cluster some other process left running
+    # Ray Train's preemption watcher (one more actor process per worker group, so per sweep trial) polls for nodes
+    # being drained, which happens to autoscaled cloud nodes, never to the one node of a Ray started here; read from
+    # the environment the local Ray inherits, a value set by the user wins
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api
