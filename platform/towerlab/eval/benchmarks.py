@@ -11,8 +11,10 @@ Layouts (the evaluator key `layout`, or recognised from the files):
 - karpathy: Karpathy's COCO/Flickr30k splits, dataset_coco.json / dataset_flickr30k.json
   (`images: [{filename, filepath?, split, sentences: [{raw}]}]`) and the image files.
 
-Images go through the run's eval preprocessing (no augmentation: resize to the model's image size, its mean/std),
-texts through the run's tokenizer. Class prompts are class-major (every template of class 0, then class 1, ...),
+Images go through the run's eval preprocessing (no augmentation: resize to the model's image size, its mean/std) a
+chunk at a time as they are embedded (eval/sharding.py EncodedImages): what is held is the image files' paths
+(imagefolder, karpathy) or the encoded images read from the shards (clip_benchmark). Texts go through the run's
+tokenizer when the data is loaded. Class prompts are class-major (every template of class 0, then class 1, ...),
 which is what zeroshot.class_embeddings ensembles (CLIP's mean of normalised template embeddings, renormalised).
 The built-in ImageNet-1k class names and the CLIP paper's 80 templates are package data (eval/data/*.json, taken
 from OpenCLIP's zero_shot_metadata.py).
@@ -26,11 +28,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from towerlab.config import ConfigError
 from towerlab.eval.numbers import as_floats
+from towerlab.eval.sharding import EncodedImages
 from towerlab.eval.zeroshot import topk_tensors
 
 DATA = Path(__file__).with_name("data")
@@ -81,9 +83,10 @@ def check_towerlab_keys(name: str, cfg) -> None:
 
 @dataclass
 class Samples:
-    """What a layout reader yields: encoded images and, per image, a class index or its captions."""
+    """What a layout reader yields: the images (encoded bytes from a shard, or an image file's path, read when it is
+    preprocessed) and, per image, a class index or its captions."""
 
-    images: list[bytes]
+    images: list[bytes | Path]
     labels: list[int]
     captions: list[list[str]]
     classnames: list[str] | None  # the layout's own (folder names, classnames.txt), if any
@@ -102,7 +105,7 @@ def imagefolder(root: Path, max_samples: int | None) -> Samples:
                               "its images or remove the folder")
         for f in files:
             if max_samples is None or len(images) < max_samples:
-                images.append(f.read_bytes())
+                images.append(f)
                 labels.append(label)
     return Samples(images, labels, [], [p.name.replace("_", " ") for p in classes], root)
 
@@ -180,7 +183,7 @@ def karpathy(spec: Path, split: str, images_dir: str, max_samples: int | None) -
         if not file.is_file():
             raise ConfigError(f"karpathy {path}: image {file} not found: set the evaluator's images: DIR to the "
                               "folder holding the images (their `filepath` subfolders)")
-        images.append(file.read_bytes())
+        images.append(file)
         captions.append([s["raw"].strip() for s in entry["sentences"]])
     if not images:
         splits = sorted({str(e.get("split")) for e in entries})
@@ -269,7 +272,7 @@ def load_benchmark(name: str, cfg, layout: str, pre) -> dict[str, Any]:
     else:
         raise ConfigError(f"{where}.type: {cfg.type} reads towerlab data only; on {layout} data use zeroshot, "
                           "retrieval or linear_probe")
-    out["image"] = pixels(s.images, pre, f"{where}: {spec}")
+    out["image"] = EncodedImages(s.images, pre, f"{where}: {spec}")
     return out
 
 
@@ -279,18 +282,6 @@ def read_samples(layout: str, spec: Path, split: str, cfg) -> Samples:
     if layout == "clip_benchmark":
         return clip_benchmark(spec, split, cfg.max_samples)
     return karpathy(spec, split, cfg.images, cfg.max_samples)
-
-
-def pixels(images: list[bytes], pre, where: str) -> torch.Tensor:
-    """The run's eval preprocessing of encoded images (`pre`: the run's data.pipeline.Preprocessor): [N, 3, S, S]."""
-    out = []
-    for i, data in enumerate(images):
-        try:
-            out.append(pre.image(data))
-        except Exception as e:  # PIL raises many types for undecodable bytes
-            raise ConfigError(f"{where}: image {i} does not decode ({type(e).__name__}: {e}): fix or remove it") \
-                from None
-    return torch.from_numpy(np.stack(out))
 
 
 def linear_probe_data(name: str, cfg, layout: str, spec: Path, pre) -> dict[str, Any]:
@@ -319,10 +310,10 @@ def linear_probe_data(name: str, cfg, layout: str, spec: Path, pre) -> dict[str,
               "prompts": torch.zeros(0, 0, dtype=torch.long), "prompts_per_class": 0, "layout": layout,
               "classnames": test.classnames or []}
     key = f"{layout}:{spec}:{cfg.max_samples}"
-    return common | {"key": f"{key}:{cfg.split}", "image": pixels(test.images, pre, f"{where}: {spec}"),
+    return common | {"key": f"{key}:{cfg.split}", "image": EncodedImages(test.images, pre, f"{where}: {spec}"),
                      "labels": torch.tensor(test.labels),
                      "train": common | {"key": f"{key}:{cfg.train_split}", "labels": torch.tensor(train.labels),
-                                        "image": pixels(train.images, pre, f"{where}: {spec}")}}
+                                        "image": EncodedImages(train.images, pre, f"{where}: {spec}")}}
 
 
 def classification_tensors(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor,
