@@ -212,9 +212,12 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
 
 
 class Evaluators:
-    """All evaluators of a recipe. Call with the step: runs those due (and all at the last step)."""
+    """All evaluators of a recipe. Call with the step: runs those due (and all at the last step).
 
-    def __init__(self, recipe: Recipe, manifest: Manifest, pre: Preprocessor):
+    `check_images`: decode this rank's share of the images once now, so that an undecodable one is a ConfigError
+    before training starts; off where an evaluation follows at once (`towerlab eval`), which reports it as well."""
+
+    def __init__(self, recipe: Recipe, manifest: Manifest, pre: Preprocessor, check_images: bool = True):
         validate_evals(recipe)
         self.recipe = recipe
         self.specs = dict(recipe.evals)
@@ -246,7 +249,7 @@ class Evaluators:
         # it will embed (its share, as Embedder splits them)
         rank, world = rank_world()
         checked: set[int] = set()
-        for data in self.data.values():
+        for data in self.data.values() if check_images else ():
             for part in (data, data.train):
                 if part is not None and isinstance(part.image, EncodedImages) and id(part.image) not in checked:
                     checked.add(id(part.image))

@@ -87,6 +87,7 @@ def test_undecodable_benchmark_image_is_refused_when_the_evaluators_are_built(re
 
     from towerlab.data import read_manifest
     from towerlab.data.pipeline import preprocessor
+    from towerlab.models import ContrastiveModel
     from towerlab.train.evaluate import Evaluators
     from towerlab.train.recipe import load_recipe
 
@@ -99,8 +100,14 @@ def test_undecodable_benchmark_image_is_refused_when_the_evaluators_are_built(re
     recipe = load_recipe("recipes/digits_clip.yaml", [f"data.path={digits_dir}", "model.arch=debug",
                                                        f"evals={json.dumps(evals)}"])
     manifest = read_manifest(digits_dir)
+    pre = preprocessor(recipe, manifest, train=False)
     with pytest.raises(ConfigError, match=r"evals.z: .*val: image 2 \(.*b.jpg\) does not decode"):
-        Evaluators(recipe, manifest, preprocessor(recipe, manifest, train=False))
+        Evaluators(recipe, manifest, pre)
+    # `towerlab eval` skips the check (it evaluates at once): the evaluation says the same
+    ev = Evaluators(recipe, manifest, pre, check_images=False)
+    model = ContrastiveModel(recipe.model).eval()
+    with pytest.raises(ConfigError, match=r"evals.z: .*val: image 2 \(.*b.jpg\) does not decode"):
+        ev(model, 1, names=["z"])
 
 
 # the two-process test: 359 held-out digits in chunks of 179 over 2 ranks: blocks of 180 rows, so rank 0 runs 179 + 1
