@@ -12,17 +12,19 @@ Layouts (the evaluator key `layout`, or recognised from the files):
   (`images: [{filename, filepath?, split, sentences: [{raw}]}]`) and the image files.
 
 Images go through the run's eval preprocessing (no augmentation: resize to the model's image size, its mean/std) a
-chunk at a time as they are embedded (eval/sharding.py EncodedImages): what is held is the image files' paths
-(imagefolder, karpathy) or the encoded images read from the shards (clip_benchmark). Texts go through the run's
-tokenizer when the data is loaded. Class prompts are class-major (every template of class 0, then class 1, ...),
-which is what zeroshot.class_embeddings ensembles (CLIP's mean of normalised template embeddings, renormalised).
-The built-in ImageNet-1k class names and the CLIP paper's 80 templates are package data (eval/data/*.json, taken
-from OpenCLIP's zero_shot_metadata.py).
+chunk at a time as they are embedded (eval/sharding.py EncodedImages): what is held is where each image is, the
+file's path (imagefolder, karpathy) or its place in a tar shard (clip_benchmark), read again at each evaluation.
+Texts go through the run's tokenizer when the data is loaded. Class prompts are class-major (every template of class
+0, then class 1, ...), which is what zeroshot.class_embeddings ensembles (CLIP's mean of normalised template
+embeddings, renormalised). The built-in ImageNet-1k class names and the CLIP paper's 80 templates are package data
+(eval/data/*.json, taken from OpenCLIP's zero_shot_metadata.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -110,14 +112,60 @@ def imagefolder(root: Path, max_samples: int | None) -> Samples:
     return Samples(images, labels, [], [p.name.replace("_", " ") for p in classes], root)
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image left inside its (uncompressed) tar shard, read when it is preprocessed (EncodedImages calls
+    read_bytes): a CLIP_benchmark export of ImageNet's validation set is gigabytes of encoded images, which need not
+    stay in memory between evaluations."""
+
+    tar: Path
+    offset: int
+    size: int
+    name: str
+
+    def read_bytes(self) -> bytes:
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"the shard ends inside {self.name}")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.name}"
+
+
+def _tar_files(tar: Path) -> Iterator[dict]:
+    """The files of one shard as webdataset's tar_file_iterator yields them (regular files, its metadata files
+    skipped), except that an image is a TarMember (where it lies in the shard) rather than its bytes."""
+    from webdataset.tariterators import base_plus_ext
+
+    with open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as stream:
+        for info in stream:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            suffix = base_plus_ext(info.name)[1]
+            if suffix is not None and suffix.lower() in WDS_IMAGE_KEYS:
+                data: Any = TarMember(tar, info.offset_data, info.size, info.name)
+            else:  # class index, captions: small, read now
+                data = stream.extractfile(info).read()
+            yield {"fname": info.name, "data": data, "__url__": str(tar)}
+            stream.members = []  # as webdataset does: no list of every member of a large shard
+
+
 def wds_samples(tars: list[Path]) -> Iterator[tuple[Path, dict]]:
-    """Each sample of the shards in order, with the shard it came from (for error messages)."""
-    import webdataset as wds
+    """Each sample of the shards in order, with the shard it came from (for error messages), grouped into samples
+    by webdataset's own group_by_keys; images as TarMembers."""
+    from webdataset.tariterators import group_by_keys
 
     for tar in tars:
         # one shard at a time, unshuffled: the order (and max_samples) is the files' order
-        for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
-            yield tar, sample
+        try:
+            for sample in group_by_keys(_tar_files(tar)):
+                yield tar, sample
+        except tarfile.TarError as e:
+            raise ConfigError(f"clip_benchmark {tar}: not a readable uncompressed tar ({e}): re-export the "
+                              "shard") from None
 
 
 def clip_benchmark(root: Path, split: str, max_samples: int | None) -> Samples:

@@ -2,10 +2,10 @@
 
 Two things keep an evaluation of tens of thousands of images from filling the host or stalling one worker:
 
-- `EncodedImages`: the images stay as the reader yields them (encoded bytes, or the path of an image file) and are
-  preprocessed a chunk at a time as they are embedded, so the pixels in memory are those of one chunk
-  (O(batch x image)), not of the whole set (O(N x image)); what is kept across a run is O(N x d) embeddings per
-  evaluation.
+- `EncodedImages`: the images stay as the reader yields them (encoded bytes, or where to read them: an image file's
+  path, a member of a tar shard) and are preprocessed a chunk at a time as they are embedded, so the pixels in
+  memory are those of one chunk (O(batch x image)), not of the whole set (O(N x image)); beyond that an evaluation
+  holds the O(N x d) embeddings.
 - `embed_sharded`: with a torch.distributed process group of W ranks, rank r embeds the contiguous block
   `share(N, r, W)` of the rows, in chunks of `batch`; the blocks, padded to equal length, are gathered once with
   all_gather (trimmed back to N rows, in the original order), so every rank holds the full N x d matrix and computes
@@ -18,7 +18,7 @@ Two things keep an evaluation of tens of thousands of images from filling the ho
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,11 +43,12 @@ def share(n: int, rank: int, world: int) -> range:
 
 
 class EncodedImages:
-    """Evaluation images as read (encoded bytes, or a Path read when needed), preprocessed by `pre.image` (the run's
+    """Evaluation images as read (encoded bytes, or anything with read_bytes(), read when needed: a Path, a tar
+    shard's member), preprocessed by `pre.image` (the run's
     eval preprocessing: data.pipeline.Preprocessor, no augmentation) only when a slice is taken: `images[a:b]` is
     the [b - a, 3, S, S] float tensor of those rows. Sized and sliced like the tensor it stands for."""
 
-    def __init__(self, items: Sequence[bytes | Path], pre, where: str):
+    def __init__(self, items: Sequence[bytes | Path | Any], pre, where: str):
         self.items, self.pre, self.where = list(items), pre, where
 
     def __len__(self) -> int:
@@ -55,10 +56,11 @@ class EncodedImages:
 
     def pixels(self, i: int) -> np.ndarray:
         item = self.items[i]
+        stored = hasattr(item, "read_bytes")
         try:
-            return self.pre.image(item.read_bytes() if isinstance(item, Path) else item)
+            return self.pre.image(item.read_bytes() if stored else item)
         except Exception as e:  # PIL raises many types for undecodable bytes; a file may have gone
-            raise ConfigError(f"{self.where}: image {i}{f' ({item})' if isinstance(item, Path) else ''} does not "
+            raise ConfigError(f"{self.where}: image {i}{f' ({item})' if stored else ''} does not "
                               f"decode ({type(e).__name__}: {e}): fix or remove it") from None
 
     def __getitem__(self, index: slice) -> torch.Tensor:

@@ -200,3 +200,25 @@ def test_two_gloo_ranks_equal_one_process(repo_root, digits_dir, tmp_path):
     assert set(ranks[0]["metrics"]) == set(one["metrics"]) and len(one["metrics"]) >= 10
     for k, v in one["metrics"].items():
         assert abs(ranks[0]["metrics"][k] - v) < 1e-4, k
+
+
+def test_clip_benchmark_images_stay_in_their_shards(tmp_path):
+    """CLIP_benchmark shards: each image is held as its place in the tar, and reading it gives the bytes webdataset's
+    own reader yields for that sample; a shard that is not a readable tar is one line naming it."""
+    import webdataset as wds
+
+    from benchmark_testing import write_clip_benchmark
+    from towerlab.eval.benchmarks import TarMember, clip_benchmark
+
+    labels = [0, 1, 2, 3, 4, 5, 0]
+    blobs = write_clip_benchmark(tmp_path / "wds", np.random.default_rng(0), np.array(labels), shards=2)
+    samples = clip_benchmark(tmp_path / "wds", "test", None)
+    assert all(isinstance(m, TarMember) for m in samples.images) and samples.labels == labels
+    tars = sorted((tmp_path / "wds" / "test").glob("*.tar"))
+    reference = [s for tar in tars for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)]
+    assert [m.read_bytes() for m in samples.images] == [s["webp"] for s in reference] == blobs
+    assert clip_benchmark(tmp_path / "wds", "test", 3).images == samples.images[:3]
+
+    tars[1].write_bytes(tars[1].read_bytes()[:700])
+    with pytest.raises(ConfigError, match=rf"clip_benchmark {tars[1]}: not a readable uncompressed tar .*re-export"):
+        clip_benchmark(tmp_path / "wds", "test", None)
