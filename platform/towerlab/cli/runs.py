@@ -82,7 +82,8 @@ def evaluate_checkpoint(target: str, tracking_uri: str | None, recipe_path: str 
         where = str(t.checkpoint)
     manifest = ensure_data(recipe)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    evaluators = Evaluators(recipe, manifest, preprocessor(recipe, manifest, train=False))
+    # evaluated at once: an undecodable image is reported by the evaluation itself, not decoded twice beforehand
+    evaluators = Evaluators(recipe, manifest, preprocessor(recipe, manifest, train=False), check_images=False)
     metrics = evaluators(model, step, names=list(recipe.evals))
     if results:
         from towerlab.eval.benchmarks import write_results

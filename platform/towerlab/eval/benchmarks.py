@@ -11,26 +11,30 @@ Layouts (the evaluator key `layout`, or recognised from the files):
 - karpathy: Karpathy's COCO/Flickr30k splits, dataset_coco.json / dataset_flickr30k.json
   (`images: [{filename, filepath?, split, sentences: [{raw}]}]`) and the image files.
 
-Images go through the run's eval preprocessing (no augmentation: resize to the model's image size, its mean/std),
-texts through the run's tokenizer. Class prompts are class-major (every template of class 0, then class 1, ...),
-which is what zeroshot.class_embeddings ensembles (CLIP's mean of normalised template embeddings, renormalised).
-The built-in ImageNet-1k class names and the CLIP paper's 80 templates are package data (eval/data/*.json, taken
-from OpenCLIP's zero_shot_metadata.py).
+Images go through the run's eval preprocessing (no augmentation: resize to the model's image size, its mean/std) a
+chunk at a time as they are embedded (eval/sharding.py EncodedImages): what is held is where each image is, the
+file's path (imagefolder, karpathy) or its place in a tar shard (clip_benchmark), read again at each evaluation.
+Texts go through the run's tokenizer when the data is loaded. Class prompts are class-major (every template of class
+0, then class 1, ...), which is what zeroshot.class_embeddings ensembles (CLIP's mean of normalised template
+embeddings, renormalised). The built-in ImageNet-1k class names and the CLIP paper's 80 templates are package data
+(eval/data/*.json, taken from OpenCLIP's zero_shot_metadata.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from towerlab.config import ConfigError
 from towerlab.eval.numbers import as_floats
+from towerlab.eval.sharding import EncodedImages
 from towerlab.eval.zeroshot import topk_tensors
 
 DATA = Path(__file__).with_name("data")
@@ -81,9 +85,10 @@ def check_towerlab_keys(name: str, cfg) -> None:
 
 @dataclass
 class Samples:
-    """What a layout reader yields: encoded images and, per image, a class index or its captions."""
+    """What a layout reader yields: the images (encoded bytes from a shard, or an image file's path, read when it is
+    preprocessed) and, per image, a class index or its captions."""
 
-    images: list[bytes]
+    images: list[bytes | Path]
     labels: list[int]
     captions: list[list[str]]
     classnames: list[str] | None  # the layout's own (folder names, classnames.txt), if any
@@ -102,19 +107,65 @@ def imagefolder(root: Path, max_samples: int | None) -> Samples:
                               "its images or remove the folder")
         for f in files:
             if max_samples is None or len(images) < max_samples:
-                images.append(f.read_bytes())
+                images.append(f)
                 labels.append(label)
     return Samples(images, labels, [], [p.name.replace("_", " ") for p in classes], root)
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """An image left inside its (uncompressed) tar shard, read when it is preprocessed (EncodedImages calls
+    read_bytes): a CLIP_benchmark export of ImageNet's validation set is gigabytes of encoded images, which need not
+    stay in memory between evaluations."""
+
+    tar: Path
+    offset: int
+    size: int
+    name: str
+
+    def read_bytes(self) -> bytes:
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"the shard ends inside {self.name}")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.tar}:{self.name}"
+
+
+def _tar_files(tar: Path) -> Iterator[dict]:
+    """The files of one shard as webdataset's tar_file_iterator yields them (regular files, its metadata files
+    skipped), except that an image is a TarMember (where it lies in the shard) rather than its bytes."""
+    from webdataset.tariterators import base_plus_ext
+
+    with open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as stream:
+        for info in stream:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            suffix = base_plus_ext(info.name)[1]
+            if suffix is not None and suffix.lower() in WDS_IMAGE_KEYS:
+                data: Any = TarMember(tar, info.offset_data, info.size, info.name)
+            else:  # class index, captions: small, read now
+                data = stream.extractfile(info).read()
+            yield {"fname": info.name, "data": data, "__url__": str(tar)}
+            stream.members = []  # as webdataset does: no list of every member of a large shard
+
+
 def wds_samples(tars: list[Path]) -> Iterator[tuple[Path, dict]]:
-    """Each sample of the shards in order, with the shard it came from (for error messages)."""
-    import webdataset as wds
+    """Each sample of the shards in order, with the shard it came from (for error messages), grouped into samples
+    by webdataset's own group_by_keys; images as TarMembers."""
+    from webdataset.tariterators import group_by_keys
 
     for tar in tars:
         # one shard at a time, unshuffled: the order (and max_samples) is the files' order
-        for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
-            yield tar, sample
+        try:
+            for sample in group_by_keys(_tar_files(tar)):
+                yield tar, sample
+        except tarfile.TarError as e:
+            raise ConfigError(f"clip_benchmark {tar}: not a readable uncompressed tar ({e}): re-export the "
+                              "shard") from None
 
 
 def clip_benchmark(root: Path, split: str, max_samples: int | None) -> Samples:
@@ -180,7 +231,7 @@ def karpathy(spec: Path, split: str, images_dir: str, max_samples: int | None) -
         if not file.is_file():
             raise ConfigError(f"karpathy {path}: image {file} not found: set the evaluator's images: DIR to the "
                               "folder holding the images (their `filepath` subfolders)")
-        images.append(file.read_bytes())
+        images.append(file)
         captions.append([s["raw"].strip() for s in entry["sentences"]])
     if not images:
         splits = sorted({str(e.get("split")) for e in entries})
@@ -269,7 +320,7 @@ def load_benchmark(name: str, cfg, layout: str, pre) -> dict[str, Any]:
     else:
         raise ConfigError(f"{where}.type: {cfg.type} reads towerlab data only; on {layout} data use zeroshot, "
                           "retrieval or linear_probe")
-    out["image"] = pixels(s.images, pre, f"{where}: {spec}")
+    out["image"] = EncodedImages(s.images, pre, f"{where}: {spec}")
     return out
 
 
@@ -279,18 +330,6 @@ def read_samples(layout: str, spec: Path, split: str, cfg) -> Samples:
     if layout == "clip_benchmark":
         return clip_benchmark(spec, split, cfg.max_samples)
     return karpathy(spec, split, cfg.images, cfg.max_samples)
-
-
-def pixels(images: list[bytes], pre, where: str) -> torch.Tensor:
-    """The run's eval preprocessing of encoded images (`pre`: the run's data.pipeline.Preprocessor): [N, 3, S, S]."""
-    out = []
-    for i, data in enumerate(images):
-        try:
-            out.append(pre.image(data))
-        except Exception as e:  # PIL raises many types for undecodable bytes
-            raise ConfigError(f"{where}: image {i} does not decode ({type(e).__name__}: {e}): fix or remove it") \
-                from None
-    return torch.from_numpy(np.stack(out))
 
 
 def linear_probe_data(name: str, cfg, layout: str, spec: Path, pre) -> dict[str, Any]:
@@ -319,10 +358,10 @@ def linear_probe_data(name: str, cfg, layout: str, spec: Path, pre) -> dict[str,
               "prompts": torch.zeros(0, 0, dtype=torch.long), "prompts_per_class": 0, "layout": layout,
               "classnames": test.classnames or []}
     key = f"{layout}:{spec}:{cfg.max_samples}"
-    return common | {"key": f"{key}:{cfg.split}", "image": pixels(test.images, pre, f"{where}: {spec}"),
+    return common | {"key": f"{key}:{cfg.split}", "image": EncodedImages(test.images, pre, f"{where}: {spec}"),
                      "labels": torch.tensor(test.labels),
                      "train": common | {"key": f"{key}:{cfg.train_split}", "labels": torch.tensor(train.labels),
-                                        "image": pixels(train.images, pre, f"{where}: {spec}")}}
+                                        "image": EncodedImages(train.images, pre, f"{where}: {spec}")}}
 
 
 def classification_tensors(image_features: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor,

@@ -5,13 +5,23 @@ Evaluator types live in the EVALUATORS registry: zeroshot (top-K with prompt ens
 directions, recall@K and median rank), geometry (modality gap, alignment, uniformity, effective rank, logit
 scale; plus a PNG plot at the end of the run) and linear_probe (logistic regression on frozen image features).
 Evaluation data (a split of the run's data, another prepared directory, or a standard benchmark's files: ImageFolder,
-CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read and preprocessed once, when the evaluators are built.
+CLIP_benchmark, Karpathy; see eval/benchmarks.py) is read once, when the evaluators are built, and kept as read:
+encoded images (or their files' paths) and tokenized texts; images are preprocessed (no augmentation) a chunk at a
+time as they are embedded (eval/sharding.py EncodedImages), so the host holds one chunk of pixels, not the set's.
 Within one evaluation, every embedding (images, captions, class prompts) is computed once and shared by all
 evaluators that use the same data; nothing is kept across evaluations, since the weights change.
 
-Every rank runs the due evaluators (under ZeRO-3 each forward needs all ranks' parameter shards); rank 0 logs.
-Evaluation data stays on the host; each chunk moves to the model's device as it is encoded (the model's encode), the
-metrics are computed there as tensors and cross back to the host once per evaluation.
+How an evaluation is split over ranks (eval/sharding.py): every rank runs the due evaluators, but each (data, input)
+is embedded in shares, rank r of W taking a contiguous block of ceil(N / W) rows in chunks of eval.batch_size, and
+the blocks are gathered once (all_gather) into the full N x d matrix on every rank, which then computes the metrics
+(rank 0 logs them; every rank reports them to Ray Train, so all hold the same metrics). Every rank runs the same
+number of forwards, ceil(N / (W x eval.batch_size)), padding with a dropped dummy chunk where its block is used up:
+under ZeRO-3 each forward all-gathers the parameter shards, so a rank that stopped early would leave the others
+waiting. Memory per rank: O(batch x image + N x d); time: 1/W of the forwards. Without a process group
+(`towerlab eval`) one process embeds everything in chunks.
+
+Each chunk moves to the model's device as it is encoded (the model's encode), the metrics are computed there as
+tensors and cross back to the host once per evaluation.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from towerlab.eval.benchmarks import (check_towerlab_keys, classification_tensor
 from towerlab.eval.linear_probe import linear_probe
 from towerlab.eval.plot import geometry_plot
 from towerlab.eval.retrieval import recall_tensors_multi
+from towerlab.eval.sharding import EncodedImages, embed_sharded, rank_world, share
 from towerlab.models import ContrastiveModel
 from towerlab.registry import Registry
 
@@ -65,10 +76,11 @@ def metric_names(cfg: EvaluatorConfig) -> tuple[str, ...]:
 
 @dataclass
 class EvalData:
-    """One evaluation dataset, preprocessed (no augmentation)."""
+    """One evaluation dataset: images as read (EncodedImages, preprocessed chunk by chunk when embedded; or an
+    already preprocessed [N, 3, S, S] tensor), tokenized texts and prompts, labels."""
 
     key: str
-    image: torch.Tensor
+    image: EncodedImages | torch.Tensor
     text: torch.Tensor
     labels: torch.Tensor
     groups: torch.Tensor  # one id per distinct caption: retrieval hits
@@ -81,7 +93,9 @@ class EvalData:
 
 
 class Embedder:
-    """The embeddings of one evaluation: each (data, input) is encoded once, in chunks of eval.batch_size."""
+    """The embeddings of one evaluation: each (data, input) is encoded once, in chunks of eval.batch_size, each rank
+    its share, gathered once on every rank (eval/sharding.py embed_sharded; one process without a process group).
+    Every rank must ask for the same (data, input)s in the same order: each is a collective."""
 
     def __init__(self, model: ContrastiveModel, batch_size: int):
         self.model, self.batch_size, self._cache = model, batch_size, {}
@@ -89,10 +103,9 @@ class Embedder:
     def __call__(self, data: EvalData, what: str) -> torch.Tensor:
         key = (data.key, what)
         if key not in self._cache:
-            x = getattr(data, what)
             modality = "image" if what == "image" else "text"
-            n = self.batch_size
-            self._cache[key] = torch.cat([self.model.encode(modality, x[i : i + n]) for i in range(0, len(x), n)])
+            self._cache[key] = embed_sharded(lambda chunk: self.model.encode(modality, chunk), getattr(data, what),
+                                             self.batch_size)
         return self._cache[key]
 
 
@@ -184,20 +197,27 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
     rows = split_columns(source, split, ["image", "caption", "label"])
     if max_samples is not None:
         rows = {k: v[:max_samples] for k, v in rows.items()}
-    x = pre(rows)
+    # the Preprocessor's text and label columns, as its __call__ makes them (no augmentation in evaluation: the
+    # token augmentation is inactive); its images are decoded chunk by chunk when embedded (EncodedImages)
+    text = pre.token_augment(pre.tokenizer.encode_batch(pre.texts(rows)), pre.rng)
     _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
     prompts = source.classes["prompts"]
     return EvalData(
-        key=f"{source.root}:{split}:{max_samples}", image=torch.from_numpy(x["image"]),
-        text=torch.from_numpy(x["text"]), labels=torch.from_numpy(x["label"]), groups=torch.from_numpy(group),
+        key=f"{source.root}:{split}:{max_samples}",
+        image=EncodedImages(rows["image"], pre, f"evaluation data '{spec}' ({split} split)"),
+        text=torch.from_numpy(text), labels=torch.from_numpy(np.asarray(rows["label"], dtype=np.int64)),
+        groups=torch.from_numpy(group),
         prompts=torch.from_numpy(pre.tokenizer.encode_batch([p for ps in prompts for p in ps])),
         prompts_per_class=len(prompts[0]) if prompts else 0)
 
 
 class Evaluators:
-    """All evaluators of a recipe. Call with the step: runs those due (and all at the last step)."""
+    """All evaluators of a recipe. Call with the step: runs those due (and all at the last step).
 
-    def __init__(self, recipe: Recipe, manifest: Manifest, pre: Preprocessor):
+    `check_images`: decode this rank's share of the images once now, so that an undecodable one is a ConfigError
+    before training starts; off where an evaluation follows at once (`towerlab eval`), which reports it as well."""
+
+    def __init__(self, recipe: Recipe, manifest: Manifest, pre: Preprocessor, check_images: bool = True):
         validate_evals(recipe)
         self.recipe = recipe
         self.specs = dict(recipe.evals)
@@ -225,6 +245,15 @@ class Evaluators:
                                       f"{manifest.root} ({', '.join(manifest.splits)})")
                 self.data[name] = replace(loaded[key], train=load_eval_data(cfg.train_split, manifest, pre,
                                                                             cfg.max_samples))
+        # an undecodable image is a ConfigError now, not at the first evaluation: each rank decodes once the rows
+        # it will embed (its share, as Embedder splits them)
+        rank, world = rank_world()
+        checked: set[int] = set()
+        for data in self.data.values() if check_images else ():
+            for part in (data, data.train):
+                if part is not None and isinstance(part.image, EncodedImages) and id(part.image) not in checked:
+                    checked.add(id(part.image))
+                    part.image.check(share(len(part.image), rank, world))
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -54,7 +54,7 @@ def test_imagefolder_zeroshot_matches_brute_force(env, tmp_path):
     data = ev.data["inet"]
     assert data.layout == "imagefolder" and data.classnames == [c.replace("_", " ") for c in sorted(CLASSES)]
     pixels = np.stack([reference_pixels(f, recipe) for f in files])
-    np.testing.assert_allclose(data.image.numpy(), pixels, atol=1e-5)
+    np.testing.assert_allclose(data.image[:].numpy(), pixels, atol=1e-5)
     out = ev(model, 1, names=["inet"])
     check(out, "inet", brute_zeroshot(model, pre, pixels, labels, data.classnames,
                                       ["a photo of a {c}.", "a blurry scan of the {c}."]))
@@ -68,7 +68,7 @@ def test_clip_benchmark_zeroshot_matches_brute_force(env, tmp_path):
     data = ev.data["toy"]
     assert data.layout == "clip_benchmark" and data.prompts_per_class == 2
     pixels = np.stack([reference_pixels(b, recipe) for b in images])
-    np.testing.assert_allclose(data.image.numpy(), pixels, atol=1e-5)
+    np.testing.assert_allclose(data.image[:].numpy(), pixels, atol=1e-5)
     out = ev(model, 1, names=["toy"])
     expected = brute_zeroshot(model, pre, pixels, labels, data.classnames, ["a photo of a {c}.", "art of the {c}."])
     check(out, "toy", expected)

@@ -102,8 +102,8 @@ def test_linear_probe_on_imagefolder_splits_and_the_runs_own(env, tmp_path):
     data = ev.data["lp"]
     assert len(data.image) == 40 and len(data.train.image) == 40
     with torch.no_grad():
-        expected = linear_probe(model.encode("image", data.train.image).numpy(), data.train.labels.numpy(),
-                                model.encode("image", data.image).numpy(), data.labels.numpy())[0]
+        expected = linear_probe(model.encode("image", data.train.image[:]).numpy(), data.train.labels.numpy(),
+                                model.encode("image", data.image[:]).numpy(), data.labels.numpy())[0]
     out = ev(model, 1, names=["lp"])
     for k, v in expected.items():
         assert abs(out[f"eval/lp/{k}"] - v) < 1e-6, k
