@@ -59,8 +59,8 @@ def check_foreign(recipe: Recipe, manifest: Manifest) -> None:
         elif not (Path(ev.data) / "manifest.json").is_file():
             fix = "hold some shards out with data.heldout_shards (e.g. 0.05), " if ev.data == "heldout" else ""
             raise ConfigError(f"evals.{name}.data={ev.data}: foreign shards have no held-out split or "
-                              f"labels to evaluate on: {fix}point it at a prepared directory (`towerlab data prepare`), "
-                              "or train without evaluators (evals={})")
+                              f"labels to evaluate on: {fix}point it at a prepared directory (`towerlab data "
+                              "prepare`), or train without evaluators (evals={})")
 
 
 def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
