@@ -113,7 +113,8 @@ def check_sources(d) -> None:
     weights that differ only where shards are drawn with replacement."""
     if d.path or d.paths:
         raise ConfigError("data.sources and data.path/data.paths are both set: name every corpus in data.sources "
-                          "([{path: ..., weight: ...}, ...]) or the shards in data.path, not both")
+                          "([{path: ..., weight: ...}, ...]) or the shards in data.path, not both (data.path=null "
+                          "drops a recipe file's)")
     if d.source not in ("webdataset", "parquet"):
         raise ConfigError(f"data.sources mixes foreign corpora (data.source=webdataset or parquet), not "
                           f"{d.source}: set data.source=webdataset or parquet")
