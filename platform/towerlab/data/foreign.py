@@ -300,6 +300,7 @@ def shard_manifest(d: DataConfig, say=print, seed: int = 0) -> Manifest:
         "vocab": [], "fingerprint": fingerprint,
         "fingerprint_of": "shard names and listed sizes (not contents)" + (", weights" if d.sources else ""),
         "keys": {"image": list(d.image_keys), "caption": d.caption_key}, "name_prefix": prefix,
+        "bad_shards": str(d.bad_shards),
     }
     if d.source == "parquet":
         data["keys"] = dict(zip(("image", "caption"), parquet_columns(fs, files[0], d, prefix)))
@@ -373,7 +374,7 @@ def read_train(manifest: Manifest, d: DataConfig, seed: int = 0, epochs: int = 1
 def split_rows(manifest: Manifest, split: str, columns: list[str]) -> dict[str, list]:
     """A (small) split of foreign shards as columns, read here (the held-out shards an evaluator reads): dirty
     samples and images that do not decode are left out, as training drops them; an unreadable shard is a
-    ShardError naming it."""
+    ShardError naming it, or left out with data.bad_shards=skip."""
     import io
 
     from PIL import Image
@@ -382,7 +383,7 @@ def split_rows(manifest: Manifest, split: str, columns: list[str]) -> dict[str, 
     read = read_parquet_shard if fmt == "parquet" else read_shard
     out: dict[str, list] = {c: [] for c in columns}
     for f in manifest.files(split):
-        for row in read(manifest.loc.fs, f, keys["image"], keys["caption"], "error",
+        for row in read(manifest.loc.fs, f, keys["image"], keys["caption"], manifest.data.get("bad_shards", "error"),
                         manifest.data.get("name_prefix", "")):
             if row["problem"]:
                 continue

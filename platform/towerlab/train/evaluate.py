@@ -186,7 +186,7 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
         rows = {k: v[:max_samples] for k, v in rows.items()}
     x = pre(rows)
     _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
-    prompts = source.classes["prompts"]
+    prompts = source.classes.get("prompts", [])  # foreign shards (data.heldout_shards) have no classes
     return EvalData(
         key=f"{source.root}:{split}:{max_samples}", image=torch.from_numpy(x["image"]),
         text=torch.from_numpy(x["text"]), labels=torch.from_numpy(x["label"]), groups=torch.from_numpy(group),

@@ -164,14 +164,18 @@ def test_heldout_shards_become_the_heldout_split(corpora, capsys):
 
 
 def test_evaluators_read_the_heldout_split_of_foreign_data(corpora):
+    from towerlab.data.pipeline import preprocessor
     from towerlab.train.dataset import ensure_data
-    from towerlab.train.evaluate import check_eval_data
+    from towerlab.train.evaluate import check_eval_data, load_eval_data
 
     a, _ = corpora
     base = ["data.source=webdataset", f"data.path={a}", *BPE, "data.global_batch=4", "train.workers=1"]
     r = load_recipe(None, [*base, "data.heldout_shards=0.25", "evals={retrieval: {type: retrieval}}"])
     m = ensure_data(r)
     check_eval_data(r, m)
+    data = load_eval_data("heldout", m, preprocessor(r, m, train=False), None)  # what the workers' evaluators read
+    assert data.image.shape[0] == data.text.shape[0] == m.count("heldout") == 6
+    assert data.prompts_per_class == 0 and (data.labels == -1).all()
     with pytest.raises(ConfigError, match=r"evals.zeroshot \(zeroshot\) needs class labels"):
         ensure_data(load_recipe(None, [*base, "data.heldout_shards=0.25"]))  # the default evaluators
     with pytest.raises(ConfigError, match=r"evals.retrieval.data=heldout: .*hold some shards out with "
