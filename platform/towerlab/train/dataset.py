@@ -99,6 +99,8 @@ def peek_positives(recipe: Recipe) -> tuple[bool, int, str] | None:
     built-in source not prepared yet (each has class labels and one caption per record), local shards without a
     towerlab manifest (foreign: no labels). None when it cannot be known here (a URI, data.paths, a path that does
     not exist yet); the driver checks again with the manifest in hand."""
+    if recipe.data.sources:  # a mixture of foreign corpora: no class labels, one caption per sample
+        return False, 1, "data.sources"
     path = data_dir(recipe)
     if recipe.data.paths or not isinstance(path, Path):
         return None

@@ -115,13 +115,13 @@ def test_draws_differ_per_epoch_and_repeat_per_seed(corpora):
     assert epochs_needed(100, 44) == 4  # 3 epochs cover the run's samples, one spare for dirty samples
 
 
-def test_read_train_holds_each_epochs_draws(corpora, monkeypatch):
-    """The one dataset Ray Train takes holds the epochs' draws one after the other (ray.data replaced by a
-    recorder: no Ray here)."""
+def test_the_training_dataset_holds_each_epochs_draws(corpora, monkeypatch):
+    """The one dataset Ray Train takes holds the draws of every epoch the run reaches, one epoch after the other
+    (ray.data replaced by a recorder: no Ray here)."""
     import sys
     import types
 
-    from towerlab.data.foreign import read_train
+    from towerlab.data.pipeline import train_dataset
 
     seen = {}
 
@@ -129,14 +129,24 @@ def test_read_train_holds_each_epochs_draws(corpora, monkeypatch):
         def flat_map(self, fn):
             return self
 
-    fake = types.SimpleNamespace(from_items=lambda items, **kw: seen.setdefault("items", items) and DS())
+        def map_batches(self, fn, **kw):
+            return self
+
+    def from_items(items, **kw):
+        seen["items"] = items
+        return DS()
+
+    fake = types.SimpleNamespace(from_items=from_items, TaskPoolStrategy=lambda size: None)
     monkeypatch.setitem(sys.modules, "ray.data", fake)
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(data=fake))
     a, b = corpora
-    r = mixture(a, b, 1, 1, "data.resampled=true")
+    r = mixture(a, b, 1, 1, "data.resampled=true", "train.steps=20", "seed=5")  # 80 samples: 2 epochs of 44
     m = shard_manifest(r.data, **QUIET)
-    read_train(m, r.data, seed=5, epochs=3)
+    train_dataset(r, m)
     assert [i["shard"] for i in seen["items"]] == [f for e in range(3) for f in resample(m, None, 5, e)]
+    r.data.resampled = False
+    train_dataset(r, m)
+    assert [i["shard"] for i in seen["items"]] == m.files("train")  # each shard once
 
 
 def test_heldout_shards_become_the_heldout_split(corpora, capsys):
@@ -200,6 +210,12 @@ def test_evaluators_read_the_heldout_split_of_foreign_data(corpora):
 def test_recipe_checks(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe(None, ["data.source=webdataset", "evals={}", *overrides])
+
+
+def test_a_sweep_knows_a_mixture_has_no_labels_without_listing_it():
+    from towerlab.train.dataset import peek_positives
+
+    assert peek_positives(recipe("data.sources=[{path: 's3://nowhere/{0..9}.tar'}]")) == (False, 1, "data.sources")
 
 
 def test_sources_across_filesystems_or_sharing_a_shard_are_refused(corpora):
