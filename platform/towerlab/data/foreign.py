@@ -272,14 +272,15 @@ def shard_manifest(d: DataConfig, say=print, seed: int = 0) -> Manifest:
             raise ConfigError(f"data.heldout_shards={d.heldout_shards} leaves {c['path']} no training shard: lower it, "
                               "or list more shards")
     counts = {split: sum(c[f"{split}_samples"] for c in described) for split in entries}
-    for c in described:
-        c["share"] = c["weight"] / sum(x["weight"] for x in described)
+    for c in described:  # resampled: the weight's share; read once each (equal weights): the corpus's own size
+        c["share"] = (c["weight"] / sum(x["weight"] for x in described) if d.resampled else
+                      c["train_samples"] / max(counts["train"], 1))
     kind = "WebDataset" if d.source == "webdataset" else "Parquet"
     if d.sources:
         say(f"data: a mixture of {len(described)} {kind} corpora, {len(files)} shard(s), "
             f"{sum(c['samples'] for c in described)} samples")
         for c in described:
-            say(f"  {c['path']}: weight {c['weight']:g} ({c['share']:.0%} of the samples), {c['shards']} "
+            say(f"  {c['path']}: weight {c['weight']:g} ({c['share']:.0%} of the training samples), {c['shards']} "
                 f"shard(s), {c['samples']} samples (from {c['count_source']})")
     else:
         c = described[0]

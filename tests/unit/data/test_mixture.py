@@ -43,14 +43,17 @@ def test_each_corpus_is_listed_and_counted_and_the_console_says_where_from(corpo
     m = shard_manifest(r.data)
     out = capsys.readouterr().out
     assert "a mixture of 2 WebDataset corpora, 6 shard(s), 44 samples" in out
-    assert f"{a}: weight 3 (75% of the samples), 4 shard(s), 24 samples (from img2dataset's _stats.json files)" in out
-    assert f"{b}: weight 1 (25% of the samples), 2 shard(s), 20 samples (from data.sources[].num_samples)" in out
+    assert (f"{a}: weight 3 (75% of the training samples), 4 shard(s), 24 samples (from img2dataset's _stats.json "
+            "files)") in out
+    assert (f"{b}: weight 1 (25% of the training samples), 2 shard(s), 20 samples (from "
+            "data.sources[].num_samples)") in out
     assert m.count("train") == 44 and m.splits == ["train"]
     assert [e["source"] for e in m.data["splits"]["train"]] == [0, 0, 0, 0, 1, 1]
     assert [(s["weight"], s["samples"], s["shards"]) for s in m.data["sources"]] == [(3.0, 24, 4), (1.0, 20, 2)]
     # equal weights without resampling: the plain concatenation of the corpora
     plain = shard_manifest(mixture(a, b).data, **QUIET)
     assert plain.files("train") == sorted(map(str, a.glob("*.tar"))) + sorted(map(str, b.glob("*.tar")))
+    assert [s["share"] for s in plain.data["sources"]] == [24 / 44, 20 / 44]  # read once each: their sizes
     # the weights are part of the data's identity
     assert shard_manifest(mixture(a, b, 1, 2, "data.resampled=true").data, **QUIET).fingerprint != plain.fingerprint
 
