@@ -209,6 +209,8 @@ def test_evaluators_read_the_heldout_split_of_foreign_data(corpora):
     (["data.sources=[{path: /a, num_samples: 0}]"], r"data.sources\[0\].num_samples=0: must be at least 1"),
     (["data.source=digits", "data.heldout_shards=0.1"], "data.heldout_shards holds out foreign shards"),
     (["data.heldout_shards=1"], r"data.heldout_shards=1: must be in \[0, 1\)"),
+    (["data.sources=[{path: /a, wieght: 2}]"], r"unknown key 'wieght'. Did you mean 'weight'\? Valid keys in a list "
+                                              "entry of SourceConfig: path, weight, num_samples"),
 ])
 def test_recipe_checks(overrides, message):
     with pytest.raises(ConfigError, match=message):
