@@ -195,10 +195,10 @@ def _count(fs: pafs.FileSystem, files: list[str], ext: str, num_samples: int | N
     if stats and len(stats) == len(files):
         return stats, f"img2dataset's {STATS_SUFFIX} files", sum(stats.values())
     if num_samples is not None:
-        return {}, "data.num_samples" if not d.sources else "data.sources[].num_samples", num_samples
-    say(f"counting the samples of {len(files)} shard(s) (no {STATS_SUFFIX} beside every tar and no "
-        "data.num_samples): this reads every shard's tar headers (Parquet: footers); set data.num_samples "
-        "to skip it")
+        return {}, "data.sources[].num_samples" if d.sources else "data.num_samples", num_samples
+    key = "data.sources[].num_samples" if d.sources else "data.num_samples"
+    say(f"counting the samples of {len(files)} shard(s) (no {STATS_SUFFIX} beside every tar and no {key}): this "
+        f"reads every shard's tar headers (Parquet: footers); set {key} to skip it")
     rows = {}
     for f in files:
         try:
@@ -268,7 +268,7 @@ def shard_manifest(d: DataConfig, say=print, seed: int = 0) -> Manifest:
             known = all(e["rows"] is not None for e in mine)
             c[f"{split}_samples"] = (sum(e["rows"] for e in mine) if known else
                                      round(c["samples"] * len(mine) / max(c["shards"], 1)))
-        if not c["train_samples"]:
+        if not any(e["source"] == i for e in entries["train"]):
             raise ConfigError(f"data.heldout_shards={d.heldout_shards} leaves {c['path']} no training shard: lower it, "
                               "or list more shards")
     counts = {split: sum(c[f"{split}_samples"] for c in described) for split in entries}

@@ -176,6 +176,14 @@ def test_heldout_shards_become_the_heldout_split(corpora, capsys):
         shard_manifest(recipe(f"data.path={a}/00000.tar", "data.heldout_shards=0.5").data, **QUIET)
 
 
+def test_heldout_shards_that_leave_a_corpus_nothing_to_train_on_are_refused(corpora):
+    a, b = corpora
+    seed = next(s for s in range(100) if 4 in heldout_choice(5, 0.6, s))  # b's one shard is listed last
+    r = recipe(f"data.sources=[{{path: {a}}}, {{path: {b}/00000.tar}}]", "data.heldout_shards=0.6")
+    with pytest.raises(ConfigError, match=rf"^data.heldout_shards=0.6 leaves {b}/00000.tar no training shard"):
+        shard_manifest(r.data, seed=seed, **QUIET)
+
+
 def test_evaluators_read_the_heldout_split_of_foreign_data(corpora):
     from towerlab.data.pipeline import preprocessor
     from towerlab.train.dataset import ensure_data
