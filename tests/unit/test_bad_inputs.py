@@ -165,6 +165,17 @@ CASES = [
          id="train built-in source into a non-empty foreign dir"),
     case(f"train {DEBUG} data.source=webdataset data.paths=[/x/{{{{000..001}}}}.tar]", "quote",
          id="train unquoted braces in a list override"),
+    # train: weighted mixtures of foreign corpora and held-out shards (data/foreign.py)
+    case(f'train {DEBUG} data.source=webdataset data.path=null '
+         f'data.sources=[{{{{"path":"/a","weight":2}}}},{{{{"path":"/b"}}}}]', "data.resampled=true",
+         id="train unequal mixture weights without resampling"),
+    case(f'train {DEBUG} data.source=webdataset data.path=/c data.sources=[{{{{"path":"/a"}}}}]',
+         "data.sources and data.path", id="train data.sources and data.path"),
+    case(f'train {DEBUG} data.source=webdataset data.path=null data.sources=[{{{{"path":"/a","weight":-1}}}}]',
+         "data.sources[0].weight", id="train negative mixture weight"),
+    case(f"train {DEBUG} data.heldout_shards=0.1", "data.heldout_shards", id="train held-out shards of digits"),
+    case(f"train {DEBUG} data.source=webdataset data.path={{tmp}}/one.tar data.num_samples=8 "
+         "data.heldout_shards=0.5", "data.heldout_shards=0.5", id="train held-out shards leave none to train"),
     case(f"train {DEBUG} data.captions_per_image=0", "data.captions_per_image"),
     case(f"train {DEBUG} model.freeze=[nomatch.*]", "nomatch"),
     case(f"train {DEBUG} train.device_memory=lots", "train.device_memory"),

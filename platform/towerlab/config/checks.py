@@ -102,9 +102,39 @@ def check_ranges(obj: Any, prefix: str) -> None:
             for k, v in value.items():
                 if dataclasses.is_dataclass(v):
                     check_ranges(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):  # data.sources: a list of sections
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    check_ranges(v, f"{key}[{i}]")
+
+
+def check_sources(d) -> None:
+    """data.sources, a weighted mixture of foreign corpora: instead of data.path/paths, each with a path, and
+    weights that differ only where shards are drawn with replacement."""
+    if d.path or d.paths:
+        raise ConfigError("data.sources and data.path/data.paths are both set: name every corpus in data.sources "
+                          "([{path: ..., weight: ...}, ...]) or the shards in data.path, not both (data.path=null "
+                          "drops a recipe file's)")
+    if d.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.sources mixes foreign corpora (data.source=webdataset or parquet), not "
+                          f"{d.source}: set data.source=webdataset or parquet")
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path is empty: give the corpus's directory, brace pattern or shard")
+    if not d.resampled and len({s.weight for s in d.sources}) > 1:
+        raise ConfigError(f"data.sources weights {[s.weight for s in d.sources]} differ but data.resampled=false: "
+                          "a weighted mixture draws shards with replacement: set data.resampled=true, or equal "
+                          "weights (the corpora one after the other)")
+    if d.num_samples is not None and not d.resampled:
+        raise ConfigError("data.num_samples with data.sources is the size of a resampled epoch, but "
+                          "data.resampled=false: set each corpus's count as data.sources[i].num_samples, or "
+                          "data.resampled=true")
 
 
 def check_data(d) -> None:
+    if d.sources:
+        check_sources(d)
+        return check_keys(d)
     if d.source == "parquet" and not (d.path or d.paths):
         raise ConfigError("data.source=parquet needs data.path: a directory from `towerlab data prepare`, or image-bytes "
                           "Parquet files (img2dataset's or Hugging Face datasets'): a directory, a brace pattern or "
@@ -118,6 +148,13 @@ def check_data(d) -> None:
                           f"{d.source}: use data.path")
     if d.paths and d.path:
         raise ConfigError("data.path and data.paths are both set: give the shard locations in one of them")
+    if d.heldout_shards and d.source not in ("webdataset", "parquet"):
+        raise ConfigError(f"data.heldout_shards holds out foreign shards (data.source=webdataset or parquet); "
+                          f"data.source={d.source} has its own held-out split: set data.heldout_shards=0")
+    check_keys(d)
+
+
+def check_keys(d) -> None:
     if not d.image_keys or not all(k and "." not in k for k in d.image_keys):
         raise ConfigError(f"data.image_keys={list(d.image_keys)}: give member suffixes without dots, e.g. [jpg, png]")
     if not d.caption_key or "." in d.caption_key:

@@ -137,6 +137,10 @@ def _translate(e: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
         parent, _, leaf = full.rpartition(".")
         valid = _keys_at(schema, parent)
         where = f"in '{parent}'" if parent else "at the top level"
+        inner = getattr(e, "object_type", None)
+        if not parent and dataclasses.is_dataclass(inner) and inner is not OmegaConf.get_type(schema):
+            # an entry of a list of sections (data.sources): OmegaConf's key lost the list's path
+            valid, where = [f.name for f in dataclasses.fields(inner)], f"in a list entry of {inner.__name__}"
         return ConfigError(
             f"{source}: unknown key '{full}'.{_closest(leaf, valid)} Valid keys {where}: {', '.join(valid)}"
         )

@@ -242,7 +242,15 @@ def _section(cls: type, key: str, level: int, intro: str, choices: Mapping[str, 
             out += _section(tp, f"{key}.{f.name}", level + 1, field_doc(cls, f.name), choices)
         elif (element := _dict_element(tp)) is not None:
             out += _section(element, f"{key}.{f.name}.<NAME>", level + 1, field_doc(cls, f.name), choices)
+        elif (element := _list_element(tp)) is not None:  # a list of sections (data.sources): its entries' keys
+            out += _section(element, f"{key}.{f.name}[]", level + 1, "", choices)
     return out
+
+
+def _list_element(tp: Any) -> type | None:
+    """The dataclass of a `list[SomeDataclass]` field (a list of sections, such as `data.sources`)."""
+    args = typing.get_args(tp)
+    return args[0] if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]) else None
 
 
 def _registry_section(key: str, v: Variant, intro: str, choices: Mapping[str, Sequence[str]]) -> list[str]:

@@ -81,6 +81,21 @@ class AugmentConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One foreign corpus of a weighted mixture (`data.sources: [{path, weight}, ...]`)."""
+
+    path: str = ""
+    """Where the corpus's shards are, as data.path takes them: a directory of .tar (or .parquet) shards, a brace
+    pattern (s3://bucket/laion/{00000..04095}.tar) or one shard file."""
+    weight: float = num(1.0, gt=0)
+    """The corpus's share of the training samples, relative to the other sources' weights, > 0 (OpenCLIP's
+    --train-data-upsampling-factors, normalised by the corpus sizes); unequal weights need data.resampled=true."""
+    num_samples: Optional[int] = num(None, ge=1)
+    """Samples in this corpus when img2dataset's <shard>_stats.json files are not beside every shard (null: count
+    them)."""
+
+
+@dataclass
 class DataConfig:
     """Where the training data comes from and how it is batched, shuffled and augmented."""
 
@@ -130,7 +145,14 @@ class DataConfig:
     """Column of foreign image-bytes Parquet holding the caption; "": the first of caption, txt, text."""
     resampled: bool = False
     """Foreign shards drawn with replacement (OpenCLIP's --dataset-resampled): an epoch is data.num_samples samples
-    (default: the corpus's count) from shards drawn at random, seeded by `seed` (the same draws every epoch)."""
+    (default: the corpus's count) from shards drawn at random, epoch e's draws seeded by (seed, e)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of foreign corpora (data.source=webdataset or parquet), instead of data.path/data.paths:
+    [{path, weight, num_samples}, ...]; each source's share of the samples is its weight (equal weights without
+    data.resampled: the corpora one after the other)."""
+    heldout_shards: float = num(0.0, ge=0, lt=1)
+    """Fraction of the listed foreign shards kept out of training as the split `heldout` (evaluators with
+    `data: heldout` read it), in [0, 1); chosen by `seed`, at least one shard; 0: none held out."""
     # Ray Data keeps the order of blocks (ExecutionOptions.preserve_order), so with one worker and no random
     # augmentation a rerun sees the same batches (`towerlab reproduce`); costs some ingest throughput
     deterministic: bool = False

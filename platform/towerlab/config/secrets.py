@@ -90,6 +90,8 @@ def redact_value(key: str, value: Any, environ: Mapping[str, str] | None = None)
         return MASK
     if isinstance(value, str):
         return redact_text(value, environ)
+    if isinstance(value, (list, tuple, Mapping)):  # data.paths, data.sources: each entry as a value of its own
+        return redact_tree(value, environ, key)
     return value
 
 

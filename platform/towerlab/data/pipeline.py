@@ -194,9 +194,14 @@ def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 
 
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
     if manifest.foreign:  # shards towerlab did not write, read in place (data/foreign.py)
-        from towerlab.data.foreign import read_train
+        from towerlab.config import resolve_batch
+        from towerlab.data.foreign import epochs_needed, read_train
 
-        ds = read_train(manifest, recipe.data, recipe.seed)
+        # resampled: the draws of every epoch the run reaches, each epoch's seeded by (seed, epoch)
+        run_samples = recipe.train.steps * resolve_batch(recipe.data.global_batch, recipe.train.workers,
+                                                         recipe.data.micro_batch).global_batch
+        epochs = epochs_needed(run_samples, recipe.data.num_samples or manifest.count("train"))
+        ds = read_train(manifest, recipe.data, recipe.seed, epochs)
     elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
         ds = ray.data.from_arrow(read_train_tables(manifest, recipe.data.bad_shards))
     else:
@@ -220,7 +225,12 @@ def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batc
 
 
 def split_columns(manifest: Manifest, split: str, columns: list[str]) -> dict[str, list]:
-    """Some columns of a whole (small) split, read through the dataset's filesystem in either format."""
+    """Some columns of a whole (small) split, read through the dataset's filesystem in either format (foreign
+    shards through their own reader, dirty samples left out)."""
+    if manifest.foreign:
+        from towerlab.data.foreign import split_rows
+
+        return split_rows(manifest, split, columns)
     out: dict[str, list] = {c: [] for c in columns}
     for f in manifest.files(split):
         part = read_rows(manifest.loc.fs, f, manifest.shard_format, columns)

@@ -51,6 +51,9 @@ def profile(manifest: Any) -> dict:
         out["skipped_shards"] = len(manifest.skipped)
     if "count_source" in manifest.data:
         out["count_source"] = manifest.data["count_source"]
+    if len(manifest.data.get("sources", [])) > 1:  # a mixture (data.sources): one line per corpus
+        out["mixture"] = [f"{c['path']} weight={c['weight']:g} share={c['share']:.3g} samples={c['samples']} "
+                          f"({c['count_source']})" for c in manifest.data["sources"]]
     out["fingerprint"] = manifest.fingerprint
     if "fingerprint_of" in manifest.data:
         out["fingerprint_of"] = manifest.data["fingerprint_of"]

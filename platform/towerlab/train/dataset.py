@@ -20,13 +20,16 @@ def ensure_data(recipe: Recipe) -> Manifest:
     shards listed in place (data/foreign.py)."""
     path = data_dir(recipe)
     if is_foreign(recipe.data):
-        manifest = shard_manifest(recipe.data)
+        manifest = shard_manifest(recipe.data, seed=recipe.seed)
         check_foreign(recipe, manifest)
         check_positives(recipe, *positives_of(manifest), manifest.uri)
     else:
         if recipe.data.source not in PREPARED and isinstance(path, Path) and not (path / "manifest.json").exists():
             prepare(recipe.data.source, path, seed=0, key="data.path",
                     size=recipe.data.synthetic_size if recipe.data.source.startswith("synthetic") else None)
+        if recipe.data.heldout_shards:
+            raise ConfigError(f"data.heldout_shards={recipe.data.heldout_shards} holds out foreign shards, but "
+                              f"{path} is a prepared dataset with its own held-out split: set data.heldout_shards=0")
         manifest = read_manifest(path, verify=recipe.data.verify_shards, bad_shards=recipe.data.bad_shards)
         check_prepared(recipe, manifest)
         check_positives(recipe, *positives_of(manifest), manifest.uri)
@@ -40,18 +43,24 @@ def ensure_data(recipe: Recipe) -> Manifest:
 
 
 def check_foreign(recipe: Recipe, manifest: Manifest) -> None:
-    """What foreign shards cannot give: a word vocabulary (none was built from their captions) and evaluation data
-    (they have no held-out split and no class labels): evaluators read a prepared directory, or there are none."""
+    """What foreign shards cannot give: a word vocabulary (none was built from their captions) and class labels;
+    evaluators read their held-out shards (data.heldout_shards, captions only) or a prepared directory."""
     t = recipe.model.text
     if not t.pretrained and t.tokenizer == "words":
         raise ConfigError(f"data.source={recipe.data.source} over {manifest.uri} (shards without a towerlab manifest) has no "
                           "word vocabulary: set model.text.tokenizer=clip_bpe model.text.vocab_size=49408 "
                           "(or a pretrained text tower)")
     for name, ev in recipe.evals.items():
-        if not (Path(ev.data) / "manifest.json").is_file():
+        if ev.data in manifest.splits:
+            if ev.type in ("zeroshot", "linear_probe"):
+                raise ConfigError(f"evals.{name} ({ev.type}) needs class labels, which the foreign shards of "
+                                  f"{manifest.uri} have not: give it a prepared directory as data, or drop it "
+                                  "(e.g. evals: {retrieval: {type: retrieval}})")
+        elif not (Path(ev.data) / "manifest.json").is_file():
+            fix = "hold some shards out with data.heldout_shards (e.g. 0.05), " if ev.data == "heldout" else ""
             raise ConfigError(f"evals.{name}.data={ev.data}: foreign shards have no held-out split or "
-                              "labels to evaluate on: set it to a prepared directory (`towerlab data prepare`), or "
-                              "train without evaluators (evals={})")
+                              f"labels to evaluate on: {fix}point it at a prepared directory (`towerlab data "
+                              "prepare`), or train without evaluators (evals={})")
 
 
 def check_prepared(recipe: Recipe, manifest: Manifest) -> None:
@@ -90,6 +99,8 @@ def peek_positives(recipe: Recipe) -> tuple[bool, int, str] | None:
     built-in source not prepared yet (each has class labels and one caption per record), local shards without a
     towerlab manifest (foreign: no labels). None when it cannot be known here (a URI, data.paths, a path that does
     not exist yet); the driver checks again with the manifest in hand."""
+    if recipe.data.sources:  # a mixture of foreign corpora: no class labels, one caption per sample
+        return False, 1, "data.sources"
     path = data_dir(recipe)
     if recipe.data.paths or not isinstance(path, Path):
         return None

@@ -138,6 +138,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
             described = {k: manifest.data[k] for k in ("count_source", "fingerprint_of", "keys") if k in manifest.data}
             run.log_text(json.dumps(manifest.counts | {"fingerprint": manifest.fingerprint} | described),
                          "data.json")
+            if recipe.data.sources:  # the mixture: each corpus (credentials redacted), its weight, share and count
+                run.log_text(json.dumps(manifest.data["sources"], indent=1), "data_mixture.json")
             # the same identity as a dataset input: the MLflow UI shows it in the run list's Datasets column
             log_training_dataset(run.client, run.run_id, recipe.data.source, manifest)
             unknown = prompt_unknown_share(recipe, manifest)

@@ -201,7 +201,7 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
     # token augmentation is inactive); its images are decoded chunk by chunk when embedded (EncodedImages)
     text = pre.token_augment(pre.tokenizer.encode_batch(pre.texts(rows)), pre.rng)
     _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
-    prompts = source.classes["prompts"]
+    prompts = source.classes.get("prompts", [])  # foreign shards (data.heldout_shards) have no classes
     return EvalData(
         key=f"{source.root}:{split}:{max_samples}",
         image=EncodedImages(rows["image"], pre, f"evaluation data '{spec}' ({split} split)"),

@@ -98,6 +98,9 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
     window_start, window_samples = time.perf_counter(), 0
     foreign = manifest.foreign  # web data: dirty samples are skipped, counted per epoch
+    # resampled foreign data: one pass over the dataset holds every epoch's draws (data/foreign.py read_train), so
+    # the epoch a metric belongs to is the samples seen over an epoch's samples
+    epoch_samples = (recipe.data.num_samples or manifest.count("train")) if foreign and recipe.data.resampled else 0
     while step < total:
         micro: list[dict] = []
         consumed = 0  # micro-batches of this epoch taken so far
@@ -139,7 +142,7 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
                 metrics.update({f"train/{k}": v for k, v in means.items()})
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/samples_per_s"] = window_samples / max(elapsed, 1e-9)
-                metrics["train/epoch"] = epoch
+                metrics["train/epoch"] = step * plan.global_batch // epoch_samples if epoch_samples else epoch
                 metrics["train/samples"] = step * plan.global_batch
             metrics.update(evaluate(engine.module.model, step, last))
             if metrics:
