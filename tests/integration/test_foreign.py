@@ -5,6 +5,7 @@ data.bad_shards=error the unreadable shard stops the run, named."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -59,6 +60,26 @@ def test_train_from_img2dataset_shards(repo_root, tmp_path, make_wds_shards, ray
     bad = run_cli(["train", *common, "name=wds-foreign-bad", *flags], cwd=tmp_path)
     assert bad.returncode != 0
     assert f"shard {shards['bad_tar']} cannot be read" in bad.stdout + bad.stderr
+
+    # a weighted mixture of two clean corpora, shards drawn with replacement, a third of the shards held out and
+    # evaluated (retrieval: web data has no class labels)
+    a = make_wds_shards(tmp_path / "a", shards=3, per_shard=16, dirty=False, corrupt_shard=False)
+    b = make_wds_shards(tmp_path / "b", shards=3, per_shard=16, seed=1, dirty=False, corrupt_shard=False)
+    mix = run_cli(["train", str(repo_root / "recipes" / "debug.yaml"), "data.source=webdataset", "data.path=null",
+                   f"data.sources=[{{path: {a['root']}, weight: 1}}, {{path: {b['root']}, weight: 3}}]",
+                   "data.resampled=true", "data.heldout_shards=0.34", *BPE,
+                   "evals={retrieval: {type: retrieval, data: heldout}}", "data.global_batch=16", "train.steps=4",
+                   "train.log_every=2", "train.checkpoint_every=4", "eval.every=4", "name=wds-mixture", *flags],
+                  cwd=tmp_path)
+    assert mix.returncode == 0, mix.stdout[-3000:] + mix.stderr[-3000:]
+    assert "a mixture of 2 WebDataset corpora, 6 shard(s), 96 samples" in mix.stdout
+    (run,) = client.search_runs([exp.experiment_id], "tags.`towerlab.run_name` = 'wds-mixture'")
+    assert run.info.status == "FINISHED"
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert "eval/retrieval/recall_at_1_i2t" in run.data.metrics  # the held-out shards were evaluated
+    mixture = json.loads(open(client.download_artifacts(run.info.run_id, "data_mixture.json", str(tmp_path))).read())
+    assert [(c["weight"], round(c["share"], 2), c["samples"]) for c in mixture] == [(1, 0.25, 48), (3, 0.75, 48)]
+    assert sum(c["heldout_samples"] for c in mixture) == 32  # 2 of 6 shards of 16
 
 
 def decodes(data: bytes) -> bool:

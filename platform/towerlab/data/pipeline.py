@@ -224,6 +224,34 @@ def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batc
     return itertools.islice(batches, skip_batches, None) if skip_batches else iter(batches)
 
 
+class EarlyStart:
+    """An iterator whose first item is fetched in a background thread from the moment it is made, so what that
+    first item waits on (for Ray Data: the split coordinator actor, the preprocessing tasks and their processes)
+    starts while the caller does other work (the worker builds its model and DeepSpeed engine). `take()` waits for
+    that item and returns the whole iterator; an error met fetching it is raised there, as iteration would."""
+
+    def __init__(self, it: Iterator):
+        import threading
+
+        self._it, self._first, self._error = it, [], None
+        self._thread = threading.Thread(target=self._fetch, name="towerlab-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            self._error = e
+
+    def take(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return itertools.chain(self._first, self._it)
+
+
 def split_columns(manifest: Manifest, split: str, columns: list[str]) -> dict[str, list]:
     """Some columns of a whole (small) split, read through the dataset's filesystem in either format (foreign
     shards through their own reader, dirty samples left out)."""

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from towerlab.config import ConfigError
-from towerlab.losses.gather import gather_no_grad
 
 
 def rank_world() -> tuple[int, int]:
@@ -111,4 +110,6 @@ def embed_sharded(encode: Callable[[torch.Tensor], torch.Tensor], x, batch: int)
     if world == 1:
         return torch.cat([encode(x[i : i + batch]) for i in range(0, len(x), batch)])
     local, _ = embed_share(encode, x, batch, rank, world)
-    return gather_no_grad(local)[: len(x)]
+    blocks = [torch.empty_like(local) for _ in range(world)]  # equal sizes: every block is padded to ceil(N / W)
+    dist.all_gather(blocks, local)
+    return torch.cat(blocks)[: len(x)]

@@ -17,7 +17,7 @@ import torch
 
 from towerlab.config import Recipe, resolve_batch
 from towerlab.data import read_manifest
-from towerlab.data.pipeline import epoch_batches, preprocessor
+from towerlab.data.pipeline import EarlyStart, epoch_batches, preprocessor
 from towerlab.tracking import NoopRun, open_run
 from towerlab.tracking.system_metrics import SystemMetrics
 from towerlab.tracking.tags import FAILURE
@@ -69,6 +69,11 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     total = recipe.train.steps
     ds_config = deepspeed_config(recipe, plan)
+    shard = ray.train.get_dataset_shard("train")
+    # a fresh run starts its data now: Ray Data's coordinator and preprocessing processes start while the model and
+    # the DeepSpeed engine are built, not after (a resumed run's position is known only from its checkpoint)
+    fresh = ray.train.get_checkpoint() is None and not config.get("start_checkpoint")
+    early = EarlyStart(epoch_batches(shard, recipe, plan.micro_batch, 0)) if fresh else None
     module = build_module(recipe, rank, world, ds_config)
     timeline.mark("model")
     engine, optimizer, scheduler = initialize_engine(recipe, module, ds_config, total)
@@ -94,7 +99,6 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     evaluate = Evaluators(recipe, manifest, eval_pre)
     timeline.mark("evaluators")
 
-    shard = ray.train.get_dataset_shard("train")
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
     window_start, window_samples = time.perf_counter(), 0
     foreign = manifest.foreign  # web data: dirty samples are skipped, counted per epoch
@@ -105,7 +109,9 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
         micro: list[dict] = []
         consumed = 0  # micro-batches of this epoch taken so far
         skipped = 0  # dirty samples dropped before this worker's batches of this epoch
-        for batch in epoch_batches(shard, recipe, plan.micro_batch, epoch):
+        batches = early.take() if early is not None else epoch_batches(shard, recipe, plan.micro_batch, epoch)
+        early = None
+        for batch in batches:
             consumed += 1
             if "skipped" in batch:
                 skipped += int(batch.pop("skipped").sum())

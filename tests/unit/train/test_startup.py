@@ -56,3 +56,32 @@ print("new_shm", sorted(set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) 
     assert out.returncode == 0, out.stderr[-2000:]
     assert "shm_op None" in out.stdout and "new_shm []" in out.stdout, out.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_early_start_fetches_the_first_item_while_the_caller_works():
+    from towerlab.data.pipeline import EarlyStart
+
+    fetched = []
+
+    def items():
+        fetched.append(time.time())  # the first item's wait begins when EarlyStart is made, not at take()
+        yield from range(4)
+
+    made = time.time()
+    early = EarlyStart(items())
+    time.sleep(0.3)  # the caller's own work (the worker: model and engine)
+    assert fetched and fetched[0] - made < 0.25
+    assert list(early.take()) == [0, 1, 2, 3]
+    assert list(EarlyStart(iter(())).take()) == []
+
+
+def test_early_start_raises_the_fetch_error_at_take():
+    from towerlab.data.pipeline import EarlyStart
+
+    def broken():
+        raise OSError("shard 00003.tar cannot be read")
+        yield  # noqa: unreachable - a generator
+
+    early = EarlyStart(broken())
+    with pytest.raises(OSError, match="00003.tar"):
+        early.take()
