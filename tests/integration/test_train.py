@@ -36,7 +36,8 @@ def test_train_logs_run_and_resumes(repo_root, tmp_path, ray_cluster, mlflow_ser
     assert "RayTrainWorker" not in first.stdout + first.stderr and "MapBatches" not in first.stdout + first.stderr
     # its last checkpoint is a LoggedModel; what that model lacks (a tokenizer outside towerlab) is a tag, not a line
     assert "warning:" not in first.stderr, first.stderr[-2000:]
-    assert "deepspeed" in (tmp_path / "results" / "itest" / "logs" / "rank0.log").read_text().lower()
+    # what rank 0's libraries print (here MLflow's system-metrics monitor) went to its log file
+    assert "system metrics monitoring" in (tmp_path / "results" / "itest" / "logs" / "rank0.log").read_text()
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("towerlab")
