@@ -52,6 +52,64 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# ------------------------------------------------------------------------------------------------ phase timers
+
+class Phases:
+    """Seconds per phase of a rank's timed steps (those after `warmup`, up to `warmup + steps`): what --profile
+    reports for both sides. `step` is the number of optimizer steps completed so far."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.end = warmup, warmup + steps
+        self.step, self.seconds, self.t0, self.t1 = 0, {}, None, None
+
+    def active(self) -> bool:
+        return self.warmup <= self.step < self.end
+
+    def add(self, name: str, seconds: float) -> None:
+        if self.active():
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def stepped(self) -> None:
+        self.step += 1
+        if self.step == self.warmup:
+            self.t0 = time.perf_counter()
+        if self.step == self.end:
+            self.t1 = time.perf_counter()
+
+    def timed(self, name: str, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.add(name, time.perf_counter() - t)
+        return call
+
+    def timed_iter(self, name: str, it):
+        """`it`'s items, the time blocked in it added to `name` (to `name`_epoch_start for the first item and the
+        iterator's start: an epoch's start-up, separately)."""
+        t = time.perf_counter()
+        it, first = iter(it), True
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.add(f"{name}_epoch_start" if first else name, time.perf_counter() - t)
+            first = False
+            yield item
+            t = time.perf_counter()
+
+    def report(self) -> dict:
+        """Milliseconds per timed step by phase; `other` is the rest of the wall time."""
+        n = self.end - self.warmup
+        wall = (self.t1 - self.t0) if self.t1 else float("nan")
+        out = {k: 1000 * v / n for k, v in sorted(self.seconds.items())}
+        out["other"] = 1000 * wall / n - sum(out.values())
+        out["wall"] = 1000 * wall / n
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------- bare side
 
 class RowShard(torch.utils.data.Dataset):
@@ -114,28 +172,31 @@ def bare_rank(rank: int, recipe, manifest, warmup: int, steps: int, port: int, o
     model = DistributedDataParallel(module)
     opt, sched = build_optimizer(module, recipe.optim, recipe.train.steps)
     params = [p for p in module.parameters() if p.requires_grad]
-    step, t0 = 0, None
-    while step < warmup + steps:
-        for batch in loader:
+    ph = Phases(warmup, steps)  # a few clock reads per step: always on
+    while ph.step < warmup + steps:
+        for batch in ph.timed_iter("data_wait", loader):
+            t = time.perf_counter()
             batch = expand_positives(batch)
             inputs = {m: batch[m] for m in module.model.towers if m in batch}
-            out_ = model(inputs, labels=batch["label"], step=step)
+            out_ = model(inputs, labels=batch["label"], step=ph.step)  # features all-gathered in the loss
+            t, t_ = time.perf_counter(), t
+            ph.add("forward", t - t_)
             opt.zero_grad(set_to_none=True)
-            out_["loss"].backward()
+            out_["loss"].backward()  # DDP's all-reduce of the gradients overlaps it
+            t, t_ = time.perf_counter(), t
+            ph.add("backward", t - t_)
             torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip)
             opt.step()
             sched.step()
             with torch.no_grad():
                 module.model.clamp_logit_scale()
-            step += 1
-            if step == warmup:
-                t0 = time.perf_counter()
-            if step == warmup + steps:
+            ph.add("step", time.perf_counter() - t)
+            ph.stepped()
+            if ph.step == warmup + steps:
                 break
-    elapsed = time.perf_counter() - t0
-    if rank == 0:
-        Path(out).write_text(json.dumps({"seconds": elapsed, "loss": float(out_["loss"].detach()),
-                                         "loader_workers_per_rank": n_workers}))
+    Path(f"{out}.rank{rank}").write_text(json.dumps({"seconds": ph.t1 - ph.t0, "loss": float(out_["loss"].detach()),
+                                                     "loader_workers_per_rank": n_workers,
+                                                     "phases_ms": ph.report()}))
     dist.destroy_process_group()
 
 
@@ -147,22 +208,74 @@ def bare(recipe, manifest, warmup: int, steps: int, tmp: Path) -> dict:
 
     out = tmp / f"bare-{time.time_ns()}.json"
     mp.spawn(bare_rank, args=(recipe, manifest, warmup, steps, free_port(), str(out)), nprocs=recipe.train.workers)
-    res = json.loads(out.read_text())
-    return {"samples_per_s": steps * recipe.data.global_batch / res["seconds"], **res}
+    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(recipe.train.workers)]
+    res = {k: v for k, v in ranks[0].items() if k != "phases_ms"}
+    return {"samples_per_s": steps * recipe.data.global_batch / res["seconds"], **res,
+            "phases_ms": [r["phases_ms"] for r in ranks]}
 
 
 # --------------------------------------------------------------------------------------------------- stack side
 
-def stack(recipe, tmp: Path, warmup: int, steps: int, every: int) -> dict:
+def profiled_loop(warmup: int, steps: int, out: str):
+    """The stack's worker loop with phase timers (--profile): the names loop.py calls are wrapped inside the
+    worker, around the unchanged loop. Data wait: time blocked in the dataset shard's iterator; forward, backward
+    and step: the DeepSpeed engine's (gradient reduction happens in backward and step under ZeRO-2); log: the
+    loss all-reduce, MLflow and ray.train.report at logging steps."""
+
+    def loop(config: dict) -> None:
+        import ray.train
+        import towerlab.train.loop as L
+
+        ph = Phases(warmup, steps)
+        batches, init, step, clamp, open_run, mean = (L.epoch_batches, L.initialize_engine, L.contrastive_step,
+                                                      L.clamp_logit_scale, L.open_run, L.mean_over_ranks)
+        L.epoch_batches = lambda *a, **k: ph.timed_iter("data_wait", batches(*a, **k))
+
+        def initialize(*a, **k):
+            engine, *rest = init(*a, **k)
+            for name in ("forward", "backward", "step"):
+                setattr(engine, name, ph.timed(name, getattr(engine, name)))
+            return (engine, *rest)
+
+        def stepped(*a, **k):
+            terms = step(*a, **k)
+            ph.stepped()
+            return terms
+
+        def run(*a, **k):
+            r = open_run(*a, **k)
+            r.log_metrics = ph.timed("log", r.log_metrics)
+            return r
+
+        L.initialize_engine, L.contrastive_step, L.open_run = initialize, stepped, run
+        # after the step counter moved: the clamp belongs to the step just counted
+        L.clamp_logit_scale = lambda e: (ph.add("clamp", -time.perf_counter()), clamp(e),
+                                         ph.add("clamp", time.perf_counter()))
+        L.mean_over_ranks = ph.timed("log", mean)
+        ray.train.report = ph.timed("log", ray.train.report)
+        L.train_loop_per_worker(config)
+        rank = ray.train.get_context().get_world_rank()
+        Path(f"{out}.rank{rank}").write_text(json.dumps(ph.report()))
+
+    return loop
+
+
+def stack(recipe, tmp: Path, warmup: int, steps: int, every: int, profile: bool = False) -> dict:
     """Samples/s of towerlab.train.driver.train over the timed steps, and its evaluation and checkpoint pauses."""
     import ray
     from mlflow import MlflowClient
 
+    import towerlab.train.loop
     from towerlab.train.driver import train
 
+    original = towerlab.train.loop.train_loop_per_worker
+    prof = tmp / f"stack-{time.time_ns()}.json"
+    if profile:  # the driver imports the loop when it starts the trainer
+        towerlab.train.loop.train_loop_per_worker = profiled_loop(warmup, steps, str(prof))
     try:
         summary = train(recipe, tracking_uri=f"sqlite:///{tmp}/mlruns.db")
     finally:
+        towerlab.train.loop.train_loop_per_worker = original
         ray.shutdown()  # no idle Ray left competing with the next bare run
     hist = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "train/samples_per_s")
     sps = {m.step: m.value for m in hist}
@@ -175,10 +288,16 @@ def stack(recipe, tmp: Path, warmup: int, steps: int, every: int) -> dict:
             # an interval's excess over its steps' own time (every * B / the window's samples/s)
             "eval_pause_s": (ts[ev] - ts[ev - every]) - every * B / sps[ev],
             "checkpoint_pause_s": (ts[ck + every] - ts[ck]) - every * B / sps[ck + every],
-            "run_id": summary.run_id}
+            "run_id": summary.run_id,
+            **({"phases_ms": [json.loads(Path(f"{prof}.rank{r}").read_text()) for r in range(recipe.train.workers)]}
+               if profile else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+
+def phases(ms: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in ms.items())
+
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
@@ -198,6 +317,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "digits_clip.yaml"))
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/overhead.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="time the stack's phases too (wraps its loop's calls; the bare side's are always timed)")
     p.add_argument("overrides", nargs="*", help="recipe overrides (key=value), applied to both sides")
     args = p.parse_args()
     every = args.log_every
@@ -220,12 +341,15 @@ def main() -> None:
     bares, stacks = [], []
     for i in range(args.repeats):
         bares.append(bare(recipe, manifest, args.warmup, args.steps, tmp))
-        print(f"repeat {i + 1}/{args.repeats}: bare {bares[-1]['samples_per_s']:.0f} samples/s", flush=True)
-        stacks.append(stack(recipe_for(i), tmp, args.warmup, args.steps, every))
+        print(f"repeat {i + 1}/{args.repeats}: bare {bares[-1]['samples_per_s']:.0f} samples/s; ms per step "
+              f"(rank 0) {phases(bares[-1]['phases_ms'][0])}", flush=True)
+        stacks.append(stack(recipe_for(i), tmp, args.warmup, args.steps, every, args.profile))
         s = stacks[-1]
         print(f"repeat {i + 1}/{args.repeats}: stack {s['samples_per_s']:.0f} samples/s (windows "
               f"{s['window_samples_per_s']:.0f}), eval pause {s['eval_pause_s']:.2f} s, checkpoint pause "
               f"{s['checkpoint_pause_s']:.2f} s", flush=True)
+        if args.profile:
+            print(f"repeat {i + 1}/{args.repeats}: stack ms per step (rank 0) {phases(s['phases_ms'][0])}", flush=True)
     b = spread([r["samples_per_s"] for r in bares])
     s = spread([r["samples_per_s"] for r in stacks])
     ratio = s["median"] / b["median"]
