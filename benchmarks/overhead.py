@@ -169,7 +169,8 @@ def bare_rank(rank: int, recipe, manifest, warmup: int, steps: int, port: int, o
         collate_fn=to_torch, generator=torch.Generator().manual_seed(recipe.seed * 100_003 + rank))
 
     module = build_module(recipe, rank, world)
-    model = DistributedDataParallel(module)
+    # the one buffer (the text tower's causal mask) is a constant: DeepSpeed does not broadcast it, nor does this
+    model = DistributedDataParallel(module, broadcast_buffers=False)
     opt, sched = build_optimizer(module, recipe.optim, recipe.train.steps)
     params = [p for p in module.parameters() if p.requires_grad]
     ph = Phases(warmup, steps)  # a few clock reads per step: always on
