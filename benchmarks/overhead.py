@@ -261,6 +261,24 @@ def profiled_loop(warmup: int, steps: int, out: str):
     return loop
 
 
+def start_ray(recipe, attempts: int = 3) -> None:
+    """Ray as train() starts it (train() then uses it), retried: on a loaded machine Ray's own start-up can time out
+    ("The current node timed out during startup"), which is no part of what is measured."""
+    import ray
+
+    from towerlab.train.ray_env import allocator_env, cpus_needed, init_ray
+
+    allocator_env(recipe)
+    for attempt in range(1, attempts + 1):
+        try:
+            return init_ray(cpus_needed(recipe))
+        except Exception as e:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            print(f"Ray did not start ({e}); retrying", flush=True)
+            ray.shutdown()
+
+
 def stack(recipe, tmp: Path, warmup: int, steps: int, every: int, profile: bool = False) -> dict:
     """Samples/s of towerlab.train.driver.train over the timed steps, and its evaluation and checkpoint pauses."""
     import ray
@@ -269,6 +287,7 @@ def stack(recipe, tmp: Path, warmup: int, steps: int, every: int, profile: bool 
     import towerlab.train.loop
     from towerlab.train.driver import train
 
+    start_ray(recipe)
     original = towerlab.train.loop.train_loop_per_worker
     prof = tmp / f"stack-{time.time_ns()}.json"
     if profile:  # the driver imports the loop when it starts the trainer
