@@ -29,7 +29,13 @@ so no idle Ray process competes with the bare side. Reported per side: every rep
 (min-max); the ratio of the medians (stack / bare; goal >= 0.90); the machine's cpu count and 1-minute load average
 at the start and the end.
 
-    .venv/bin/python benchmarks/overhead.py [--steps 100] [--warmup 20] [--repeats 3] [--arch digits] [--batch 256]
+Phases: the bare side always times, per rank and timed step, the wait for the DataLoader (the first batch of an
+epoch apart: `data_wait_epoch_start`), forward (with the loss's feature all-gather), backward (with DDP's gradient
+all-reduce) and step (clip, AdamW, schedule, clamp). `--profile` times the stack's phases the same way by wrapping,
+inside each worker, the names its unchanged loop calls (the dataset shard's iterator, the DeepSpeed engine's
+forward, backward and step, the logit-scale clamp, and logging: loss all-reduce, MLflow, ray.train.report).
+
+    .venv/bin/python benchmarks/overhead.py [--profile] [--steps 100] [--warmup 20] [--repeats 3] [--arch digits] [--batch 256]
 
 Writes benchmarks/results/overhead.json (--out elsewhere, e.g. for short trial runs).
 """
