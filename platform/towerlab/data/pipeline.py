@@ -57,6 +57,10 @@ class Preprocessor:
         rows = [captions_of(c, None if extra is None else extra[i]) for i, c in enumerate(batch["caption"])]
         return [t for caps in rows for t in choose(caps, self.k, self.augment, self.rng)]
 
+    def tokens(self, batch: dict) -> np.ndarray:
+        """The batch's captions tokenized ([B * k, L], k per row, row-major), token augmentation applied."""
+        return self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
+
     def image(self, data: bytes) -> np.ndarray:
         """One encoded image as the model sees it in evaluation (resized, normalised; no augmentation)."""
         from towerlab.data.images import decode
@@ -70,7 +74,7 @@ class Preprocessor:
             return self.tolerant(batch)
         images = np.stack([decode(b, self.image_size, self.augment, self.rng, self.mean, self.std)
                            for b in batch["image"]])
-        text = self.token_augment(self.tokenizer.encode_batch(self.texts(batch)), self.rng)
+        text = self.tokens(batch)
         n = len(images)
         out = {
             "image": images,
@@ -100,7 +104,7 @@ class Preprocessor:
             keep.append(i)
         kept = {k: [v[i] for i in keep] for k, v in batch.items() if k in ("caption", "captions", "label")}
         n, s, L = len(keep), self.image_size, self.tokenizer.context_length
-        text = self.token_augment(self.tokenizer.encode_batch(self.texts(kept)), self.rng) if n else \
+        text = self.tokens(kept) if n else \
             np.zeros((0, self.k, L) if self.k > 1 else (0, L), dtype=np.int64)
         skipped = np.zeros(n, dtype=np.int64)
         if n:

@@ -199,7 +199,7 @@ def load_eval_data(spec: str, manifest: Manifest, pre: Preprocessor, max_samples
         rows = {k: v[:max_samples] for k, v in rows.items()}
     # the Preprocessor's text and label columns, as its __call__ makes them (no augmentation in evaluation: the
     # token augmentation is inactive); its images are decoded chunk by chunk when embedded (EncodedImages)
-    text = pre.token_augment(pre.tokenizer.encode_batch(pre.texts(rows)), pre.rng)
+    text = pre.tokens(rows)
     _, group = np.unique(np.asarray(rows["caption"]), return_inverse=True)
     prompts = source.classes.get("prompts", [])  # foreign shards (data.heldout_shards) have no classes
     return EvalData(
