@@ -69,20 +69,19 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     plan = resolve_batch(recipe.data.global_batch, world, recipe.data.micro_batch)
     total = recipe.train.steps
     ds_config = deepspeed_config(recipe, plan)
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a worker failure or a resume
+    if checkpoint is None and config.get("start_checkpoint"):  # where PBT says to start (Train V2 has no argument)
+        checkpoint = Checkpoint(config["start_checkpoint"])
     shard = ray.train.get_dataset_shard("train")
     # a fresh run starts its data now: Ray Data's coordinator and preprocessing processes start while the model and
     # the DeepSpeed engine are built, not after (a resumed run's position is known only from its checkpoint)
-    fresh = ray.train.get_checkpoint() is None and not config.get("start_checkpoint")
-    early = EarlyStart(epoch_batches(shard, recipe, plan.micro_batch, 0)) if fresh else None
+    early = EarlyStart(epoch_batches(shard, recipe, plan.micro_batch, 0)) if checkpoint is None else None
     module = build_module(recipe, rank, world, ds_config)
     timeline.mark("model")
     engine, optimizer, scheduler = initialize_engine(recipe, module, ds_config, total)
 
     # data position: epoch and the micro-batches of it already consumed (a mid-epoch resume skips them)
     state = {"step": 0, "epoch": 0, "batch": 0}
-    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a worker failure or a resume
-    if checkpoint is None and config.get("start_checkpoint"):  # where PBT says to start (Train V2 has no argument)
-        checkpoint = Checkpoint(config["start_checkpoint"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
