@@ -8,7 +8,8 @@ consumers that do nothing else, so the number is the ingest ceiling a training s
 
 - Ray Data: `train_dataset` (the raw rows, read once: by the driver into the object store below 256 MiB of shards,
   as here, else streamed by read_parquet; -> map_batches on `--procs` preprocessing actors) split by Ray Train
-  across a TorchTrainer of 2 workers, each iterating `epoch_batches` (local shuffle buffer, reseeded per epoch).
+  across a TorchTrainer of 2 workers, each iterating `epoch_batches`: for data the driver reads, one pass holding
+  `--epochs` epochs (each a seeded permutation); for streamed shards, once per epoch (local shuffle buffer).
 - torch: 2 consumer processes, each a DataLoader over its half of the shards with `--procs / 2` worker processes
   that read their Parquet files, shuffle rows per epoch and yield preprocessed batches.
 
@@ -117,9 +118,11 @@ def ray_data_run(recipe, manifest, epochs: int, out: Path) -> list[dict]:
 
         shard = rt.get_dataset_shard("train")
         samples, waited, start = 0, 0.0, None
-        for epoch in range(config["epochs"]):
-            it = iter(epoch_batches(shard, config["recipe"], config["batch"], epoch))
-            while True:
+        one_pass = config["epoch_samples"] > 0  # one pass holds every epoch: read `epochs` epochs' share of it
+        limit = config["epochs"] * config["epoch_samples"] // 2 if one_pass else None
+        for epoch in range(1 if one_pass else config["epochs"]):
+            it = iter(epoch_batches(shard, config["recipe"], config["batch"], epoch, shuffle=not one_pass))
+            while limit is None or samples < limit:
                 t = _time.perf_counter()
                 try:
                     b = next(it)
@@ -136,10 +139,14 @@ def ray_data_run(recipe, manifest, epochs: int, out: Path) -> list[dict]:
             {"samples": samples, "seconds": _time.perf_counter() - start, "waiting_s": waited}))
 
     init_ray(cpus_needed(recipe))
-    TorchTrainer(consume, train_loop_config={"recipe": recipe, "epochs": epochs, "batch": BATCH, "out": out},
+    # a run as long as `epochs` epochs, so a one-pass dataset holds them (and one more)
+    recipe.train.steps = -(-epochs * manifest.count("train") // recipe.data.global_batch)
+    data = train_dataset(recipe, manifest)
+    TorchTrainer(consume, train_loop_config={"recipe": recipe, "epochs": epochs, "batch": BATCH, "out": out,
+                                             "epoch_samples": data.epoch_samples},
                  scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  run_config=ray.train.RunConfig(name="ingest", storage_path=str(out / "ray")),
-                 datasets={"train": train_dataset(recipe, manifest)}).fit()
+                 datasets={"train": data.dataset}).fit()
     return [json.loads((out / f"ray-{r}.json").read_text()) for r in range(2)]
 
 

@@ -102,7 +102,7 @@ def test_epochs_on_two_workers_see_every_sample_once(tmp_path, make_image_folder
     TorchTrainer(loop, train_loop_config={"recipe": recipe, "out": out_dir},
                  scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  run_config=ray.train.RunConfig(name="epochs", storage_path=str(tmp_path / "results")),
-                 datasets={"train": train_dataset(recipe, manifest)}).fit()
+                 datasets={"train": train_dataset(recipe, manifest).dataset}).fit()
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in ("0", "1"):
         both = ranks[0][epoch] + ranks[1][epoch]

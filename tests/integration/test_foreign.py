@@ -35,7 +35,7 @@ def test_ray_data_reads_foreign_shards_and_the_preprocessor_drops_dirty_samples(
            for r in read_shard(manifest.loc.fs, f, KEYS, "txt", bad_shards="skip")]
     usable = [r for r in raw if not r["problem"] and decodes(r["image"])]  # not the corrupt image
     init_ray(4)
-    rows = train_dataset(recipe, manifest).take_all()
+    rows = train_dataset(recipe, manifest).dataset.take_all()
     assert len(rows) == len(usable) >= shards["good"]
     assert sum(int(r["skipped"]) for r in rows) == len(raw) - len(rows)
 

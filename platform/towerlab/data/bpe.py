@@ -22,6 +22,7 @@ tests/unit/data/test_bpe.py checks token for token against open_clip's own Simpl
 from __future__ import annotations
 
 import gzip
+import functools
 import hashlib
 import html
 import importlib.util
@@ -95,6 +96,13 @@ def build(path: Path):
     return tok
 
 
+@functools.lru_cache(maxsize=1)
+def shared():
+    """`load()` once per process: Ray Data unpickles the preprocessor for every task, and reading the vocabulary
+    again each time cost most of a preprocessing task's time."""
+    return load()
+
+
 def load():
     """CLIP's BPE as a `tokenizers.Tokenizer`, from the cache when built before (any process may build it: the
     write is atomic, and concurrent builders write identical bytes)."""
@@ -142,7 +150,7 @@ class ClipBPETokenizer:
     def ids(self, texts: Iterable[str]) -> list[list[int]]:
         """The BPE ids of each text, without start/end tokens or padding."""
         if self._tok is None:
-            self._tok = load()
+            self._tok = shared()
         return [e.ids for e in self._tok.encode_batch([clean(t) for t in texts], add_special_tokens=False)]
 
     def encode_batch(self, texts: Iterable[str]) -> np.ndarray:

@@ -3,13 +3,18 @@ code path through the manifest's pyarrow filesystem), or for foreign WebDataset 
 manifest.json) data/foreign.py's reader -> decode + augment + tokenize in map_batches (foreign rows: dirty samples
 dropped and counted in a `skipped` column).
 
-Workers consume it with `get_dataset_shard("train").iter_torch_batches(...)`, reseeding their local shuffle buffer
-every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces; `skip_batches` starts an epoch
-part-way (a resumed run). The same `Preprocessor` serves evaluation (without augmentation) on the worker, where the
-held-out split is small enough to read directly.
+Two shapes of training dataset (`TrainData`):
+- one pass holds every epoch of the run: small prepared datasets (raw rows read once by the driver; `EpochOrder`
+  turns positions into the rows of each epoch's seeded permutation) and resampled foreign shards (each epoch's
+  draws). Preprocessing then streams across epoch boundaries; a per-epoch restart would stall training at every
+  epoch start while the first batches are decoded, which for a small dataset is every few steps;
+- one epoch, iterated again per epoch: datasets streamed from their shards, each worker reseeding its local
+  shuffle buffer every epoch (`epoch_batches`) so every epoch has a new order that a seed reproduces.
+`skip_batches` starts part-way (a resumed run).
 
-With captions_per_image = k > 1, `text` is [B, k, L] (k captions of each image) and `id` identifies the image, so
-the training step can expand the batch into k positives per image (`expand_positives`).
+The same `Preprocessor` serves evaluation (without augmentation) on the worker, where the held-out split is small
+enough to read directly. With captions_per_image = k > 1, `text` is [B, k, L] (k captions of each image) and `id`
+identifies the image, so the training step can expand the batch into k positives per image (`expand_positives`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -192,38 +198,101 @@ def read_train_tables(manifest: Manifest, bad_shards: str = "error") -> list:
     return tables
 
 
-def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 1):
-    """The training split as a lazy Ray Dataset of model inputs (augmentation re-drawn every epoch)."""
+@dataclass
+class TrainData:
+    """The training split as a lazy Ray Dataset of model inputs, and how it covers the run: `epoch_samples` > 0 when
+    one pass holds every epoch (an epoch is that many samples of it), 0 when the dataset is one epoch; `start` is
+    the run's sample count at the pass's first row (a resumed run's pass starts where its checkpoint stopped)."""
+
+    dataset: Any
+    epoch_samples: int = 0
+    start: int = 0
+
+
+# rows per block of a one-pass dataset: small enough that the first batches arrive soon after start
+PASS_BLOCK_ROWS = 256
+
+
+def train_dataset(recipe: Recipe, manifest: Manifest, captions_per_image: int = 1, start: int = 0) -> TrainData:
+    """The training split, augmentation re-drawn every epoch. `start`: samples of the run already trained on (a
+    resumed run's), where a one-pass dataset begins."""
     import ray.data
 
+    from towerlab.config import resolve_batch
+    from towerlab.data.foreign import epochs_needed
+
     pre = preprocessor(recipe, manifest, train=True, captions_per_image=captions_per_image)
-    if manifest.foreign:  # shards towerlab did not write, read in place (data/foreign.py)
-        from towerlab.config import resolve_batch
-        from towerlab.data.foreign import epochs_needed, read_train
-
-        # resampled: the draws of every epoch the run reaches, each epoch's seeded by (seed, epoch)
-        run_samples = recipe.train.steps * resolve_batch(recipe.data.global_batch, recipe.train.workers,
-                                                         recipe.data.micro_batch).global_batch
-        epochs = epochs_needed(run_samples, recipe.data.num_samples or manifest.count("train"))
-        ds = read_train(manifest, recipe.data, recipe.seed, epochs)
-    elif _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
-        ds = ray.data.from_arrow(read_train_tables(manifest, recipe.data.bad_shards))
-    else:
-        ds = read_split(manifest, "train")
     # tasks, at most preprocess_concurrency at once (Ray 2.51 deprecated map_batches' `concurrency` for this)
-    return ds.map_batches(pre, batch_size=256,
-                          compute=ray.data.TaskPoolStrategy(size=recipe.data.preprocess_concurrency))
+    compute = ray.data.TaskPoolStrategy(size=recipe.data.preprocess_concurrency)
+    run_samples = recipe.train.steps * resolve_batch(recipe.data.global_batch, recipe.train.workers,
+                                                     recipe.data.micro_batch).global_batch
+    if manifest.foreign:  # shards towerlab did not write, read in place (data/foreign.py)
+        from towerlab.data.foreign import read_train
+
+        n = recipe.data.num_samples or manifest.count("train")
+        # resampled: the draws of every epoch the run reaches, each epoch's seeded by (seed, epoch)
+        ds = read_train(manifest, recipe.data, recipe.seed, epochs_needed(run_samples, n))
+        return TrainData(ds.map_batches(pre, batch_size=256, compute=compute), n if recipe.data.resampled else 0)
+    if _split_bytes(manifest, "train") < CACHE_RAW_BYTES:
+        import pyarrow as pa
+
+        table = pa.concat_tables(read_train_tables(manifest, recipe.data.bad_shards)).combine_chunks()
+        n = table.num_rows
+        start = start if start < run_samples else 0  # a finished run extended: its pass starts over
+        rows = epochs_needed(run_samples, n) * n - start
+        order = EpochOrder(ray.put(table), n, recipe.seed, start, pre)
+        ds = ray.data.range(rows, override_num_blocks=max(1, min(-(-rows // PASS_BLOCK_ROWS), 4096)))
+        return TrainData(ds.map_batches(order, batch_size=None, compute=compute), n, start)
+    return TrainData(read_split(manifest, "train").map_batches(pre, batch_size=256, compute=compute))
 
 
-def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-    """One epoch of torch batches from a worker's dataset shard, in an order seeded by (seed, epoch). With
-    `skip_batches`, the epoch starts after that many batches (a run resumed mid-epoch; the same seed gives the same
-    local order, so the skipped batches are the ones already trained on up to Ray Data's block assignment)."""
+class EpochOrder:
+    """Positions in a pass over several epochs -> model inputs of the raw rows there: positions [e*n, (e+1)*n) are
+    epoch e, which visits each of the n rows once, in the order of a permutation seeded by (seed, e). The rows
+    live in Ray's object store (`table_ref`, an Arrow table), read without copying by every preprocessing task."""
+
+    def __init__(self, table_ref, n: int, seed: int, start: int, pre: Preprocessor):
+        self.ref, self.n, self.seed, self.start, self.pre = table_ref, n, seed, start, pre
+        self._table, self._perms = None, {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_table": None, "_perms": {}}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng((self.seed, 0x0EB0C, epoch)).permutation(self.n)}
+        return self._perms[epoch]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Row indices at these (absolute) positions."""
+        epochs, within = np.divmod(positions, self.n)
+        out = np.empty_like(positions)
+        for e in np.unique(epochs):
+            at = epochs == e
+            out[at] = self.order(int(e))[within[at]]
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        import ray
+
+        if self._table is None:
+            self._table = ray.get(self.ref)
+        picked = self._table.take(self.rows(np.asarray(batch["id"], dtype=np.int64) + self.start))
+        return self.pre({c: picked.column(c).to_numpy(zero_copy_only=False) for c in picked.column_names})
+
+
+def epoch_batches(shard, recipe: Recipe, micro_batch: int, epoch: int, skip_batches: int = 0,
+                  shuffle: bool = True) -> Iterator[dict]:
+    """One epoch of torch batches from a worker's dataset shard, in an order seeded by (seed, epoch) (or the whole
+    pass of a one-pass dataset, already in order: `shuffle=False`). With `skip_batches`, it starts after that many
+    batches (a run resumed mid-epoch; the same seed gives the same local order, so the skipped batches are the ones
+    already trained on up to Ray Data's block assignment)."""
+    buffer = recipe.data.shuffle_buffer if shuffle else 0
     batches = shard.iter_torch_batches(
         batch_size=micro_batch,
         drop_last=True,
-        local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
-        local_shuffle_seed=recipe.seed * 100_003 + epoch if recipe.data.shuffle_buffer else None,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=recipe.seed * 100_003 + epoch if buffer else None,
     )
     return itertools.islice(batches, skip_batches, None) if skip_batches else iter(batches)
 

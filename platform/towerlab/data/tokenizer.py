@@ -12,6 +12,7 @@ CLIP's BPE, the dataset-independent choice (`model.text.tokenizer: clip_bpe`), i
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from typing import Iterable, Sequence
@@ -74,12 +75,18 @@ class HFTokenizer:
 
     def encode_batch(self, texts) -> np.ndarray:
         if self._tok is None:
-            from transformers import AutoTokenizer
-
-            self._tok = hf_call(AutoTokenizer, self.name, "model.text.pretrained")
+            self._tok = pretrained_tokenizer(self.name)
         out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                         return_tensors="np")
         return out["input_ids"].astype(np.int64)
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
+
+
+@functools.lru_cache(maxsize=4)
+def pretrained_tokenizer(name: str):
+    """A Hugging Face tokenizer, loaded once per process (Ray Data unpickles the preprocessor for every task)."""
+    from transformers import AutoTokenizer
+
+    return hf_call(AutoTokenizer, name, "model.text.pretrained")

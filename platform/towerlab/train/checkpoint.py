@@ -4,7 +4,8 @@ fp32 state dict (`export_fp32`).
 
 A run directory <train.storage_path>/<name>/ holds RUN_FILE (its MLflow run id) and Ray Train's checkpoint_*
 directories. A checkpoint is a Ray Train checkpoint directory under <train.storage_path>/<name>/ holding DeepSpeed's
-save_checkpoint output under the tag `ds` and the resolved recipe (recipe.yaml, written by rank 0). A target is a
+save_checkpoint output under the tag `ds`, the resolved recipe (recipe.yaml, written by rank 0) and the data
+position (position.json: step and samples seen, so a resumed run's data starts there). A target is a
 checkpoint directory, a run directory (its latest checkpoint) or an MLflow run id (its recipe artifact names the run
 directory, resolved from the current directory as training did).
 """
@@ -32,6 +33,7 @@ from towerlab.train.recipe import load_recipe
 
 CKPT_TAG = "ds"  # DeepSpeed's save_checkpoint tag: <checkpoint>/ds/ holds every rank's shard
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, beside the shards and as the MLflow run's artifact
+POSITION_FILE = "position.json"  # the step and samples seen, as rank 0 saved them: the driver reads it on resume
 RUN_FILE = "towerlab_run.json"  # in the run directory: the MLflow run id (and the redacted tracking URI)
 FP32_FILE = "pytorch_model_fp32.pt"  # export_fp32's consolidated state dict, logged under the artifact path model/
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -50,6 +52,17 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not found:
         raise ConfigError(f"{run_dir}: no checkpoint yet (train.checkpoint_every steps write one, and the last step)")
     return found[-1]
+
+
+def checkpoint_samples(checkpoint: Path | str | None) -> int:
+    """Training samples the run had seen at `checkpoint` (its position file; 0 without one, e.g. written by an older
+    towerlab): where a resumed run's data pass starts, without loading any weights."""
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((Path(checkpoint) / POSITION_FILE).read_text()).get("samples", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def recorded_recipe(uri: str, run_id: str) -> Recipe:
@@ -244,6 +257,8 @@ def save_checkpoint(engine, recipe: Recipe, rank: int, client_state: dict, repor
         if rank == 0:
             with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
                 f.write(redacted_yaml(recipe))  # a checkpoint travels: no credential in it
+            with open(os.path.join(tmp, POSITION_FILE), "w") as f:  # where the data resumes, read by the driver
+                json.dump(client_state, f)
         failure: Exception | None = None
         try:
             report(Checkpoint.from_directory(tmp), name)

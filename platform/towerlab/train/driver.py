@@ -21,7 +21,7 @@ from towerlab.tracking import MlflowRun, check_reachable, redact, resolve_uri, s
 from towerlab.tracking.dataset_input import log_training_dataset
 from towerlab.tracking.heartbeat import Heartbeat, close_dead, is_stale, last_beat
 from towerlab.tracking.provenance import git_commit, versions
-from towerlab.train.checkpoint import RUN_FILE, resume_differences
+from towerlab.train.checkpoint import RUN_FILE, checkpoint_samples, latest_checkpoint, resume_differences
 from towerlab.train.dataset import captions_per_image, ensure_data, prompt_unknown_share
 from towerlab.train.evaluate import check_eval_data
 from towerlab.train.memory import check_fits
@@ -169,7 +169,13 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
         # the controller, to which Ray Train passes this variable on; a value set by the user wins.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         data_config = ingest_config(recipe)
-        datasets = {"train": train_dataset(recipe, manifest, captions_per_image(recipe))}
+        # a resumed run's data starts where the checkpoint it resumes from stopped: its own latest, else PBT's
+        own = None
+        if resumed:
+            with contextlib.suppress(ConfigError):  # resumed before its first checkpoint
+                own = latest_checkpoint(run_dir)
+        data = train_dataset(recipe, manifest, captions_per_image(recipe),
+                             start=checkpoint_samples(own or start_checkpoint))
         timeline.mark("dataset")
         trainer = _Trainer(
             train_loop_per_worker,
@@ -178,7 +184,8 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                                "log_dir": summary.logs,
                                # foreign shards have no manifest.json for the workers to read: send the listing
                                "manifest": manifest if manifest.foreign else None,
-                               "startup": (timeline.t0, timeline.marks)},
+                               "startup": (timeline.t0, timeline.marks),
+                               "epoch_samples": data.epoch_samples, "start_samples": data.start},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=recipe.train.workers, use_gpu=recipe.train.use_gpu,
                 resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
@@ -187,7 +194,7 @@ def train(recipe: Recipe, tracking_uri: str | None = None, parent_run_id: str | 
                 failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
                 callbacks=list(callbacks)),
-            datasets=datasets,
+            datasets={"train": data.dataset},
             dataset_config=data_config,
         )
         if manifest.skipped:  # shards found unreadable while building the dataset (data.bad_shards=skip)

@@ -75,7 +75,12 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     shard = ray.train.get_dataset_shard("train")
     # a fresh run starts its data now: Ray Data's coordinator and preprocessing processes start while the model and
     # the DeepSpeed engine are built, not after (a resumed run's position is known only from its checkpoint)
-    early = EarlyStart(epoch_batches(shard, recipe, plan.micro_batch, 0)) if checkpoint is None else None
+    # one pass over every epoch (train_dataset's TrainData): an epoch is epoch_samples of it, and the pass starts at
+    # the run's sample count `start` (where the checkpoint a resumed run starts from stopped)
+    epoch_samples, start = config.get("epoch_samples", 0), config.get("start_samples", 0)
+    one_pass = epoch_samples > 0
+    early = EarlyStart(epoch_batches(shard, recipe, plan.micro_batch, 0, shuffle=not one_pass)) \
+        if checkpoint is None else None
     module = build_module(recipe, rank, world, ds_config)
     timeline.mark("model")
     engine, optimizer, scheduler = initialize_engine(recipe, module, ds_config, total)
@@ -99,16 +104,16 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
     timeline.mark("evaluators")
 
     step, epoch, skip = state["step"], state["epoch"], state["batch"]
+    if one_pass:  # this worker's micro-batches of the pass that the checkpoint's steps trained on
+        skip = max(0, step * plan.global_batch - start) // (plan.micro_batch * world)
     window_start, window_samples = time.perf_counter(), 0
     foreign = manifest.foreign  # web data: dirty samples are skipped, counted per epoch
-    # resampled foreign data: one pass over the dataset holds every epoch's draws (data/foreign.py read_train), so
-    # the epoch a metric belongs to is the samples seen over an epoch's samples
-    epoch_samples = (recipe.data.num_samples or manifest.count("train")) if foreign and recipe.data.resampled else 0
     while step < total:
         micro: list[dict] = []
         consumed = 0  # micro-batches of this epoch taken so far
         skipped = 0  # dirty samples dropped before this worker's batches of this epoch
-        batches = early.take() if early is not None else epoch_batches(shard, recipe, plan.micro_batch, epoch)
+        batches = early.take() if early is not None else \
+            epoch_batches(shard, recipe, plan.micro_batch, epoch, shuffle=not one_pass)
         early = None
         for batch in batches:
             consumed += 1
@@ -155,7 +160,8 @@ def _train(config: dict, recipe: Recipe, ctx, rank: int, world: int, timeline: T
             # a scheduler's time axis: steps, or samples seen (equal data across batch sizes)
             progress = {"step": step, "samples": step * plan.global_batch}
             if step % recipe.train.checkpoint_every == 0 or last:
-                save_checkpoint(engine, recipe, rank, {"step": step, "epoch": epoch, "batch": consumed},
+                save_checkpoint(engine, recipe, rank, {"step": step, "epoch": epoch, "batch": consumed,
+                                                      "samples": step * plan.global_batch},
                                 lambda ckpt, name: ray.train.report({**progress, **metrics}, checkpoint=ckpt,
                                                                     checkpoint_dir_name=name),
                                 storage=ctx.get_storage())

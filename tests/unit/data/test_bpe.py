@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from towerlab.config import ConfigError
+from towerlab.data import bpe
 from towerlab.data.bpe import EOT, SOT, VOCAB_SIZE, ClipBPETokenizer, cache_dir, vocab_file
 from towerlab.data.tokenizer import Tokenizer, build_vocab
 
@@ -84,11 +85,13 @@ def test_layout_padding_truncation():
 def test_vocabulary_comes_from_the_wheel_and_is_cached(tmp_path, monkeypatch):
     assert vocab_file().name == "bpe_simple_vocab_16e6.txt.gz"
     monkeypatch.setenv("TOWERLAB_CACHE", str(tmp_path / "c"))
+    bpe.shared.cache_clear()  # another test may have loaded it in this process
     ClipBPETokenizer(16).encode("warm the cache")
     (cached,) = (tmp_path / "c" / "tokenizers").glob("clip_bpe-*.json")
     assert cache_dir() == tmp_path / "c" and cached.stat().st_size > 1_000_000
     assert not list((tmp_path / "c" / "tokenizers").glob(".*tmp*"))  # written atomically, nothing left behind
     cached.write_text("{not json")  # a corrupt cache is rebuilt, not an error
+    bpe.shared.cache_clear()
     assert ClipBPETokenizer(16).encode("a cat").tolist()[:4] == [SOT, 320, 2368, EOT]
 
 
@@ -99,6 +102,9 @@ def test_pickles_without_the_loaded_tokenizer():
     tok.encode("load it")
     clone = pickle.loads(pickle.dumps(tok))
     assert clone._tok is None and clone.encode("a cat").tolist() == tok.encode("a cat").tolist()
+    # ... and an unpickled copy (Ray Data unpickles the preprocessor for every task) does not read the
+    # vocabulary again: the process's one loaded tokenizer serves it
+    assert clone._tok is tok._tok
 
 
 def test_text_tower_pools_at_the_end_of_text_token():
