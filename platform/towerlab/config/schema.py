@@ -111,7 +111,8 @@ class DataConfig:
     micro_batch: Optional[int] = num(None, ge=1)
     """Samples per worker per forward pass, at least 1 (null: global_batch / train.workers, no accumulation)."""
     shuffle_buffer: int = num(2048, ge=0)
-    """Rows in each worker's local shuffle buffer, reseeded every epoch; 0 turns local shuffling off."""
+    """Rows in each worker's local shuffle buffer, reseeded every epoch, for data streamed from its shards; 0 turns
+    local shuffling off. Data under 256 MiB is read once and each epoch is a whole permutation of it instead."""
     preprocess_concurrency: int = num(1, ge=1)
     """Ray Data actors/tasks that decode and augment batches, at least 1."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
